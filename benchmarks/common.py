@@ -1,0 +1,71 @@
+"""Timing helpers shared by the benchmark sections.
+
+Every figure is reported as a ratio against an anchor measured in the same run, on the same inputs:
+these machines are shared, so absolute numbers drift between runs, ratios much less.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of a benchmark table: our figure, the anchor's, and their ratio (higher is better)."""
+    section: str
+    name: str
+    ours: float          # items per second (or what `unit` says)
+    anchor: float        # the same for the anchor
+    anchor_name: str
+    unit: str = "images/s"
+    target: float | None = None  # the ratio the issue asks for, if any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.anchor if self.anchor else float("nan")
+
+    def as_dict(self):
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, device="cpu", warmup=2, min_time=1.0, min_calls=3, max_calls=10_000):
+    """Median seconds per call of fn(), over repeats after `warmup` calls, at least `min_time` total."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or (time.perf_counter() - start < min_time and len(times) < max_calls):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def interleaved(fns, device="cpu", rounds=5, **kw):
+    """Times several functions in alternating rounds so machine noise hits them alike.
+
+    Returns the median over rounds of each one's seconds per call."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(seconds_per_call(fn, device, **kw))
+    return {name: sorted(v)[len(v) // 2] for name, v in per.items()}
+
+
+def copy_bandwidth(device, nbytes=256 << 20):
+    """The card's achievable copy bandwidth in bytes/s (read + write), measured with a device copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    s = seconds_per_call(lambda: dst.copy_(src), device, warmup=3, min_time=0.5)
+    return 2 * nbytes / s

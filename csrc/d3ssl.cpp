@@ -1,0 +1,46 @@
+// The d3ssl operator library: every schema is declared here, once. Kernels are registered per
+// backend in csrc/ops/{cpu,cuda}/, autograd and fake (meta) kernels in Python (d3ssl/ops/).
+#include <torch/library.h>
+
+#ifndef D3SSL_TORCH_VERSION
+#define D3SSL_TORCH_VERSION "unknown"
+#endif
+
+namespace d3ssl {
+
+// The torch version this library was compiled against; d3ssl/__init__.py compares it with the
+// running torch so a stale build is reported instead of crashing later.
+static std::string build_torch_version() { return D3SSL_TORCH_VERSION; }
+
+TORCH_LIBRARY(d3ssl, m) {
+  m.def("_build_torch_version() -> str", &build_torch_version);
+
+  // RoIAlign with torchvision's semantics. rois: [K,5] (batch index, x1, y1, x2, y2) in input pixels
+  // before spatial_scale. Output [K, C, pooled_height, pooled_width] in the input's memory format.
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int batch_size, int channels, int height, int width, int sampling_ratio, "
+      "bool aligned, bool channels_last) -> Tensor");
+
+  // Region erase (PRC + PRM in one pass). Image b owns rects[offsets[b]:offsets[b+1]], applied in
+  // order: a rect with erase=true marks its pixels erased, erase=false restores them. A pixel is
+  // covered by a rect when its centre (x+0.5, y+0.5) lies in [x1,x2) x [y1,y2). Pixels that end up
+  // erased take `fill`. rects: float32 [R,4] (x1,y1,x2,y2) pixels; erase: bool [R]; offsets: int64 [B+1].
+  m.def("region_erase(Tensor images, Tensor rects, Tensor erase, Tensor offsets, float fill) -> Tensor");
+  m.def(
+      "region_erase_(Tensor(a!) images, Tensor rects, Tensor erase, Tensor offsets, float fill) "
+      "-> Tensor(a!)");
+
+  // De-positioning composite: out[i] = fg[i] shifted by shift[i] where the mask is set, else
+  // bg[bg_index[i]]. The mask of image i starts empty and replays rects[offsets[i]:offsets[i+1]] in
+  // order (erase=false sets, erase=true clears; same pixel rule as region_erase): the shifted boxes
+  // first, then the PRC operations cut into them. shift: int64 [B,2] (dx, dy) pixels.
+  m.def(
+      "composite(Tensor fg, Tensor bg, Tensor bg_index, Tensor shift, Tensor rects, Tensor erase, "
+      "Tensor offsets) -> Tensor");
+}
+
+}  // namespace d3ssl

@@ -1,0 +1,1 @@
+"""Region-level augmentations (PRC, PRM, RBJ) and the de-positioning composite, on batches."""

@@ -1,0 +1,1 @@
+"""Evaluation: O-KNN, disturbed O-KNN, coupling rate, positional bias, weight export."""

@@ -1,0 +1,4 @@
+"""Custom operators: documented wrappers over ``torch.ops.d3ssl``, with fake kernels and autograd.
+
+Each op module also holds a pure-PyTorch reference implementation, the oracle of the tests.
+"""
