@@ -185,6 +185,12 @@ def test_torch_compile_fullgraph():
     loss_eager.backward()
     torch.testing.assert_close(loss, loss_eager)
     torch.testing.assert_close(x.grad, x_eager.grad)
+    # A second batch size recompiles with dynamic shapes: the sizes reach the ops as SymInts.
+    x3 = torch.randn(N + 1, C, H, W).requires_grad_()
+    x3_eager = x3.detach().clone().requires_grad_()
+    fn(x3, rois).backward()
+    roi_align(x3_eager, rois, OUT, 0.5, -1, True).square().sum().backward()
+    torch.testing.assert_close(x3.grad, x3_eager.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -35,8 +35,7 @@ struct SampleTable {
              int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
     const RoiGeometry<T> g = roi_geometry(roi, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
     bin_begin.resize(pooled_height * pooled_width + 1);
-    samples.clear();
-    samples.reserve(pooled_height * pooled_width * g.grid_h * g.grid_w);
+    samples.clear();  // keeps its capacity: a thread reuses one table for all its RoIs
     int64_t bin = 0;
     for (int64_t ph = 0; ph < pooled_height; ++ph) {
       for (int64_t pw = 0; pw < pooled_width; ++pw) {
