@@ -179,11 +179,13 @@ def test_make_loader_errors(boxes_dataset, tmp_path):
         make_loader(ds, store, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(ds, store, batch_size=0)
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(ds, store, batch_size=6, world_size=2)
     write_store(str(tmp_path / "other.bin"), ["a.png"], [np.zeros((1, 4), np.float32)], np.ones((1, 2)), np.zeros(1))
     with pytest.raises(ValueError, match="regenerate"):
-        make_loader(ds, str(tmp_path / "other.bin"))
+        make_loader(ds, str(tmp_path / "other.bin"), batch_size=2)
     with pytest.raises(FileNotFoundError, match="proposals store"):
-        make_loader(ds, str(tmp_path / "missing.bin"))
+        make_loader(ds, str(tmp_path / "missing.bin"), batch_size=2)
 
 
 # ---- colour augmentation against torchvision's definitions ---------------------------------------
