@@ -50,11 +50,11 @@ def gen(seed=0):
 
 def test_prc_invariants():
     size, max_cover = 48, 0.5
-    boxes, valid = random_boxes(24, 4, size, seed=3)
+    boxes, valid = random_boxes(64, 4, size, seed=3)
     prc = S.sample_prc(boxes, valid, gen(1), scale=(0.2, 0.5), max_cover=max_cover, image_size=size)
-    assert prc.rects.shape == (24, 8, 4) and prc.erase.shape == (24, 8)
+    assert prc.rects.shape == (64, 8, 4) and prc.erase.shape == (64, 8)
     restores = cutouts = 0
-    for b in range(24):
+    for b in range(64):
         pix = [covered(boxes[b, j], size, size) for j in range(4)]
         live = [bool(valid[b, j]) and bool(pix[j].any()) for j in range(4)]
         # our own order: largest pixel area first, ties by index, padded last
