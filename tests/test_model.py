@@ -5,21 +5,10 @@ import pytest
 import torch
 import torchvision
 
-import d3ssl.ops
 from d3ssl.model import D3SSL, ModelConfig, ResNetC4, SoCo, build_method
 from tests.test_losses import ref_d3ssl
 
 S, B, K = 64, 2, 3
-
-
-@pytest.fixture(autouse=True)
-def _roi_align(monkeypatch):
-    # Until the compiled RoIAlign op is merged, torchvision's (same semantics) stands in for tests.
-    if not hasattr(d3ssl.ops, "roi_align"):
-        def shim(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
-            return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale, sampling_ratio,
-                                             aligned)
-        monkeypatch.setattr(d3ssl.ops, "roi_align", shim, raising=False)
 
 
 def tiny_cfg(**kw):

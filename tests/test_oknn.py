@@ -13,7 +13,6 @@ import torchvision
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.eval import oknn
 from d3ssl.model import ModelConfig, ResNetC4, build_method
-from tests.test_model import _roi_align  # noqa: F401  (autouse: RoIAlign stand-in until merged)
 
 
 def clustered(n_classes, per_class, d, g, noise=0.05):

@@ -143,7 +143,8 @@ def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -
     c5 = backbone.c5(images)
     rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], 1)
                       for i, b in enumerate(boxes)])
-    regions = ops.roi_align(c5, rois.to(c5.dtype), ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
+    rois = rois.to(torch.float64 if c5.dtype == torch.float64 else torch.float32)
+    regions = ops.roi_align(c5, rois, ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
                             sampling_ratio=-1, aligned=True)
     return F.normalize(regions.float().mean(dim=(2, 3)), dim=1)
 
