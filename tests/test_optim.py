@@ -12,7 +12,8 @@ def test_momentum_schedule_values():
     assert momentum_schedule(100, 100) == pytest.approx(1.0)
     assert momentum_schedule(50, 100) == pytest.approx(0.995)
     k, K, base = 25, 100, 0.996
-    assert momentum_schedule(k, K, base) == pytest.approx(1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2)
+    want = 1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2
+    assert momentum_schedule(k, K, base) == pytest.approx(want)
     vals = [momentum_schedule(i, 10) for i in range(11)]
     assert all(a < b for a, b in zip(vals, vals[1:]))
     with pytest.raises(ValueError, match="total_steps"):

@@ -88,7 +88,8 @@ def load_objects(data_root: str, split: str, max_objects_per_image: int | None =
             remaining, anns = anns, []
             while remaining and len(anns) < max_objects_per_image:
                 # counts change with every pick, so choose one at a time
-                a = min(remaining, key=lambda b: (counts[b["category_id"]], -b["bbox"][2] * b["bbox"][3], b["id"]))
+                a = min(remaining, key=lambda b: (counts[b["category_id"]],
+                                                  -b["bbox"][2] * b["bbox"][3], b["id"]))
                 remaining.remove(a)
                 anns.append(a)
                 counts[a["category_id"]] += 1
