@@ -15,6 +15,16 @@ from d3ssl.eval import oknn
 from d3ssl.model import ModelConfig, ResNetC4, build_method
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared
+    # (OpenMP threads spin-waiting on busy cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def clustered(n_classes, per_class, d, g, noise=0.05):
     centres = F.normalize(torch.randn(n_classes, d, generator=g), dim=1)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
