@@ -275,3 +275,45 @@ def test_one_step_from_a_batch_through_the_region_stage(method):
         assert out["l_dc"].item() == 0.0          # the queue was empty: only positives
         out = m(region_stage(batch, g, RegionConfig()))
         assert out["l_dc"].item() > 0 and out["l_dp"].item() > 0
+
+
+def _enqueue_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m = build_method(tiny_cfg(queue_size=8))
+        feats = torch.full((3, 16), float(rank + 1))
+        feats[:, 0] = torch.arange(3) + 10 * rank          # distinct rows, recognisable after normalising
+        valid = torch.tensor([True, rank == 0, True])
+        m.enqueue(feats, valid)
+        torch.save({"queue": m.queue, "filled": int(m.queue_filled)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_enqueue_gathers_all_ranks_in_rank_order(tmp_path):
+    """Two gloo processes: each rank's queue holds rank 0's valid rows, then rank 1's."""
+    import torch.multiprocessing as mp
+    mp.spawn(_enqueue_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    q0, q1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(q0["queue"], q1["queue"]) and q0["filled"] == q1["filled"] == 5
+    want = []
+    for rank, rows in ((0, [0, 1, 2]), (1, [0, 2])):
+        for i in rows:
+            f = torch.full((16,), float(rank + 1))
+            f[0] = i + 10 * rank
+            want.append(torch.nn.functional.normalize(f, dim=0))
+    torch.testing.assert_close(q0["queue"][:5], torch.stack(want))
+
+
+def test_enqueue_more_rows_than_slots_keeps_the_latest():
+    m = fresh_method(queue_size=4)
+    m.enqueue(torch.randn(1, 16), torch.tensor([True]))            # ptr 1
+    feats = torch.randn(7, 16)
+    valid = torch.tensor([True, False, True, True, True, True, True])
+    m.enqueue(feats, valid)
+    kept = torch.nn.functional.normalize(feats[valid], dim=1)[-4:]  # the latest 4 of 6
+    # kept rows have ranks 2..5 among the 6, written to slots (1 + rank) mod 4 = 3, 0, 1, 2
+    torch.testing.assert_close(m.queue[[3, 0, 1, 2]], kept)
+    assert int(m.queue_ptr) == (1 + 6) % 4 and int(m.queue_filled) == 4
