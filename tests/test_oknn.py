@@ -172,10 +172,11 @@ def test_evaluate_and_cli(tiny_coco, tmp_path, capsys):
             p.add_(0.01)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    torch.save({"model": method.state_dict(), "config": {"model": asdict(cfg)}, "step": 3},
-               run / "checkpoints" / "step_3.pt")
+    torch.save({"model": method.state_dict(), "config": {"model": asdict(cfg)}, "step": 12},
+               run / "checkpoints" / "step_00000012.pt")
+    torch.save({"model": {}, "config": {}}, run / "checkpoints" / "step_00000003.pt")  # newer file
     backbone, arch, path = oknn.load_backbone(str(run))
-    assert arch == "resnet18" and path.endswith("step_3.pt")
+    assert arch == "resnet18" and path.endswith("step_00000012.pt")
     for a, b in zip(backbone.state_dict().values(), method.online_backbone.state_dict().values()):
         assert torch.equal(a, b)
 
