@@ -303,7 +303,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="training checkpoint file, or a run folder (its latest checkpoints/step_<N>.pt)")
+    src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
+                                    "(its latest checkpoints/step_<N>.pt)")
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised network")
     p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
     p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,
