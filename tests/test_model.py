@@ -317,3 +317,15 @@ def test_enqueue_more_rows_than_slots_keeps_the_latest():
     # kept rows have ranks 2..5 among the 6, written to slots (1 + rank) mod 4 = 3, 0, 1, 2
     torch.testing.assert_close(m.queue[[3, 0, 1, 2]], kept)
     assert int(m.queue_ptr) == (1 + 6) % 4 and int(m.queue_filled) == 4
+
+
+def test_bf16_autocast_step_is_finite_and_loss_float32():
+    m = fresh_method()
+    m.queue_filled.fill_(64)
+    m.queue.copy_(torch.nn.functional.normalize(torch.randn(64, 16), dim=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(make_views())
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["loss"] > 0
+    assert m.queue.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in m.predictor.parameters())
