@@ -2,3 +2,4 @@
 
 Each op module also holds a pure-PyTorch reference implementation, the oracle of the tests.
 """
+from . import region  # noqa: F401  (region_erase, composite: fake kernels and wrappers)
