@@ -37,6 +37,7 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, ColourParams, sample_colour
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler
 from .views import ViewConfig, sample_seed, sample_views
 
 try:
@@ -183,42 +184,6 @@ def colour_twist(p: ColourParams) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Epoch order and sharding
-# ---------------------------------------------------------------------------------------------------
-
-def epoch_batches(n: int, epoch: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                  drop_last: bool = False, shuffle: bool = True) -> list[np.ndarray]:
-    """This rank's batches of dataset indices for one epoch (int64 arrays).
-
-    The epoch's order (a permutation drawn from (seed, epoch), the same on every rank) is cut into global
-    steps of world_size × batch_size samples; in each step rank r takes its own batch_size slice, so
-    every rank runs the same number of steps (DDP needs that). The last, partial step:
-      drop_last=True   it is dropped (at most world_size·batch_size − 1 samples, different ones each
-                       epoch since the order is reshuffled);
-      drop_last=False  it is split as evenly as possible over the ranks, so every sample appears exactly
-                       once in the epoch across ranks; only when it holds fewer samples than there are
-                       ranks do the ranks left without one take one sample from the start of the order
-                       (a repeat, so that no rank has an empty batch).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)).astype(np.int64)
-    step = batch_size * world_size
-    full = n // step
-    out = [order[k * step + rank * batch_size:k * step + (rank + 1) * batch_size] for k in range(full)]
-    rest = n - full * step
-    if rest and not drop_last:
-        tail = order[full * step:]
-        if rest >= world_size:
-            out.append(np.array_split(tail, world_size)[rank])
-        else:
-            out.append(tail[rank:rank + 1] if rank < rest else order[rank % n:rank % n + 1])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
 # The parallel source: runs in DALI's Python workers
 # ---------------------------------------------------------------------------------------------------
 
@@ -229,52 +194,72 @@ _OUTPUTS = ("encoded", "crop_start", "crop_end", "flip1", "flip2",
 _NO_TWIST = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
 
 
-def _placeholder_jpeg() -> np.ndarray:
-    import cv2
-    return cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1].reshape(-1)
-
-
 class ViewSource:
     """Picklable batch source for ``fn.external_source(parallel=True, batch=True, batch_info=True)``.
 
-    Called with DALI's BatchInfo (iteration, epoch_idx): reads the batch's files, checks them
-    (:func:`probe_image`), runs the view sampler and the colour draws, and returns one list per output
-    of :data:`_OUTPUTS`. A file that fails the check is replaced by a placeholder row with
-    image_id = -1 (DALI needs non-empty batches of a fixed output set); the loader drops those rows
-    and counts them. Raises StopIteration at the end of the epoch."""
+    Called with DALI's BatchInfo (iteration, epoch_idx), it returns one list per output of
+    :data:`_OUTPUTS` for this rank's batch: the batches are the CPU loader's
+    (:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`: same order, sharding and drop_last), and so
+    are the draws of every sample. Each file is read and checked (:func:`probe_image`, or a trial
+    decode with `check`="decode"); one that fails is replaced, as in the CPU loader, by the next
+    image of the dataset (index + 1, wrapping), whose index is then the row's image_id; the training
+    process sees the substitution in image_id and warns. Raises StopIteration at the end of the
+    epoch; DALI numbers its epochs from 0 at each build, so `start_epoch` is added to them."""
 
-    def __init__(self, dataset, store, view_cfg, colour: ColourConfig, seed: int, batch_size: int,
-                 rank: int, world_size: int, drop_last: bool, shuffle: bool, start_epoch: int):
-        self.dataset, self.store, self.view_cfg, self.colour = dataset, store, view_cfg, colour
-        self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
-        self.drop_last, self.shuffle, self.start_epoch = drop_last, shuffle, start_epoch
-        self._epoch = None
-        self._batches = None
-        self._placeholder = None
+    def __init__(self, dataset, store, view_cfg: ViewConfig, colour_cfg: ColourConfig,
+                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header"):
+        if check not in ("header", "decode"):
+            raise ValueError(f"check must be 'header' or 'decode', got {check!r}")
+        self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
+        self.sampler, self.seed, self.start_epoch, self.check = sampler, seed, start_epoch, check
+        self._epoch, self._batches = None, None
 
-    def batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int) -> list[list[int]]:
         if self._epoch != epoch:
-            self._batches = epoch_batches(len(self.dataset), epoch, self.seed, self.batch_size, self.rank,
-                                          self.world_size, self.drop_last, self.shuffle)
+            self.sampler.set_epoch(epoch)
+            self._batches = [[i for i, _ in batch] for batch in self.sampler]
             self._epoch = epoch
         return self._batches
 
-    def sample(self, epoch: int, index: int):
-        """One row of outputs for dataset image `index`, or None when its file is unusable."""
-        index = int(index)
+    def _read(self, index: int):
+        """(bytes, width, height) of image `index`, or None when the file is unusable."""
         try:
             data = self.dataset.read_bytes(index)
             w, h = probe_image(data)
+            if self.check == "decode":
+                import cv2
+                if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8) is None:
+                    raise CorruptImage("OpenCV cannot decode it")
         except (OSError, CorruptImage):
-            return None  # the loader warns, in the training process, with a running count
+            return None
+        return data, w, h
+
+    def sample(self, epoch: int, index: int):
+        """One row of outputs for dataset image `index` (or the first usable image after it)."""
+        index = int(index)
+        n = len(self.dataset)
+        for _ in range(min(MAX_REPLACEMENTS, n)):
+            got = self._read(index)
+            if got is not None:
+                break
+            index = (index + 1) % n
+        else:
+            raise RuntimeError(f"{min(MAX_REPLACEMENTS, n)} unreadable images in a row (last: "
+                               f"{self.dataset.key(index)!r}): is the dataset path right?")
+        data, w, h = got
+        props = np.asarray(self.store.boxes(index), np.float32)
+        sw, sh = self.store.size(index)
+        if (sw, sh) != (w, h) and sw > 0 and sh > 0:  # store made from a differently sized copy
+            props = props * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        # the CPU loader's draws, in its order: geometry, then colour of view 1, then of view 2
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-        vp = sample_views(w, h, self.store.boxes(index), rng, self.view_cfg)
-        x0, y0, cw, ch = (float(v) for v in vp.crop)
-        c1, c2 = sample_colour(rng, self.colour, 0), sample_colour(rng, self.colour, 1)
+        vp = sample_views(w, h, props, rng, self.view_cfg)
+        c1, c2 = sample_colour(rng, self.colour_cfg, 0), sample_colour(rng, self.colour_cfg, 1)
         twist1, twist2 = colour_twist(c1), colour_twist(c2)
+        x0, y0, cw, ch = (float(v) for v in vp.crop)
         f32, b = np.float32, np.bool_
         return (np.frombuffer(data, np.uint8),
-                np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),
+                np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),  # HW order, as the image
                 np.array(int(vp.flip1), np.int32), np.array(int(vp.flip2), np.int32),
                 np.array(twist1 is not None, b), _NO_TWIST if twist1 is None else twist1,
                 np.array(c1.blur_sigma > 0, b), np.array(c1.blur_sigma, f32), np.array(c1.solarize, b),
@@ -283,24 +268,12 @@ class ViewSource:
                 np.ascontiguousarray(vp.boxes1, f32), np.ascontiguousarray(vp.boxes2, f32),
                 np.ascontiguousarray(vp.valid, b), np.array(index, np.int64))
 
-    def placeholder(self):
-        if self._placeholder is None:
-            k = self.view_cfg.num_boxes
-            f32, b = np.float32, np.bool_
-            self._placeholder = (
-                _placeholder_jpeg(), np.zeros(2, f32), np.full(2, 8, f32),
-                np.array(0, np.int32), np.array(0, np.int32),
-                np.array(False, b), _NO_TWIST, np.array(False, b), np.array(0, f32), np.array(False, b),
-                np.array(False, b), _NO_TWIST, np.array(False, b), np.array(0, f32), np.array(False, b),
-                np.zeros((k, 4), f32), np.zeros((k, 4), f32), np.zeros(k, b), np.array(-1, np.int64))
-        return self._placeholder
-
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
         batches = self.batches(epoch)
         if info.iteration >= len(batches):
             raise StopIteration
-        rows = [self.sample(epoch, i) or self.placeholder() for i in batches[info.iteration]]
+        rows = [self.sample(epoch, i) for i in batches[info.iteration]]
         return [list(col) for col in zip(*rows)]
 
 
@@ -331,7 +304,7 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
 
     Outputs (B = batch, S = `size`): view1 [B,S,S,3], view2 [B,S,S,3], view2_small [B,S/2,S/2,3]
     (HWC, normalised, `out_dtype`), boxes1, boxes2 float32 [B,K,4], box_valid bool [B,K],
-    image_id int64 [B] (-1 marks a placeholder for a skipped file)."""
+    image_id int64 [B]."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, sigma1, solarize1,
@@ -366,16 +339,17 @@ class DaliLoader:
     """Iterable of :class:`~d3ssl.data.batch.Batch` built by the DALI graph; see :func:`make_dali_loader`.
 
     ``set_epoch(e)`` chooses the epoch (order, shard and every random draw); iterating runs one epoch
-    and then moves to the next one, so a plain ``for epoch ...: for batch in loader`` loop works with
-    or without ``set_epoch``. ``skipped`` counts the files dropped as unreadable so far."""
+    and then moves to the next, so the pipeline (and its workers) is built once and reset between
+    epochs as long as epochs are consecutive. Stopping an epoch early, or jumping to another epoch,
+    rebuilds it. ``skipped`` / ``skipped_keys``: unreadable files replaced so far."""
 
-    def __init__(self, dataset, store, *, batch_size: int, workers: int, view_cfg, colour: ColourConfig,
-                 seed: int, rank: int, world_size: int, drop_last: bool, shuffle: bool, device,
-                 dtype: torch.dtype | None, threads: int | None, prefetch: int, antialias: bool,
-                 start_method: str | None):
-        self.dataset, self.store, self.view_cfg, self.colour = dataset, store, view_cfg, colour
-        self.batch_size, self.workers, self.seed = batch_size, workers, seed
-        self.rank, self.world_size, self.drop_last, self.shuffle = rank, world_size, drop_last, shuffle
+    def __init__(self, dataset, store, *, batch_size: int, workers: int, view_cfg: ViewConfig,
+                 colour_cfg: ColourConfig, seed: int, rank: int, world_size: int, drop_last: bool,
+                 shuffle: bool, device, dtype: torch.dtype | None, threads: int | None, prefetch: int,
+                 antialias: bool, check: str, start_method: str | None):
+        self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size, drop_last, shuffle)
+        self.batch_size, self.workers, self.seed, self.check = batch_size, workers, seed, check
         self.device = torch.device(device)
         self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
         if dtype is None:
@@ -387,139 +361,148 @@ class DaliLoader:
         self.prefetch, self.antialias = prefetch, antialias
         # fork is cheap, but unsafe once CUDA is initialised in the parent; spawn re-imports this module
         self.start_method = start_method or ("spawn" if self.dali_device == "gpu" else "fork")
-        self.epoch = 0
-        self.skipped = 0
+        self.skipped_keys: list[str] = []
         self._pipe = None
-        self._pipe_epoch = None  # the epoch the built pipeline's next reset-free run belongs to
-        self._mid_epoch = False
+        self._pipe_epoch = None  # the epoch the built pipeline runs next without a rebuild
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_keys)
 
     def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(epoch_batches(len(self.dataset), self.epoch, self.seed, self.batch_size, self.rank,
-                                 self.world_size, self.drop_last, self.shuffle))
+        return len(self.sampler)
 
     def _build(self):
         self.close()
-        source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour, self.seed,
-                            self.batch_size, self.rank, self.world_size, self.drop_last, self.shuffle,
-                            start_epoch=self.epoch)
+        source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour_cfg,
+                            EpochBatchSampler(**{k: getattr(self.sampler, k) for k in (
+                                "n", "batch_size", "seed", "rank", "world_size", "drop_last", "shuffle")}),
+                            self.seed, start_epoch=self.epoch, check=self.check)
         # DALI has no bfloat16: the graph emits float16 and torch casts
         out_dtype = types.FLOAT if self.dtype == torch.float32 else types.FLOAT16
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if self.dali_device == "gpu" else None
+        device_id = None
+        if self.dali_device == "gpu":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = d3ssl_views(source, device=self.dali_device, size=self.view_cfg.size,
-                           antialias=self.antialias, solarize_threshold=self.colour.solarize_threshold,
-                           out_dtype=out_dtype,
-                           batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
-                           py_num_workers=max(1, self.workers), py_start_method=self.start_method,
-                           prefetch_queue_depth=self.prefetch, seed=self.seed + 7919 * self.rank)
+                           antialias=self.antialias, solarize_threshold=self.colour_cfg.solarize_threshold,
+                           out_dtype=out_dtype, batch_size=self.batch_size, num_threads=self.threads,
+                           device_id=device_id, py_num_workers=max(1, self.workers),
+                           py_start_method=self.start_method, prefetch_queue_depth=self.prefetch,
+                           seed=self.seed)
         pipe.build()
         self._pipe, self._pipe_epoch = pipe, self.epoch
 
     def close(self):
         """Stops the DALI pipeline and its Python workers."""
-        if self._pipe is not None:
-            del self._pipe
-            self._pipe = None
+        pipe, self._pipe, self._pipe_epoch = self._pipe, None, None
+        del pipe
 
     def __del__(self):
         self.close()
 
     def __iter__(self):
         require_dali()
-        if self._pipe is None or self._mid_epoch or self._pipe_epoch != self.epoch:
-            self._build()  # a fresh pipeline for an epoch other than the one it would run next
-        self._mid_epoch = True  # stays set if the caller stops early: the next epoch rebuilds
-        expected = iter(epoch_batches(len(self.dataset), self.epoch, self.seed, self.batch_size, self.rank,
-                                      self.world_size, self.drop_last, self.shuffle))
+        epoch = self.epoch
+        if self._pipe is None or self._pipe_epoch != epoch:
+            self._build()
+        self._pipe_epoch = None  # mid-epoch: if the caller stops early, the next epoch rebuilds
+        expected = iter(self.sampler)
         while True:
             try:
                 outputs = self._pipe.run()
             except StopIteration:
                 break
-            batch = self._to_batch(outputs, next(expected))
-            if batch is not None:
-                yield batch
+            yield self._to_batch(outputs, [i for i, _ in next(expected)])
         self._pipe.reset()
-        self._mid_epoch = False
-        self.epoch += 1
-        self._pipe_epoch = self.epoch
+        self.sampler.set_epoch(epoch + 1)
+        self._pipe_epoch = epoch + 1
 
-    def _to_batch(self, outputs, expected: np.ndarray) -> Batch | None:
+    def _to_batch(self, outputs, expected: list[int]) -> Batch:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         view1, view2, view2_small, boxes1, boxes2, box_valid, image_id = outputs
         ids = torch.from_numpy(np.array(image_id.as_tensor()).reshape(-1).astype(np.int64))
-        keep = ids >= 0
-        if not bool(keep.all()):
-            for i in expected[~keep.numpy()]:
-                self.skipped += 1
-                warnings.warn(f"DALI loader: skipped image {int(i)} ({self.dataset.key(int(i))!r}): "
-                              f"truncated or not a readable image ({self.skipped} skipped so far)",
-                              RuntimeWarning)
-            if not bool(keep.any()):
-                return None
+        replaced = [i for i, got in zip(expected, ids.tolist()) if i != got]
+        if replaced:
+            keys = [self.dataset.key(i) for i in replaced]
+            self.skipped_keys += keys
+            warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({self.skipped} so far "
+                          "this run); each was replaced by the next image", RuntimeWarning)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         dali_dtype = torch.float32 if self.dtype == torch.float32 else torch.float16
 
-        def to_torch_view(tl):
-            # DALI writes NHWC; its NCHW permutation is a channels_last tensor, no copy needed
+        def view(tl):
+            # DALI writes NHWC; the NCHW permutation of that memory is a channels_last tensor
             t = tl.as_tensor()
             nhwc = torch.empty(t.shape(), dtype=dali_dtype, device=self.device)
             feed_ndarray(t, nhwc, cuda_stream=stream)
-            if not bool(keep.all()):
-                nhwc = nhwc[keep.to(self.device)]
-            view = nhwc.permute(0, 3, 1, 2)
-            return view if view.dtype == self.dtype else view.to(self.dtype)
+            v = nhwc.permute(0, 3, 1, 2)
+            return v if v.dtype == self.dtype else v.to(self.dtype)  # .to keeps channels_last
 
-        def to_torch_cpu(tl, dtype):
-            t = torch.from_numpy(np.array(tl.as_tensor())).to(dtype)[keep]
-            return t.to(self.device, non_blocking=True)
+        def small(tl, dtype):
+            return torch.from_numpy(np.array(tl.as_tensor())).to(dtype).to(self.device, non_blocking=True)
 
-        return Batch(view1=to_torch_view(view1), view2=to_torch_view(view2),
-                     view2_small=to_torch_view(view2_small),
-                     boxes1=to_torch_cpu(boxes1, torch.float32), boxes2=to_torch_cpu(boxes2, torch.float32),
-                     box_valid=to_torch_cpu(box_valid, torch.bool),
-                     image_id=ids[keep].to(self.device, non_blocking=True))
+        return Batch(view1=view(view1), view2=view(view2), view2_small=view(view2_small),
+                     boxes1=small(boxes1, torch.float32), boxes2=small(boxes2, torch.float32),
+                     box_valid=small(box_valid, torch.bool), image_id=ids.to(self.device, non_blocking=True))
 
 
-def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4, view_cfg=None,
-                     colour: ColourConfig | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                     drop_last: bool = False, shuffle: bool = True, device="cuda",
-                     dtype: torch.dtype | None = None, threads: int | None = None, prefetch: int = 2,
-                     antialias: bool = False, start_method: str | None = None) -> DaliLoader:
+def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4,
+                     view_cfg: ViewConfig | None = None, colour_cfg: ColourConfig | None = None,
+                     seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                     shuffle: bool = True, device=None, dtype: torch.dtype | None = None,
+                     threads: int | None = None, prefetch: int = 2, antialias: bool = True,
+                     check: str = "header", start_method: str | None = None) -> DaliLoader:
     """The DALI backend of :func:`d3ssl.data.loader.make_loader`: an iterable of Batch with
     ``set_epoch(epoch)`` and ``len()`` (batches per epoch on this rank).
 
     dataset, store  an ImageDataset and the ProposalStore of its proposals (image pixels)
-    batch_size      samples per batch on this rank (the last batch of an epoch may be smaller, see
-                    :func:`epoch_batches` for `drop_last` and sharding by `rank`/`world_size`)
+    batch_size      samples per batch on this rank; order, sharding by rank/world_size and drop_last
+                    are the CPU loader's (:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`): with
+                    drop_last (default, what DDP needs) the N mod world_size remainder and each rank's
+                    partial batch are left out; without it every sample comes exactly once per epoch
+                    and the last batch may be short
     workers         Python workers of the parallel source (read, check, sample) and, unless `threads`
                     is given, DALI's own threads (decode, resize, colour)
     view_cfg        ViewConfig of the view sampler (size S, crop scale/ratio, K boxes, flips)
-    colour          ColourConfig (SoCo's recipe); ``ColourConfig(enabled=False)`` turns it off
-    device          "cuda[:i]": DALI's GPU graph, views fp16 (or `dtype` bf16) on that GPU;
-                    "cpu": DALI's CPU-only mode, views float32
-    antialias       low-pass filter when downscaling (DALI's default is on; off matches OpenCV's
-                    INTER_LINEAR used by the CPU loader)
+    colour_cfg      ColourConfig (SoCo's recipe); ``ColourConfig(enabled=False)`` turns it off
+    device          "cuda[:i]": DALI's GPU graph, views float16 (or `dtype` bfloat16) on that GPU;
+                    "cpu": DALI's CPU-only mode, views float32; None: cuda when a GPU is visible
+    prefetch        batches DALI prepares ahead (its prefetch_queue_depth)
+    antialias       low-pass filter when shrinking (as the CPU loader's area resize); False is faster
+    check           "header": files are checked from their header and end markers (microseconds);
+                    "decode": also trial-decoded at 1/8 scale with OpenCV in the source workers
     start_method    of the source workers: "fork" (default on the CPU) or "spawn" (default on the GPU,
-                    since forking after CUDA is initialised is unsafe)
+                    since forking a process that has initialised CUDA is unsafe)
 
     Raises DaliUnavailable, saying how to install DALI, when it is not installed."""
     require_dali()
-    if view_cfg is None:
-        view_cfg = ViewConfig()
+    view_cfg = view_cfg or ViewConfig()
+    colour_cfg = colour_cfg or ColourConfig()
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if start_method not in (None, "fork", "spawn"):
+        raise ValueError(f"start_method must be 'fork', 'spawn' or None, got {start_method!r}")
     if len(dataset) == 0:
-        raise ValueError("dataset is empty")
+        raise ValueError("make_dali_loader: the dataset is empty")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but no GPU is visible; use device='cpu' for "
                          "DALI's CPU-only mode")
     return DaliLoader(dataset, store, batch_size=batch_size, workers=workers, view_cfg=view_cfg,
-                      colour=colour or ColourConfig(), seed=seed, rank=rank, world_size=world_size,
+                      colour_cfg=colour_cfg, seed=seed, rank=rank, world_size=world_size,
                       drop_last=drop_last, shuffle=shuffle, device=device, dtype=dtype, threads=threads,
-                      prefetch=prefetch, antialias=antialias, start_method=start_method)
+                      prefetch=prefetch, antialias=antialias, check=check, start_method=start_method)
