@@ -188,10 +188,20 @@ def colour_twist(p: ColourParams) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------------
 
 _OUTPUTS = ("encoded", "crop_start", "crop_end", "flip1", "flip2",
-            "colour1", "twist1", "blur1", "sigma1", "solarize1",
-            "colour2", "twist2", "blur2", "sigma2", "solarize2",
+            "colour1", "twist1", "blur1", "kernel1", "solarize1",
+            "colour2", "twist2", "blur2", "kernel2", "solarize2",
             "boxes1", "boxes2", "box_valid", "image_id")
 _NO_TWIST = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
+_NO_BLUR = np.ones((1, 1), np.float32)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """float32 [1,k] normalised Gaussian taps for `sigma` (pixels), k as OpenCV chooses it for uint8
+    images (round(6σ+1), odd): the CPU loader's cv2.GaussianBlur(img, (0, 0), σ)."""
+    k = int(round(sigma * 6 + 1)) | 1
+    x = np.arange(k, dtype=np.float64) - (k - 1) / 2
+    taps = np.exp(-x * x / (2 * sigma * sigma))
+    return (taps / taps.sum()).astype(np.float32).reshape(1, k)
 
 
 class ViewSource:
@@ -258,13 +268,17 @@ class ViewSource:
         twist1, twist2 = colour_twist(c1), colour_twist(c2)
         x0, y0, cw, ch = (float(v) for v in vp.crop)
         f32, b = np.float32, np.bool_
+
+        def kernel(sigma):
+            return gaussian_kernel(sigma) if sigma > 0 else _NO_BLUR
+
         return (np.frombuffer(data, np.uint8),
                 np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),  # HW order, as the image
                 np.array(int(vp.flip1), np.int32), np.array(int(vp.flip2), np.int32),
                 np.array(twist1 is not None, b), _NO_TWIST if twist1 is None else twist1,
-                np.array(c1.blur_sigma > 0, b), np.array(c1.blur_sigma, f32), np.array(c1.solarize, b),
+                np.array(c1.blur_sigma > 0, b), kernel(c1.blur_sigma), np.array(c1.solarize, b),
                 np.array(twist2 is not None, b), _NO_TWIST if twist2 is None else twist2,
-                np.array(c2.blur_sigma > 0, b), np.array(c2.blur_sigma, f32), np.array(c2.solarize, b),
+                np.array(c2.blur_sigma > 0, b), kernel(c2.blur_sigma), np.array(c2.solarize, b),
                 np.ascontiguousarray(vp.boxes1, f32), np.ascontiguousarray(vp.boxes2, f32),
                 np.ascontiguousarray(vp.valid, b), np.array(index, np.int64))
 
@@ -281,18 +295,24 @@ class ViewSource:
 # The DALI graph
 # ---------------------------------------------------------------------------------------------------
 
-def _colour(view, colour, twist, blur, sigma, solarize, threshold):
+def _colour(view, colour, twist, blur, kernel, solarize, device, threshold):
     """SoCo's colour augmentation on a uint8 HWC view; per-sample parameters come from the source.
 
-    DALI conditionals run each operator only on the samples whose flag is set."""
+    DALI conditionals run each operator only on the samples whose flag is set. The blur is two 1-D
+    passes of fn.filter with the source's taps: the same Gaussian as fn.gaussian_blur, several times
+    cheaper on the CPU. Solarize is a lookup table."""
     if colour:
         view = fn.color_twist(view, brightness=twist[0], contrast=twist[1], saturation=twist[2],
                               hue=twist[3])
     if blur:
-        view = fn.gaussian_blur(view, sigma=sigma)
+        horizontal = kernel if device == "cpu" else kernel.gpu()
+        vertical = fn.transpose(kernel, perm=[1, 0])
+        vertical = vertical if device == "cpu" else vertical.gpu()
+        view = fn.filter(fn.filter(view, vertical, border="reflect_101"), horizontal, border="reflect_101")
     if solarize:
-        # 255 - x where x >= threshold, as xor with 0xFF on uint8
-        view = view ^ fn.cast(view >= np.uint8(threshold), dtype=types.UINT8) * np.uint8(255)
+        view = fn.lookup_table(view, keys=list(range(256)),
+                               values=[float(255 - v if v >= threshold else v) for v in range(256)],
+                               dtype=types.UINT8)
     return view
 
 
@@ -307,8 +327,8 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
     image_id int64 [B]."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, sigma1, solarize1,
-     colour2, twist2, blur2, sigma2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
+    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, kernel1, solarize1,
+     colour2, twist2, blur2, kernel2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
         source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True, parallel=True)
     # Decode once; every view is a resize of this one image.
     image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
@@ -316,8 +336,8 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
     view1 = fn.resize(image, size=(size, size), antialias=antialias)
     view2 = fn.resize(image, size=(size, size), roi_start=crop_start, roi_end=crop_end,
                       antialias=antialias)
-    view1 = _colour(view1, colour1, twist1, blur1, sigma1, solarize1, solarize_threshold)
-    view2 = _colour(view2, colour2, twist2, blur2, sigma2, solarize2, solarize_threshold)
+    view1 = _colour(view1, colour1, twist1, blur1, kernel1, solarize1, device, solarize_threshold)
+    view2 = _colour(view2, colour2, twist2, blur2, kernel2, solarize2, device, solarize_threshold)
     view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=antialias)
     out_dtype = types.FLOAT if out_dtype is None else out_dtype
     mean = [255.0 * m for m in IMAGENET_MEAN]
