@@ -359,6 +359,37 @@ def test_grayscale_cmyk_png_and_corrupt_files(tmp_path):
                 assert diff.mean() < 6.0, (ds.key(i), diff.mean())
 
 
+def _bad_huffman_jpeg():
+    """A JPEG whose header and end marker are fine but whose Huffman table is impossible: it passes
+    the header check and fails in the decoder."""
+    jpg = bytearray(cv2.imencode(".jpg", np.full((48, 64, 3), 100, np.uint8))[1].tobytes())
+    at = jpg.find(b"\xff\xc4")
+    jpg[at + 5:at + 21] = b"\xff" * 16
+    data = bytes(jpg)
+    dali_mod.probe_image(data)
+    return data
+
+
+def test_file_failing_in_the_decoder_skips_its_batch_not_the_run(tmp_path):
+    ds, store, _ = _write_dataset(str(tmp_path / "images"), n=7, extra=[("zz_bad_huffman.jpg", _bad_huffman_jpeg())])
+    bad = ds.keys.index("zz_bad_huffman.jpg")
+    loader = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False)   # batches [0,1] .. [6,7]
+    with pytest.warns(RuntimeWarning, match="could not process batch 3"):
+        first = _epoch(loader)
+    assert loader.failed_batches == 1
+    assert [b.image_id.tolist() for b in first] == [[0, 1], [2, 3], [4, 5]]
+    assert bad == 7
+    with pytest.warns(RuntimeWarning, match="could not process batch 3"):
+        second = _epoch(loader)                  # the next epoch runs, and fails on the same batch
+    assert [b.image_id.tolist() for b in second] == [[0, 1], [2, 3], [4, 5]]
+    # a trial decode in the source workers replaces the file instead, as the CPU loader does
+    checked = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False, check="decode")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        ids = [b.image_id.tolist() for b in checked]
+    assert checked.failed_batches == 0 and checked.skipped_keys == ["zz_bad_huffman.jpg"]
+    assert ids[-1] == [6, 0]
+
+
 def test_missing_dali_says_how_to_install(data, monkeypatch):
     ds, store, _ = data
     monkeypatch.setattr(dali_mod, "_DALI_IMPORT_ERROR", ImportError("No module named 'nvidia.dali'"))

@@ -217,11 +217,13 @@ class ViewSource:
     epoch; DALI numbers its epochs from 0 at each build, so `start_epoch` is added to them."""
 
     def __init__(self, dataset, store, view_cfg: ViewConfig, colour_cfg: ColourConfig,
-                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header"):
+                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header",
+                 start_batch: int = 0):
         if check not in ("header", "decode"):
             raise ValueError(f"check must be 'header' or 'decode', got {check!r}")
         self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
         self.sampler, self.seed, self.start_epoch, self.check = sampler, seed, start_epoch, check
+        self.start_batch = start_batch   # first epoch only: resume after a batch DALI could not process
         self._epoch, self._batches = None, None
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -285,9 +287,10 @@ class ViewSource:
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
         batches = self.batches(epoch)
-        if info.iteration >= len(batches):
+        b = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        if b >= len(batches):
             raise StopIteration
-        rows = [self.sample(epoch, i) for i in batches[info.iteration]]
+        rows = [self.sample(epoch, i) for i in batches[b]]
         return [list(col) for col in zip(*rows)]
 
 
@@ -382,6 +385,7 @@ class DaliLoader:
         # fork is cheap, but unsafe once CUDA is initialised in the parent; spawn re-imports this module
         self.start_method = start_method or ("spawn" if self.dali_device == "gpu" else "fork")
         self.skipped_keys: list[str] = []
+        self.failed_batches = 0
         self._pipe = None
         self._pipe_epoch = None  # the epoch the built pipeline runs next without a rebuild
 
@@ -399,12 +403,12 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def _build(self):
+    def _build(self, start_batch: int = 0):
         self.close()
         source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour_cfg,
                             EpochBatchSampler(**{k: getattr(self.sampler, k) for k in (
                                 "n", "batch_size", "seed", "rank", "world_size", "drop_last", "shuffle")}),
-                            self.seed, start_epoch=self.epoch, check=self.check)
+                            self.seed, start_epoch=self.epoch, check=self.check, start_batch=start_batch)
         # DALI has no bfloat16: the graph emits float16 and torch casts
         out_dtype = types.FLOAT if self.dtype == torch.float32 else types.FLOAT16
         device_id = None
@@ -433,13 +437,37 @@ class DaliLoader:
         if self._pipe is None or self._pipe_epoch != epoch:
             self._build()
         self._pipe_epoch = None  # mid-epoch: if the caller stops early, the next epoch rebuilds
-        expected = iter(self.sampler)
-        while True:
+        batches = [[i for i, _ in batch] for batch in self.sampler]
+        done, failures = 0, 0
+        while done < len(batches):
             try:
                 outputs = self._pipe.run()
             except StopIteration:
                 break
-            yield self._to_batch(outputs, [i for i, _ in next(expected)])
+            except RuntimeError as e:
+                # DALI could not process the next batch: a file passed the header check but not the
+                # decoder (check="decode" catches more of these earlier). Skip that batch, not the run.
+                failures += 1
+                if failures > MAX_REPLACEMENTS:
+                    raise RuntimeError(f"DALI failed on {failures} batches in a row; last error: {e}") from e
+                keys = [self.dataset.key(i) for i in batches[done]]
+                self.failed_batches += 1
+                warnings.warn(f"DALI could not process batch {done} of epoch {epoch} ({len(keys)} images, "
+                              f"{keys[:3]}...); skipped it ({self.failed_batches} batch(es) skipped this "
+                              f"run). DALI said: {str(e).strip().splitlines()[-1][:300]}", RuntimeWarning)
+                done += 1
+                self._build(start_batch=done)   # a failed DALI pipeline cannot run on: restart after it
+                continue
+            failures = 0
+            yield self._to_batch(outputs, batches[done])
+            done += 1
+        if done < len(batches) or self._pipe is None:
+            return
+        try:  # the source has no batch left: DALI ends the epoch
+            self._pipe.run()
+            raise RuntimeError("DALI loader: the pipeline produced more batches than the epoch has")
+        except StopIteration:
+            pass
         self._pipe.reset()
         self.sampler.set_epoch(epoch + 1)
         self._pipe_epoch = epoch + 1
