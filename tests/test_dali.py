@@ -22,7 +22,8 @@ from d3ssl.data.proposals import ProposalStore, write_store
 from d3ssl.data.views import ViewConfig, sample_seed, sample_views
 from tests.conftest import ROOT
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+needs_dali = pytest.mark.skipif(not dali_mod.dali_available(),
+                                reason="NVIDIA DALI is not installed (pip install -e .[dali])")
 
 S = 64
 VIEW = ViewConfig(size=S, min_box_size=4.0)
@@ -128,6 +129,7 @@ def test_probe_image_sizes_and_corruption():
             dali_mod.probe_image(bad)
 
 
+@needs_dali
 def test_batch_contract(data):
     ds, store, _ = data
     loader = _dali(ds, store, drop_last=False)
@@ -149,6 +151,7 @@ def test_batch_contract(data):
     assert sorted(ids.tolist()) == list(range(len(ds)))
 
 
+@needs_dali
 def test_boxes_land_on_their_regions(data):
     """Colour augmentation off: inside every valid box, view 1, view 2 and view2_small show the
     colour of that box's proposal, and the boxes are the view sampler's for the sample's seed."""
@@ -185,6 +188,7 @@ def test_boxes_land_on_their_regions(data):
     assert checked > 30
 
 
+@needs_dali
 def test_geometry_matches_cpu_loader(data):
     """Same seed, colour off: DALI's views are the CPU loader's (same windows, same flips, same boxes)
     up to the two resamplers' differences, which on these flat regions live only at the edges."""
@@ -241,6 +245,7 @@ _ONLY = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 
     ("contrast", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "brightness": 0.0, "saturation": 0.0,
                                  "hue": 0.0}), 3.0),
 ])
+@needs_dali
 def test_colour_ops_match_cpu_loader(data, plain_first, name, cfg, tol):
     """One colour operation at a time, drawn identically by both loaders: what DALI's operator changes
     in a view (against DALI's colour-off view) is what the CPU loader's OpenCV operation changes
@@ -262,6 +267,7 @@ def _hue_degrees(px):
     return hsv[:, 0, 0].astype(np.float64) * 360 / 256, hsv[:, 0, 1]
 
 
+@needs_dali
 def test_hue_rotates_like_cpu_loader(data):
     """DALI rotates hue in YIQ, the CPU loader in HSV, so pixels differ on saturated colours; the hue
     angle each pixel is turned by must still agree (same draw, same direction, similar amount)."""
@@ -283,6 +289,7 @@ def test_hue_rotates_like_cpu_loader(data):
     assert np.abs(dali_turn - cpu_turn).mean() < 0.5 * np.abs(cpu_turn).mean()
 
 
+@needs_dali
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_sharding_covers_the_epoch_once(data, drop_last):
     ds, store, _ = data
@@ -307,6 +314,7 @@ def test_sharding_covers_the_epoch_once(data, drop_last):
         assert sorted(seen) == list(range(len(ds)))                      # nothing dropped
 
 
+@needs_dali
 def test_same_seed_same_batches_and_resume(data):
     """Colour augmentation on. The same seed gives the same batches; epoch 1 of an uninterrupted run
     equals epoch 1 of a loader started there (resume); another seed or epoch gives others."""
@@ -332,6 +340,7 @@ def test_same_seed_same_batches_and_resume(data):
     assert all(torch.equal(x.boxes2, y.boxes2) for x, y in zip(e0, plain))  # colour never moves boxes
 
 
+@needs_dali
 def test_grayscale_cmyk_png_and_corrupt_files(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(1)
@@ -381,6 +390,7 @@ def _bad_huffman_jpeg():
     return data
 
 
+@needs_dali
 def test_file_failing_in_the_decoder_skips_its_batch_not_the_run(tmp_path):
     ds, store, _ = _write_dataset(str(tmp_path / "images"), n=7, extra=[("zz_bad_huffman.jpg", _bad_huffman_jpeg())])
     bad = ds.keys.index("zz_bad_huffman.jpg")
@@ -422,6 +432,7 @@ def test_nothing_else_imports_dali():
     assert not offenders
 
 
+@needs_dali
 @pytest.mark.cuda
 def test_gpu_graph_matches_cpu_graph(data):
     """The same graph on the GPU (decode on device="mixed"): fp16 views on the GPU, the same samples

@@ -11,26 +11,42 @@ Data flow (DESIGN.md §2)::
 
 The graph (:func:`d3ssl_views`) is one function under ``@pipeline_def`` whose ``device`` is a
 parameter: ``"gpu"`` decodes with ``device="mixed"`` and runs everything after on the GPU; ``"cpu"`` is
-DALI's CPU-only mode (``device_id=None``). Every random number (geometry and colour) is drawn by the
-source in numpy from ``sample_seed(seed, epoch, index)``, so a sample's views depend only on the seed,
-the epoch and its index: not on batching, worker count, rank count or where a run was resumed. The
-geometry draws are the CPU loader's own (same sampler, same generator), so both backends cut the same
-windows and flip the same way for the same seed.
+DALI's CPU-only mode (``device_id=None``). No Python operator runs in the graph.
+
+Batches, order, sharding and draws are the CPU loader's. The source reproduces its batches
+(:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`: permutation from (seed, epoch), rank r takes every
+world_size-th index, ``drop_last`` as documented there) and, per sample, its random draws in its order
+(``sample_seed(seed, epoch, index)`` → view sampler → colour draw of view 1 → of view 2). So for the
+same seed both backends cut the same windows, flip the same way, return the same boxes and image ids
+and draw the same colour parameters; a sample's views depend on nothing but (seed, epoch, index), not
+on workers, ranks or where a run was resumed. The colour operators are DALI's: brightness,
+saturation, grayscale, blur and solarize give the CPU loader's pixels up to rounding; DALI's contrast
+pivots on mid-gray rather than the image mean, its hue turns in YIQ rather than HSV, and it applies
+the jitter in one fixed order, so those are the same augmentation, not the same pixels.
+
+The last partial batch, epochs: a DALI epoch is one pass of the source, which raises StopIteration
+after this rank's last batch (which may be short without drop_last: DALI takes variable batch sizes).
+Iterating the loader runs one epoch and resets the pipeline for the next one.
 
 Image sizes are needed by the sampler before decoding; they come from the file header
-(:func:`probe_image`: JPEG SOF + EXIF orientation, PNG IHDR, OpenCV for other formats), which also
-checks that the bytes are complete. DALI's ``fn.peek_image_shape`` runs inside the graph, after the
-source has already had to choose the crop, so it cannot be used for this.
+(:func:`probe_image`: JPEG SOF + EXIF orientation, PNG IHDR, OpenCV for other formats), microseconds
+per file, which also checks that the bytes are complete. DALI's ``fn.peek_image_shape`` runs inside
+the graph, after the source has already had to choose the crop, so it cannot serve here.
+
+Unreadable files: one that fails the check is replaced by the next image of the dataset, as in the
+CPU loader (counted in ``skipped_keys``, with a warning). One that passes the check but fails in
+DALI's decoder (a damaged Huffman table, say) makes DALI fail the whole batch: the loader skips that
+batch with a counted warning (``failed_batches``) and restarts the pipeline after it; ``check="decode"``
+trial-decodes every file at 1/8 scale in the source workers to turn those into replacements too.
 
 DALI is an optional dependency (``pip install -e .[dali]``): this module imports without it, and only
-building a DALI loader raises :class:`DaliUnavailable`.
+building a DALI loader raises :class:`DaliUnavailable`, which says how to install it and to use the
+CPU backend otherwise. Nothing else in d3ssl imports DALI.
 """
 from __future__ import annotations
 
-import math
 import struct
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -320,7 +336,7 @@ def _colour(view, colour, twist, blur, kernel, solarize, device, threshold):
 
 
 @pipeline_def(enable_conditionals=True)
-def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = False,
+def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = True,
                 solarize_threshold: int = 128, out_dtype=None):
     """The D3SSL view graph. `device`: "gpu" (decode on device="mixed", the rest on the GPU) or "cpu"
     (the same graph in DALI's CPU-only mode; build the pipeline with device_id=None).
