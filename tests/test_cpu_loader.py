@@ -1,5 +1,3 @@
-import os
-import warnings
 
 import cv2
 import numpy as np
@@ -10,7 +8,7 @@ import torchvision.transforms.functional as TF
 from d3ssl.data import Batch, ColourConfig, ImageFolder, ViewConfig, make_loader
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.data.colour import ColourParams, apply_colour, normalize, sample_colour
-from d3ssl.data.cpu_loader import EpochBatchSampler
+from d3ssl.data.cpu_loader import EpochBatchSampler, _normalised
 from d3ssl.data.proposals import ProposalStore, write_store
 
 S = 96
@@ -106,8 +104,15 @@ def test_batch_contract_and_normalisation(boxes_dataset):
     corner = batch.view1[:, :, 0, 0].double().numpy()
     np.testing.assert_allclose(corner, np.tile(black, (4, 1)), atol=1e-5)
     ref = (np.arange(256)[:, None] / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    got = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1))
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)
+    np.testing.assert_allclose(normalize(ramp), ref, atol=1e-5)
+    # the collate path: every value in every channel, against the float64 reference
+    images = [np.roll(ramp, k, 0).reshape(16, 16, 3) for k in range(2)]
+    got = _normalised(images)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 16, 16)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for k in range(2):
+        np.testing.assert_allclose(got[k].permute(1, 2, 0).reshape(256, 3).numpy(), np.roll(ref, k, 0), atol=1e-5)
 
 
 def test_seeded_and_worker_independent(boxes_dataset):
@@ -179,11 +184,13 @@ def test_make_loader_errors(boxes_dataset, tmp_path):
         make_loader(ds, store, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(ds, store, batch_size=0)
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(ds, store, batch_size=6, world_size=2)
     write_store(str(tmp_path / "other.bin"), ["a.png"], [np.zeros((1, 4), np.float32)], np.ones((1, 2)), np.zeros(1))
     with pytest.raises(ValueError, match="regenerate"):
-        make_loader(ds, str(tmp_path / "other.bin"))
+        make_loader(ds, str(tmp_path / "other.bin"), batch_size=2)
     with pytest.raises(FileNotFoundError, match="proposals store"):
-        make_loader(ds, str(tmp_path / "missing.bin"))
+        make_loader(ds, str(tmp_path / "missing.bin"), batch_size=2)
 
 
 # ---- colour augmentation against torchvision's definitions ---------------------------------------

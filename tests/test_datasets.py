@@ -2,7 +2,6 @@ import io
 import json
 import os
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,6 +1,5 @@
 import os
 import shutil
-import warnings
 
 import cv2
 import numpy as np
@@ -8,15 +7,20 @@ import pytest
 
 from d3ssl.data.datasets import ImageFolder, open_dataset
 from d3ssl.data.proposals import (ProposalConfig, ProposalStore, STATUS_UNREADABLE, default_store_path,
-                                  filter_boxes, generate_proposals, main, write_store)
+                                  ensure_proposals, filter_boxes, generate_proposals, main, write_store)
 from d3ssl.data.synthetic import ensure_synthetic
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """A folder of 7 real scenes (synthetic set, 100-150 px) in two sub-folders."""
-    root = ensure_synthetic(str(tmp_path_factory.mktemp("syn")), seed=5, num_train=7, num_val=1,
+def synthetic_root(tmp_path_factory):
+    return ensure_synthetic(str(tmp_path_factory.mktemp("syn")), seed=5, num_train=7, num_val=2,
                             image_size=(100, 150), workers=1)
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root, tmp_path_factory):
+    """A folder of 7 real scenes (synthetic set, 100-150 px) in two sub-folders."""
+    root = synthetic_root
     out = tmp_path_factory.mktemp("imgs")
     for i, name in enumerate(sorted(os.listdir(os.path.join(root, "train")))):
         dst = out / ("a" if i % 2 else "b") / name
@@ -147,6 +151,20 @@ def test_cli_and_default_path(images, store_path, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert open(out, "rb").read() == open(store_path, "rb").read()
     assert default_store_path(ImageFolder(images)) == os.path.normpath(images) + ".proposals"
+
+
+def test_cli_coco_and_ensure(synthetic_root, tmp_path):
+    ann = os.path.join(synthetic_root, "annotations", "instances_val.json")
+    main(["--coco", ann, "--workers", "1", "--max-side", "96"])
+    ds = open_dataset(ann)
+    path = default_store_path(ds)
+    assert path == os.path.join(synthetic_root, "val.proposals") and os.path.isfile(path)
+    store = ensure_proposals(ds)                         # exists: opened and checked, not regenerated
+    assert store.params["max_side"] == 96 and len(store) == 2
+    fresh = ensure_proposals(ds, str(tmp_path / "v.bin"), max_side=64, workers=1, progress=False)
+    assert fresh.params["max_side"] == 64
+    with pytest.raises(ValueError, match="does not match|images but"):
+        ensure_proposals(open_dataset(synthetic_root, "train"), path)
 
 
 def test_store_roundtrip_and_errors(tmp_path, images, store_path):

@@ -128,7 +128,8 @@ def run(args) -> list[Row]:
             t0 = time.perf_counter()
             got = ours(s)
             dt = time.perf_counter() - t0
-            extra[f"max_side {s}"] = (f"{n / dt:.2f} img/s, recall {np.mean([_recall(f, g) for f, g in zip(full, got)]):.3f}"
-                                      f" ({np.mean([len(g) for g in got]):.0f} boxes/img)")
+            recall = np.mean([_recall(f, g) for f, g in zip(full, got)])
+            extra[f"max_side {s}"] = (f"{n / dt:.2f} img/s, recall {recall:.3f} "
+                                      f"({np.mean([len(g) for g in got]):.0f} boxes/img)")
     return [Row("proposals", f"selective search, fast, max_side {cfg.max_side}", n / secs["ours"], n / secs["anchor"],
                 anchor_name, unit="images/s per core", target=3.0, extra=extra)]

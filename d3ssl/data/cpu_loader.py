@@ -102,20 +102,25 @@ class ViewDataset(torch.utils.data.Dataset):
         return view1, view2, view2_small, p.boxes1, p.boxes2, p.valid, index
 
 
-_SCALE = torch.from_numpy(1.0 / (np.array(IMAGENET_STD, np.float32) * 255))
-_NEG_OFFSET = -torch.from_numpy(np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32))
+# per-channel (x - 255 mean) / (255 std) as OpenCV scalars (4 channels, the last unused)
+_MEAN255 = tuple(float(m) * 255 for m in IMAGENET_MEAN) + (0.0,)
+_INV_STD255 = tuple(1.0 / (float(s) * 255) for s in IMAGENET_STD) + (0.0,)
 
 
 def _normalised(arrs) -> torch.Tensor:
-    """uint8 HWC images -> float32 [B,3,H,W] channels_last, normalised, in one pass.
+    """uint8 HWC images -> float32 [B,3,H,W] channels_last, normalised with ImageNet mean/std.
 
-    In a loader worker the result is allocated in shared memory directly, as torch's default_collate
-    does, so handing it to the main process costs no extra copy."""
-    src = torch.from_numpy(np.stack(arrs))
-    out = torch.empty(src.shape, dtype=torch.float32)
+    OpenCV's per-channel subtract and multiply write straight into the output (several times
+    faster than numpy or a mixed-dtype torch op). In a loader worker the output is allocated in
+    shared memory, as torch's default_collate does, so handing it over costs no extra copy."""
+    h, w, c = arrs[0].shape
+    out = torch.empty((len(arrs), h, w, c), dtype=torch.float32)
     if torch.utils.data.get_worker_info() is not None:
         out.share_memory_()
-    torch.addcmul(_NEG_OFFSET, src, _SCALE, out=out)
+    dst = out.numpy()
+    for b, img in enumerate(arrs):
+        cv2.subtract(img, _MEAN255, dst=dst[b], dtype=cv2.CV_32F)
+        cv2.multiply(dst[b], _INV_STD255, dst=dst[b])
     return out.permute(0, 3, 1, 2)          # [B,H,W,3] is exactly channels_last [B,3,H,W]
 
 

@@ -383,6 +383,17 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
     return ProposalStore(out_path)
 
 
+def ensure_proposals(dataset, path: str | None = None, **generate_kw) -> ProposalStore:
+    """The dataset's proposals store at `path` (default: :func:`default_store_path`), generated first
+    when missing (``generate_kw`` go to :func:`generate_proposals`); refuses a store of other images."""
+    path = path or default_store_path(dataset)
+    if not os.path.isfile(path):
+        generate_proposals(dataset, path, **generate_kw)
+    store = ProposalStore(path)
+    store.check_matches(dataset)
+    return store
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.data.proposals",
                                 description="Selective-search proposals for a dataset (resumable).")
