@@ -107,11 +107,15 @@ class TrainConfig:
 # Presets: small override dicts on top of TrainConfig(). `default` is the main job: the embedded
 # synthetic set on whatever device is there, small enough to finish in minutes on two CPU cores.
 PRESETS: dict[str, dict] = {
+    # LARS scales each layer's step to lr * trust_coefficient * |w|: with batch 32 the paper's
+    # 1.0 * B / 256 moves the weights ~1e-4 per step and a run of ~100 steps learns nothing
+    # (loss flat at ln(queue)); 64 per 256 (lr 8) makes the loss fall within the run.
     "default": {
-        "model.arch": "resnet18", "view.size": 96, "model.roi_size": 6, "data.batch_size": 32,
-        "data.synthetic_train": 1000, "data.synthetic_val": 200, "data.synthetic_size": (128, 160),
-        "model.queue_size": 4096, "model.proj_hidden": 1024, "model.pred_hidden": 1024,
-        "optim.warmup_epochs": 1.0, "run.epochs": 3.0, "run.ckpt_every": 50, "run.log_every": 5,
+        "model.arch": "resnet18", "view.size": 64, "model.roi_size": 4, "data.batch_size": 32,
+        "data.synthetic_train": 600, "data.synthetic_val": 150, "data.synthetic_size": (128, 160),
+        "model.queue_size": 2048, "model.proj_hidden": 1024, "model.pred_hidden": 1024,
+        "optim.lr_per_256": 64.0, "optim.warmup_epochs": 1.0, "run.epochs": 3.0,
+        "run.ckpt_every": 20, "run.log_every": 2, "run.oknn_image_size": 128,
     },
     # The paper's COCO pre-training (SoCo's schedule): ResNet-50-C4 at 224, 800 epochs.
     "coco": {

@@ -38,7 +38,7 @@ def _data(cfg):
     from d3ssl.data.datasets import open_dataset
     from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
     from d3ssl.data.synthetic import ensure_synthetic
-    n = 64 if cfg.run.device == "cpu" else 2048
+    n = 64 if cfg.run.device == "cpu" else 256
     root = ensure_synthetic(num_train=n, num_val=8, image_size=(256, 320) if cfg.view.size >= 224 else
                             (128, 160))
     dataset = open_dataset(root, "train")
@@ -101,9 +101,7 @@ def run(args):
     rows = []
 
     d3ssl_step = _Stepper(cfg, len(dataset))
-    fixed = next(iter(make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,
-                                  workers=0, view_cfg=cfg.view, seed=1)))
-    fixed = fixed.to(d3ssl_step.device, dtype=d3ssl_step.view_dtype)
+    fixed = None
     soco_cfg = _config(args, "soco")
     soco_step = _Stepper(soco_cfg, len(dataset))
     bs = cfg.data.batch_size
@@ -112,6 +110,10 @@ def run(args):
         loader = make_loader(dataset, store, backend=backend, batch_size=bs, workers=cfg.data.workers,
                              view_cfg=cfg.view, seed=0, device=d3ssl_step.device)
         stream = _cycle(loader)
+        if fixed is None:
+            # (Taken from the worker-fed loader: decoding in this process before the workers fork
+            # can deadlock OpenCV inside them.)
+            fixed = next(stream).to(d3ssl_step.device, dtype=d3ssl_step.view_dtype)
         fns = {"fed": lambda: d3ssl_step(next(stream)), "ceiling": lambda: d3ssl_step(fixed)}
         if not ceilings:
             fns["soco"] = lambda: soco_step(fixed)
