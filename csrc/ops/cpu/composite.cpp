@@ -55,7 +55,11 @@ void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int6
           std::memcpy(dst, back, static_cast<size_t>(i_lo) * sizeof(word_t));
           word_t* d = dst + i_lo;
           const word_t* k = back + i_lo;
-          for (int64_t i = 0; i < n; ++i) d[i] = m[i] ? k[i] : front[i];
+          // Branch-free select (vectorises): mask bytes are 0 or 1, 1 = hole = background.
+          for (int64_t i = 0; i < n; ++i) {
+            const word_t front_keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
+            d[i] = static_cast<word_t>((front[i] & front_keep) | (k[i] & ~front_keep));
+          }
           std::memcpy(dst + i_hi, back + i_hi, static_cast<size_t>(row - i_hi) * sizeof(word_t));
         }
       }

@@ -36,12 +36,13 @@ void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layou
             if (!inplace) std::memcpy(dst, in + at, static_cast<size_t>(row) * sizeof(word_t));
             continue;
           }
+          // Branch-free select so that the loop vectorises: mask bytes are 0 or 1, and
+          // keep = m - 1 is all ones where the element stays, zero where it is erased.
           const uint8_t* m = mask.data() + y * row;
-          if (inplace) {
-            for (int64_t i = 0; i < row; ++i) dst[i] = m[i] ? fill : dst[i];
-          } else {
-            const word_t* src = in + at;
-            for (int64_t i = 0; i < row; ++i) dst[i] = m[i] ? fill : src[i];
+          const word_t* src = inplace ? dst : in + at;
+          for (int64_t i = 0; i < row; ++i) {
+            const word_t keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
+            dst[i] = static_cast<word_t>((src[i] & keep) | (fill & ~keep));
           }
         }
       }
