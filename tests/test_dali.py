@@ -415,7 +415,7 @@ def test_missing_dali_says_how_to_install(data, monkeypatch):
     ds, store, _ = data
     monkeypatch.setattr(dali_mod, "_DALI_IMPORT_ERROR", ImportError("No module named 'nvidia.dali'"))
     with pytest.raises(dali_mod.DaliUnavailable, match=re.escape("pip install -e .[dali]")) as e:
-        make_loader(ds, store, backend="dali")
+        make_loader(ds, store, backend="dali", batch_size=4)
     assert "backend='cpu'" in str(e.value)
 
 
