@@ -44,7 +44,8 @@ def test_two_process_gloo_run_stays_in_sync(tmp_path):
     start = next(r for r in lines if r.get("kind") == "start")
     assert start["world_size"] == 2 and start["steps_per_epoch"] == 4
     # The learning rate follows the global batch (2 ranks x 2 images).
-    assert start["base_lr"] == pytest.approx(1.0 * 4 / 256)
+    lr_per_256 = json.loads((run / "config.json").read_text())["optim"]["lr_per_256"]
+    assert start["base_lr"] == pytest.approx(lr_per_256 * 4 / 256)
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [3]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(run)))
     # The queue holds teacher features of both ranks: 2 teacher views x 2 ranks x 2 images x K boxes

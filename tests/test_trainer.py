@@ -74,7 +74,7 @@ def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in records)
     # lr logged for the step that produced record `step` (= step index step-1), per iteration.
-    base = 1.0 * 4 / 256
+    base = cfg["optim"]["lr_per_256"] * 4 / 256
     for r in records:
         assert r["lr"] == pytest.approx(reference_lr(r["step"] - 1, 4, 2, base), rel=1e-9)
         assert {"l_dc", "l_dp", "momentum"} <= set(r)
