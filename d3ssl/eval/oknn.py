@@ -1,0 +1,334 @@
+"""Object-level k-NN (O-KNN, paper §5.3, DESIGN.md §6).
+
+Each ground-truth box of a COCO-format dataset becomes one object feature: the image resized to
+S x S (aspect not kept, as the training views), the backbone's C5 map (stride 32), RoIAlign 7x7
+on the box, average pool, L2 normalisation. A memory bank is built from the train split (at most N
+objects per image, picked so that the classes stay balanced); every val object is classified by a
+weighted vote of its k nearest bank objects (cosine similarity, weight exp(sim / T)); top-1 and
+top-5 accuracy are reported in percent.
+
+    python -m d3ssl.eval.oknn --ckpt RUN_DIR_OR_FILE --data COCO_DIR [--arch resnet50]
+    python -m d3ssl.eval.oknn --random-init --arch resnet18 --data COCO_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import glob
+import json
+import os
+from collections import Counter
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d3ssl import ops
+from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
+
+ROI_SIZE = 7          # RoIAlign output side on C5 (paper)
+C5_STRIDE = 32
+DEFAULT_OBJECTS_PER_IMAGE = 3   # N of the bank; the paper does not state its value
+
+
+# ----------------------------------------------------------------------------------------- data
+def resolve_split(data_root: str, split: str) -> tuple[str, str]:
+    """(annotation json, image folder) of `split` in a COCO-format folder.
+
+    Accepts root/annotations/instances_<split>.json with images in root/<split>/ (the synthetic
+    set, custom sets) and COCO 2017's names (split "train" also finds instances_train2017.json).
+    """
+    names = [split] + ([split + "2017"] if not split.endswith("2017") else [])
+    for name in names:
+        ann = os.path.join(data_root, "annotations", f"instances_{name}.json")
+        if os.path.isfile(ann):
+            for images in (os.path.join(data_root, name), os.path.join(data_root, "images", name)):
+                if os.path.isdir(images):
+                    return ann, images
+            raise FileNotFoundError(f"found {ann} but no image folder {os.path.join(data_root, name)}")
+    raise FileNotFoundError(
+        f"no COCO-format split {split!r} in {data_root!r}: expected "
+        f"{os.path.join(data_root, 'annotations', f'instances_{split}.json')} and the folder "
+        f"{os.path.join(data_root, split)}")
+
+
+def load_objects(data_root: str, split: str, max_objects_per_image: int | None = None,
+                 max_images: int | None = None, min_box_size: float = 1.0):
+    """Object annotations of a split, per image.
+
+    Args:
+        max_objects_per_image: keep at most this many objects per image (None: all). Images are
+            visited in id order and each keeps the objects whose classes are rarest in the
+            selection so far (larger objects first among equals), so the classes stay balanced.
+        max_images: use only the first images (by id) of the split.
+        min_box_size: drop boxes narrower or shorter than this (pixels); crowd boxes are dropped.
+    Returns:
+        list of (image path, boxes float32 [n,4] x1,y1,x2,y2 pixels, labels int64 [n],
+        (width, height)); images without objects are left out.
+    """
+    from pycocotools.coco import COCO  # import here: slow, and only evaluation needs it
+
+    if max_objects_per_image is not None and max_objects_per_image <= 0:
+        raise ValueError(f"max_objects_per_image must be a positive int or None, got {max_objects_per_image}")
+    ann_file, image_dir = resolve_split(data_root, split)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco = COCO(ann_file)
+    counts: Counter = Counter()
+    records = []
+    image_ids = sorted(coco.getImgIds())
+    if max_images is not None:
+        image_ids = image_ids[:max_images]
+    for image_id in image_ids:
+        info = coco.loadImgs(image_id)[0]
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+                if a["bbox"][2] >= min_box_size and a["bbox"][3] >= min_box_size]
+        if max_objects_per_image is not None:
+            remaining, anns = anns, []
+            while remaining and len(anns) < max_objects_per_image:
+                # counts change with every pick, so choose one at a time
+                a = min(remaining, key=lambda b: (counts[b["category_id"]], -b["bbox"][2] * b["bbox"][3], b["id"]))
+                remaining.remove(a)
+                anns.append(a)
+                counts[a["category_id"]] += 1
+        if not anns:
+            continue
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float32)
+        labels = np.array([a["category_id"] for a in anns], np.int64)
+        records.append((os.path.join(image_dir, info["file_name"]), boxes, labels,
+                        (info["width"], info["height"])))
+    return records
+
+
+class ObjectImages(torch.utils.data.Dataset):
+    """Images resized to image_size x image_size, ImageNet-normalised, with their boxes scaled.
+
+    Item: (image float32 [3,S,S], boxes float32 [n,4] in S-px, labels int64 [n]).
+    """
+
+    def __init__(self, records, image_size: int = 224):
+        self.records = records
+        self.image_size = int(image_size)
+        self.mean = np.array(IMAGENET_MEAN, np.float32) * 255
+        self.std = np.array(IMAGENET_STD, np.float32) * 255
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        path, boxes, labels, _ = self.records[i]
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(f"cannot read image {path}")
+        h, w = img.shape[:2]
+        s = self.image_size
+        img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (s, s), interpolation=cv2.INTER_LINEAR)
+        img = (img.astype(np.float32) - self.mean) / self.std
+        scale = np.array([s / w, s / h, s / w, s / h], np.float32)
+        return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(boxes * scale),
+                torch.from_numpy(labels))
+
+
+def _collate(items):
+    images, boxes, labels = zip(*items)
+    return torch.stack(images), list(boxes), torch.cat(labels)
+
+
+# ------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """images [B,3,S,S], boxes list of B float [n_b,4] (S-px) -> unit features [sum n_b, C5]:
+    C5 -> RoIAlign 7x7 (aligned, stride 32) -> average pool -> L2 normalisation."""
+    c5 = backbone.c5(images)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], 1)
+                      for i, b in enumerate(boxes)])
+    regions = ops.roi_align(c5, rois.to(c5.dtype), ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
+                            sampling_ratio=-1, aligned=True)
+    return F.normalize(regions.float().mean(dim=(2, 3)), dim=1)
+
+
+def extract_object_features(backbone, dataset: str, split: str, max_objects_per_image: int | None = None,
+                            image_size: int = 224, device="cpu", batch_size: int = 32,
+                            num_workers: int = 0, max_images: int | None = None):
+    """Object features of a COCO-format split.
+
+    Args:
+        backbone: a ResNetC4 (anything with ``c5(images)``); run in eval mode, then restored.
+        dataset: COCO-format folder (see resolve_split).
+        split: "train", "val", ...
+        max_objects_per_image: N of the bank (class-balanced pick), None for all objects.
+        image_size: side S the images are resized to (pixels).
+        device: where the backbone runs; bf16 autocast on CUDA.
+    Returns:
+        (features float32 [N,C5] unit rows on the CPU, labels int64 [N] category ids).
+    """
+    records = load_objects(dataset, split, max_objects_per_image, max_images=max_images)
+    if not records:
+        raise ValueError(f"split {split!r} of {dataset!r} has no usable objects")
+    loader = torch.utils.data.DataLoader(ObjectImages(records, image_size), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate)
+    device = torch.device(device)
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for images, boxes, lab in loader:
+            images = images.to(device, memory_format=torch.channels_last)
+            boxes = [b.to(device) for b in boxes]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                feats.append(object_features(backbone, images, boxes).cpu())
+            labels.append(lab)
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ------------------------------------------------------------------------------------------ k-NN
+@torch.no_grad()
+def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torch.Tensor,
+          query_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
+          chunk_size: int = 1024) -> dict[str, float]:
+    """Weighted k-NN classification (InstDisc / DINO style).
+
+    Args:
+        bank_feats [N,D], query_feats [M,D]: unit rows (cosine similarity = dot product).
+        bank_labels [N], query_labels [M]: integer labels (any ids).
+        k: neighbours (min(k, N) used). temperature: T of the vote weight exp(sim / T).
+    Returns:
+        {"top1", "top5"} accuracy in percent: a query is right at top-n when its label is among
+        the n classes with the largest summed weight over its k nearest bank features.
+    """
+    if bank_feats.dim() != 2 or query_feats.dim() != 2 or bank_feats.shape[1] != query_feats.shape[1]:
+        raise ValueError(f"bank_feats [N,D] and query_feats [M,D] must share D, got "
+                         f"{tuple(bank_feats.shape)} and {tuple(query_feats.shape)}")
+    if bank_labels.shape != bank_feats.shape[:1] or query_labels.shape != query_feats.shape[:1]:
+        raise ValueError("bank_labels / query_labels must be [N] / [M], one label per feature row")
+    if len(bank_feats) == 0 or len(query_feats) == 0:
+        raise ValueError("o_knn needs a non-empty bank and at least one query")
+    if k <= 0 or not temperature > 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    classes = torch.unique(torch.cat([bank_labels, query_labels]))
+    bank_y = torch.searchsorted(classes, bank_labels)
+    query_y = torch.searchsorted(classes, query_labels)
+    k = min(k, len(bank_feats))
+    bank = bank_feats.float()
+    correct1 = correct5 = 0
+    for start in range(0, len(query_feats), chunk_size):
+        q = query_feats[start:start + chunk_size].float()
+        sim, idx = (q @ bank.t()).topk(k, dim=1)
+        votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
+        votes.scatter_add_(1, bank_y[idx], (sim.double() / temperature).exp())
+        ranked = votes.argsort(dim=1, descending=True, stable=True)
+        y = query_y[start:start + chunk_size].unsqueeze(1)
+        correct1 += (ranked[:, :1] == y).any(dim=1).sum().item()
+        correct5 += (ranked[:, :5] == y).any(dim=1).sum().item()
+    n = len(query_feats)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
+
+
+def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_split: str = "val",
+                  max_objects_per_image: int = DEFAULT_OBJECTS_PER_IMAGE, k: int = 20,
+                  temperature: float = 0.07, image_size: int = 224, device="cpu", batch_size: int = 32,
+                  num_workers: int = 0, max_train_images: int | None = None,
+                  max_val_images: int | None = None) -> dict:
+    """O-KNN of a backbone: a class-balanced bank from `train_split` (at most
+    max_objects_per_image per image), every object of `val_split` as a query.
+
+    Returns {"top1", "top5" (percent), "bank_size", "num_queries"}.
+    """
+    bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
+                                             image_size, device, batch_size, num_workers, max_train_images)
+    val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
+                                           batch_size, num_workers, max_val_images)
+    out = o_knn(bank_x, bank_y, val_x, val_y, k=k, temperature=temperature)
+    out.update(bank_size=len(bank_x), num_queries=len(val_x))
+    return out
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+def _checkpoint_file(path: str) -> str:
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        found = [f for pattern in ("*.pt", "*.pth", "checkpoints/*.pt", "checkpoints/*.pth")
+                 for f in glob.glob(os.path.join(path, pattern))]
+        if found:
+            return max(found, key=os.path.getmtime)
+    raise FileNotFoundError(f"--ckpt {path!r} is neither a checkpoint file nor a run folder holding "
+                            f"*.pt / *.pth files (directly or in checkpoints/)")
+
+
+def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu"):
+    """The student backbone (ResNetC4) of a training checkpoint, or a random one when ckpt is None.
+
+    The checkpoint is a dict (loaded with weights_only=True) with "model" (the method's
+    state_dict; "module." / "_orig_mod." prefixes are ignored) and "config" (a dict whose "model"
+    entry holds ModelConfig fields, used for the arch unless `arch` is given).
+    Returns (backbone, arch, checkpoint path or None).
+    """
+    from d3ssl.model import ResNetC4
+
+    if ckpt is None:
+        return ResNetC4(arch or "resnet50"), arch or "resnet50", None
+    path = _checkpoint_file(ckpt)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a d3ssl training checkpoint (no 'model' entry)")
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    arch = arch or model_cfg.get("arch", "resnet50")
+    prefix = "online_backbone."
+    weights = {}
+    for key, value in state["model"].items():
+        for junk in ("module.", "_orig_mod."):
+            key = key.replace(junk, "")
+        if key.startswith(prefix):
+            weights[key[len(prefix):]] = value
+    if not weights:
+        raise ValueError(f"{path} holds no '{prefix}*' weights; is it a d3ssl method checkpoint?")
+    backbone = ResNetC4(arch)
+    backbone.load_state_dict(weights)
+    return backbone, arch, path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="training checkpoint file, or a run folder (its newest *.pt)")
+    src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised network")
+    p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
+    p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,
+                   help="backbone (default: the checkpoint's, or resnet50 with --random-init)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--objects-per-image", type=int, default=DEFAULT_OBJECTS_PER_IMAGE,
+                   help="N: at most this many bank objects per train image (class-balanced)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--max-train-images", type=int, default=None)
+    p.add_argument("--max-val-images", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    backbone, arch, path = load_backbone(None if a.random_init else a.ckpt, a.arch)
+    backbone = backbone.to(a.device, memory_format=torch.channels_last)
+    res = evaluate_oknn(backbone, a.data, a.train_split, a.val_split, a.objects_per_image, a.k,
+                        a.temperature, a.image_size, a.device, a.batch_size, a.workers,
+                        a.max_train_images, a.max_val_images)
+    res.update(arch=arch, checkpoint=path or "random-init")
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"O-KNN {res['checkpoint']} ({arch}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+              f"(bank {res['bank_size']}, queries {res['num_queries']})")
+    return res
+
+
+if __name__ == "__main__":
+    main()
