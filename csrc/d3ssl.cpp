@@ -17,13 +17,14 @@ TORCH_LIBRARY(d3ssl, m) {
 
   // RoIAlign with torchvision's semantics. rois: [K,5] (batch index, x1, y1, x2, y2) in input pixels
   // before spatial_scale. Output [K, C, pooled_height, pooled_width] in the input's memory format.
+  // Sizes are SymInt so that the op traces with dynamic shapes under torch.compile.
   m.def(
-      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, int pooled_width, "
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
       "int sampling_ratio, bool aligned) -> Tensor");
   m.def(
-      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
-      "int pooled_width, int batch_size, int channels, int height, int width, int sampling_ratio, "
-      "bool aligned, bool channels_last) -> Tensor");
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+      "int sampling_ratio, bool aligned, bool channels_last) -> Tensor");
 
   // Region erase (PRC + PRM in one pass). Image b owns rects[offsets[b]:offsets[b+1]], applied in
   // order: a rect with erase=true marks its pixels erased, erase=false restores them. A pixel is

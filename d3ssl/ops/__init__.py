@@ -2,3 +2,4 @@
 
 Each op module also holds a pure-PyTorch reference implementation, the oracle of the tests.
 """
+from .roi_align import RoIAlign, roi_align, roi_align_reference  # noqa: F401
