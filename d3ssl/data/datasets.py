@@ -9,10 +9,38 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from typing import Protocol, runtime_checkable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpe", ".jp2",
                     ".pbm", ".pgm", ".ppm", ".pnm")
+
+
+class ImageDecodeError(ValueError):
+    """A file that is not a decodable image (corrupt, truncated, or an unknown format)."""
+
+
+def decode_image(data: bytes, bgr: bool = False):
+    """Decodes encoded image bytes to uint8 [H,W,3], RGB (or BGR when `bgr`).
+
+    OpenCV first: IMREAD_COLOR turns grayscale, CMYK and palette images into 3 channels, applies the
+    EXIF orientation, and sniffs the format from the bytes, so a PNG named .jpg decodes too. PIL is
+    the fallback for formats OpenCV lacks (e.g. GIF). Raises ImageDecodeError when neither can."""
+    import cv2
+    import numpy as np
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is not None:
+        return img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        from PIL import Image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1]) if bgr else rgb
 
 
 @runtime_checkable

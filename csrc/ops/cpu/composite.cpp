@@ -1,0 +1,125 @@
+// composite on the CPU: per image, replay its ops onto a small byte mask clipped to where the
+// shifted foreground exists, then one pass over the rows selecting shifted foreground or
+// background. Rows without foreground are copied from the background. Images are spread over
+// threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/region.h"
+
+namespace d3ssl {
+namespace {
+
+using region::Layout;
+
+template <typename word_t>
+void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int64_t* bg_index,
+                     const int64_t* shift, Layout layout, int64_t B, int64_t C, int64_t H,
+                     int64_t W, const float* rects, const bool* erase, const int64_t* offsets) {
+  const int64_t cw = layout == Layout::NHWC ? C : 1;
+  const int64_t row = W * cw;
+  const int64_t image = C * H * W;
+  const int64_t planes = layout == Layout::NHWC ? 1 : C;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> hole(static_cast<size_t>(H * row));
+    std::vector<uint8_t> touched(static_cast<size_t>(H));
+    for (int64_t b = begin; b < end; ++b) {
+      // A shift of a whole image or more leaves no foreground; clamping keeps the sums small.
+      const int64_t dx = std::min(std::max(shift[2 * b], -W), W);
+      const int64_t dy = std::min(std::max(shift[2 * b + 1], -H), H);
+      // Output pixels whose source (x - dx, y - dy) lies inside the image; the mask is clipped
+      // to them, so the foreground is never read out of bounds.
+      const int64_t x_lo = std::min(std::max<int64_t>(dx, 0), W);
+      const int64_t x_hi = std::max(std::min(W + dx, W), x_lo);
+      const int64_t y_lo = std::min(std::max<int64_t>(dy, 0), H);
+      const int64_t y_hi = std::max(std::min(H + dy, H), y_lo);
+      // The mask starts empty: every pixel a hole showing the background (byte 1).
+      region::replay_ops(rects, erase, offsets[b], offsets[b + 1], H, W, cw, x_lo, x_hi, y_lo,
+                         y_hi, /*init=*/1, hole.data(), touched.data());
+      const word_t* bg_image = bg + bg_index[b] * image;
+      for (int64_t c = 0; c < planes; ++c) {
+        for (int64_t y = 0; y < H; ++y) {
+          const int64_t at = (c * H + y) * row;
+          word_t* dst = out + b * image + at;
+          const word_t* back = bg_image + at;
+          if (!touched[y]) {
+            std::memcpy(dst, back, static_cast<size_t>(row) * sizeof(word_t));
+            continue;
+          }
+          // Elements [i_lo, i_hi) of the row come from source row y - dy, moved by dx pixels.
+          const int64_t i_lo = x_lo * cw, i_hi = x_hi * cw, n = i_hi - i_lo;
+          const word_t* front = fg + b * image + at - (dy * W + dx) * cw + i_lo;
+          const uint8_t* m = hole.data() + y * row + i_lo;
+          std::memcpy(dst, back, static_cast<size_t>(i_lo) * sizeof(word_t));
+          word_t* d = dst + i_lo;
+          const word_t* k = back + i_lo;
+          for (int64_t i = 0; i < n; ++i) d[i] = m[i] ? k[i] : front[i];
+          std::memcpy(dst + i_hi, back + i_hi, static_cast<size_t>(row - i_hi) * sizeof(word_t));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor composite_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                         const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                         const at::Tensor& offsets) {
+  region::check_images(fg, "fg");
+  region::check_images(bg, "bg");
+  TORCH_CHECK(bg.scalar_type() == fg.scalar_type(), "bg must have fg's dtype ", fg.scalar_type(),
+              ", got ", bg.scalar_type());
+  TORCH_CHECK(bg.device() == fg.device(), "bg must be on fg's device ", fg.device(), ", got ",
+              bg.device());
+  TORCH_CHECK(bg.size(1) == fg.size(1) && bg.size(2) == fg.size(2) && bg.size(3) == fg.size(3),
+              "bg must be [N,C,H,W] with fg's C,H,W = ", fg.sizes().slice(1), ", got shape ",
+              bg.sizes());
+  const int64_t B = fg.size(0);
+  TORCH_CHECK(bg_index.dim() == 1 && bg_index.size(0) == B,
+              "bg_index must be [B] with B = fg.size(0) = ", B, ", got shape ", bg_index.sizes());
+  TORCH_CHECK(bg_index.scalar_type() == at::kLong, "bg_index must be int64, got ",
+              bg_index.scalar_type());
+  TORCH_CHECK(shift.dim() == 2 && shift.size(0) == B && shift.size(1) == 2,
+              "shift must be [B,2] (dx, dy pixels) with B = fg.size(0) = ", B, ", got shape ",
+              shift.sizes());
+  TORCH_CHECK(shift.scalar_type() == at::kLong, "shift must be int64, got ", shift.scalar_type());
+  for (const auto* p : {&bg_index, &shift}) {
+    TORCH_CHECK(p->device() == fg.device(), "bg_index and shift must be on fg's device ",
+                fg.device(), ", got ", p->device());
+  }
+  region::check_ops(fg, rects, erase, offsets, "fg");
+  const auto offsets_c = offsets.contiguous();
+  region::check_offsets_values(offsets_c.const_data_ptr<int64_t>(), B, rects.size(0));
+  const auto bg_index_c = bg_index.contiguous();
+  const int64_t* bi = bg_index_c.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(bi[b] >= 0 && bi[b] < bg.size(0), "bg_index[", b, "] = ", bi[b],
+                " is out of range for bg with ", bg.size(0), " images");
+  }
+
+  const Layout layout = region::layout_of(fg);
+  const auto format = region::memory_format(layout);
+  const auto fg_c = fg.contiguous(format);  // copies only for odd strides
+  const auto bg_c = bg.contiguous(format);  // copies when bg's layout differs from fg's
+  auto out = at::empty_like(fg_c, format);
+  if (out.numel() == 0) return out;
+  const auto shift_c = shift.contiguous();
+  const auto rects_c = rects.contiguous();
+  const auto erase_c = erase.contiguous();
+  D3SSL_DISPATCH_WORD(fg, "composite", [&] {
+    composite_batch<word_t>(static_cast<const word_t*>(fg_c.const_data_ptr()),
+                            static_cast<const word_t*>(bg_c.const_data_ptr()),
+                            static_cast<word_t*>(out.data_ptr()), bi,
+                            shift_c.const_data_ptr<int64_t>(), layout, B, fg.size(1), fg.size(2),
+                            fg.size(3), rects_c.const_data_ptr<float>(),
+                            erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d3ssl, CPU, m) { m.impl("composite", &composite_cpu); }
+
+}  // namespace d3ssl

@@ -1,0 +1,111 @@
+// region_erase on the CPU: per image, replay its ops onto a small byte mask (work proportional to
+// the rectangles' area), then one pass over the image's rows selecting fill or input. Rows no op
+// touched are copied (out-of-place) or skipped (in-place). Images are spread over threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/region.h"
+
+namespace d3ssl {
+namespace {
+
+using region::Layout;
+
+template <typename word_t>
+void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layout layout,
+                 int64_t B, int64_t C, int64_t H, int64_t W, const float* rects,
+                 const bool* erase, const int64_t* offsets) {
+  const int64_t cw = layout == Layout::NHWC ? C : 1;  // mask bytes per pixel
+  const int64_t row = W * cw;                         // elements per mask row
+  const int64_t image = C * H * W;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> mask(static_cast<size_t>(H * row));
+    std::vector<uint8_t> touched(static_cast<size_t>(H));
+    for (int64_t b = begin; b < end; ++b) {
+      region::replay_ops(rects, erase, offsets[b], offsets[b + 1], H, W, cw, 0, W, 0, H,
+                         /*init=*/0, mask.data(), touched.data());
+      // One image row: NCHW has C planes of H rows of W elements, NHWC H rows of W*C elements.
+      const int64_t planes = layout == Layout::NHWC ? 1 : C;
+      for (int64_t c = 0; c < planes; ++c) {
+        for (int64_t y = 0; y < H; ++y) {
+          const int64_t at = b * image + (c * H + y) * row;
+          word_t* dst = out + at;
+          if (!touched[y]) {
+            if (!inplace) std::memcpy(dst, in + at, static_cast<size_t>(row) * sizeof(word_t));
+            continue;
+          }
+          const uint8_t* m = mask.data() + y * row;
+          if (inplace) {
+            for (int64_t i = 0; i < row; ++i) dst[i] = m[i] ? fill : dst[i];
+          } else {
+            const word_t* src = in + at;
+            for (int64_t i = 0; i < row; ++i) dst[i] = m[i] ? fill : src[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Writes the result into `out` (which may be `images` itself).
+void region_erase_into(const at::Tensor& images, const at::Tensor& out, const at::Tensor& rects,
+                       const at::Tensor& erase, const at::Tensor& offsets, double fill,
+                       Layout layout) {
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  if (images.numel() == 0) return;
+  const auto rects_c = rects.contiguous();
+  const auto erase_c = erase.contiguous();
+  const auto offsets_c = offsets.contiguous();
+  const bool inplace = images.is_same(out);
+  D3SSL_DISPATCH_WORD(images, "region_erase", [&] {
+    erase_batch<word_t>(static_cast<const word_t*>(images.const_data_ptr()),
+                        static_cast<word_t*>(out.data_ptr()), inplace,
+                        region::fill_bits<word_t>(fill, images.scalar_type()), layout, B, C, H,
+                        W, rects_c.const_data_ptr<float>(), erase_c.const_data_ptr<bool>(),
+                        offsets_c.const_data_ptr<int64_t>());
+  });
+}
+
+void check(const at::Tensor& images, const at::Tensor& rects, const at::Tensor& erase,
+           const at::Tensor& offsets) {
+  region::check_images(images, "images");
+  region::check_ops(images, rects, erase, offsets, "images");
+  const auto off = offsets.contiguous();
+  region::check_offsets_values(off.const_data_ptr<int64_t>(), images.size(0), rects.size(0));
+}
+
+at::Tensor region_erase_cpu(const at::Tensor& images, const at::Tensor& rects,
+                            const at::Tensor& erase, const at::Tensor& offsets, double fill) {
+  check(images, rects, erase, offsets);
+  const Layout layout = region::layout_of(images);
+  const auto in = images.contiguous(region::memory_format(layout));  // a copy only for odd strides
+  auto out = at::empty_like(in, region::memory_format(layout));
+  region_erase_into(in, out, rects, erase, offsets, fill, layout);
+  return out;
+}
+
+at::Tensor& region_erase_inplace_cpu(at::Tensor& images, const at::Tensor& rects,
+                                     const at::Tensor& erase, const at::Tensor& offsets,
+                                     double fill) {
+  check(images, rects, erase, offsets);
+  const Layout layout = region::layout_of(images);
+  if (images.is_contiguous(region::memory_format(layout))) {
+    region_erase_into(images, images, rects, erase, offsets, fill, layout);
+  } else {  // odd strides: work on a dense copy and write it back
+    auto dense = images.contiguous(region::memory_format(layout));
+    region_erase_into(dense, dense, rects, erase, offsets, fill, layout);
+    images.copy_(dense);
+  }
+  return images;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d3ssl, CPU, m) {
+  m.impl("region_erase", &region_erase_cpu);
+  m.impl("region_erase_", &region_erase_inplace_cpu);
+}
+
+}  // namespace d3ssl

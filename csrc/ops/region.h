@@ -1,0 +1,161 @@
+// Shared by the region_erase and composite kernels (CPU and CUDA): argument checks, the pixel rule,
+// the memory layouts the kernels read, and the fill value as raw bits.
+//
+// Both ops only select whole elements (fill or input for region_erase, foreground or background for
+// composite), never compute with them, so the kernels move elements as unsigned words of the
+// element's size: one kernel per element size serves float32, float16, bfloat16, uint8, ...
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+namespace d3ssl {
+namespace region {
+
+// Memory layouts the kernels index directly. Any other strides are made NCHW-contiguous first.
+enum class Layout { NCHW, NHWC };
+
+inline Layout layout_of(const at::Tensor& t) {
+  // A tensor can be both (C == 1, or H == W == 1); then both index formulas address the same
+  // elements, and NCHW is taken.
+  if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::NHWC;
+  return Layout::NCHW;
+}
+
+inline at::MemoryFormat memory_format(Layout layout) {
+  return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Pixels [lo, hi) of an axis of n pixels that the interval [a, b) covers: pixel i is covered when
+// its centre i + 0.5 lies in [a, b), i.e. i >= ceil(a - 0.5) and i < ceil(b - 0.5). Computed in
+// double, where a - 0.5 is exact for every float32 a, so the rule holds to the last bit.
+// NaN bounds cover nothing.
+C10_HOST_DEVICE inline void pixel_span(float a, float b, int64_t n, int64_t& lo, int64_t& hi) {
+  const double da = ::ceil(static_cast<double>(a) - 0.5);
+  const double db = ::ceil(static_cast<double>(b) - 0.5);
+  if (!(da == da) || !(db == db)) {  // NaN
+    lo = hi = 0;
+    return;
+  }
+  const double dn = static_cast<double>(n);
+  lo = static_cast<int64_t>(da < 0.0 ? 0.0 : (da > dn ? dn : da));
+  hi = static_cast<int64_t>(db < 0.0 ? 0.0 : (db > dn ? dn : db));
+  if (hi < lo) hi = lo;
+}
+
+// An image tensor the kernels accept: [N,C,H,W], an element type they can copy, not too large
+// for 32-bit in-image indexing.
+inline void check_images(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name, " must be a 4-D tensor [B,C,H,W], got shape ", t.sizes());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble ||
+                  s == at::kByte,
+              name, " must be float32, float16, bfloat16, float64 or uint8, got ", s);
+  TORCH_CHECK(t.size(1) * t.size(2) * t.size(3) < (int64_t(1) << 31), name,
+              ": one image must have fewer than 2^31 elements, got shape ", t.sizes());
+}
+
+// The per-image ordered operation lists in CSR form.
+inline void check_ops(const at::Tensor& images, const at::Tensor& rects, const at::Tensor& erase,
+                      const at::Tensor& offsets, const char* images_name) {
+  const int64_t batch = images.size(0);
+  TORCH_CHECK(rects.dim() == 2 && rects.size(1) == 4,
+              "rects must be [R,4] (x1,y1,x2,y2 in pixels), got shape ", rects.sizes());
+  TORCH_CHECK(rects.scalar_type() == at::kFloat, "rects must be float32, got ", rects.scalar_type());
+  TORCH_CHECK(erase.dim() == 1 && erase.size(0) == rects.size(0),
+              "erase must be [R] with R = rects.size(0) = ", rects.size(0), ", got shape ",
+              erase.sizes());
+  TORCH_CHECK(erase.scalar_type() == at::kBool, "erase must be bool, got ", erase.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == batch + 1,
+              "offsets must be [B+1] with B = ", images_name, ".size(0) = ", batch,
+              ", got shape ", offsets.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, "offsets must be int64, got ",
+              offsets.scalar_type());
+  for (const auto* p : {&rects, &erase, &offsets}) {
+    TORCH_CHECK(p->device() == images.device(), "rects, erase and offsets must be on ",
+                images_name, "'s device (", images.device(), "), got ", p->device());
+  }
+}
+
+// Values of offsets (host memory only): 0 = offsets[0] <= ... <= offsets[B] = R.
+inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_rects) {
+  TORCH_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(off[b] <= off[b + 1], "offsets must be non-decreasing, got offsets[", b,
+                "] = ", off[b], " > offsets[", b + 1, "] = ", off[b + 1]);
+  }
+  TORCH_CHECK(off[batch] == num_rects, "offsets[B] must equal the number of rects ", num_rects,
+              ", got ", off[batch]);
+}
+
+// Unsigned word with the size of one element.
+template <int kBytes> struct Word;
+template <> struct Word<1> { using type = uint8_t; };
+template <> struct Word<2> { using type = uint16_t; };
+template <> struct Word<4> { using type = uint32_t; };
+template <> struct Word<8> { using type = uint64_t; };
+
+// Runs body.template operator()<word_t>() for the element size of `t`.
+#define D3SSL_DISPATCH_WORD(t, NAME, ...)                                                      \
+  [&] {                                                                                        \
+    switch ((t).element_size()) {                                                              \
+      case 1: { using word_t = uint8_t; return __VA_ARGS__(); }                                \
+      case 2: { using word_t = uint16_t; return __VA_ARGS__(); }                               \
+      case 4: { using word_t = uint32_t; return __VA_ARGS__(); }                               \
+      case 8: { using word_t = uint64_t; return __VA_ARGS__(); }                               \
+      default: TORCH_CHECK(false, NAME, ": unsupported element size ", (t).element_size());    \
+    }                                                                                          \
+  }()
+
+// The fill value converted to the images' dtype, as raw bits.
+template <typename word_t>
+word_t fill_bits(double fill, at::ScalarType dtype) {
+  word_t bits = 0;
+  if (dtype == at::kByte) {
+    TORCH_CHECK(fill >= 0.0 && fill <= 255.0 && std::floor(fill) == fill,
+                "fill must be an integer in [0, 255] for uint8 images, got ", fill);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, dtype, "fill_bits", [&] {
+    TORCH_CHECK(sizeof(scalar_t) == sizeof(word_t), "fill_bits: element size mismatch");
+    const scalar_t v = static_cast<scalar_t>(fill);
+    std::memcpy(&bits, &v, sizeof(scalar_t) < sizeof(word_t) ? sizeof(scalar_t) : sizeof(word_t));
+  });
+  return bits;
+}
+
+// Replays one image's ops rects[r0:r1] onto a byte mask on the host: the byte of a pixel ends as
+// erase[r] of the last op covering it (1 = erased / hole), or `init` when none covers it. Only the
+// window [x_lo,x_hi) x [y_lo,y_hi) is written: ops are clipped to it. The mask has H rows of
+// `row_bytes` bytes with `cw` bytes per pixel (cw = C for channels_last, so that a mask row lines
+// up element by element with an image row). touched[y] = 1 when an op wrote into row y.
+inline void replay_ops(const float* rects, const bool* erase, int64_t r0, int64_t r1, int64_t H,
+                       int64_t W, int64_t cw, int64_t x_lo, int64_t x_hi, int64_t y_lo,
+                       int64_t y_hi, uint8_t init, uint8_t* mask, uint8_t* touched) {
+  const int64_t row_bytes = W * cw;
+  std::memset(mask, init, static_cast<size_t>(H * row_bytes));
+  std::memset(touched, 0, static_cast<size_t>(H));
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* q = rects + 4 * r;
+    int64_t xa, xb, ya, yb;
+    pixel_span(q[0], q[2], W, xa, xb);
+    pixel_span(q[1], q[3], H, ya, yb);
+    xa = std::max(xa, x_lo);
+    xb = std::min(xb, x_hi);
+    ya = std::max(ya, y_lo);
+    yb = std::min(yb, y_hi);
+    if (xa >= xb || ya >= yb) continue;
+    const uint8_t v = erase[r] ? 1 : 0;
+    for (int64_t y = ya; y < yb; ++y) {
+      std::memset(mask + y * row_bytes + xa * cw, v, static_cast<size_t>((xb - xa) * cw));
+      touched[y] = 1;
+    }
+  }
+}
+
+}  // namespace region
+}  // namespace d3ssl

@@ -1,0 +1,186 @@
+"""The CPU loader: torch DataLoader workers decode with OpenCV, apply the sampler's views and SoCo's
+colour augmentation, normalise and collate into a :class:`~d3ssl.data.batch.Batch`.
+
+Order of an epoch: the sample indices are a permutation drawn from (seed, epoch); rank r of W takes
+every W-th index of it, so ranks never share an image. With ``drop_last`` (the default, and what
+DDP needs), the last ``N mod W`` indices of the permutation are left out so every rank has the same
+count, and each rank drops its last partial batch; nothing else is ever dropped or repeated. Without
+it, ranks may differ by one sample (and one batch) and the last batch may be short.
+
+A sample's views depend only on (seed, epoch, index) (:func:`~d3ssl.data.views.sample_seed`), never
+on the worker count. A file that cannot be decoded is skipped with a warning and replaced by the
+next image of the dataset (index + 1, wrapping), so batches keep their size; the loader counts the
+skips (``loader.skipped``, ``loader.skipped_keys``). ``image_id`` reports the image actually used.
+"""
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+import torch
+
+from .batch import Batch
+from .colour import ColourConfig, apply_colour, normalize, sample_colour
+from .datasets import ImageDecodeError, decode_image
+from .views import ViewConfig, sample_seed, sample_views
+
+MAX_REPLACEMENTS = 16   # consecutive unreadable files before the loader gives up with an error
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if (w, h) == (size, size):
+        return img
+    # area averaging when shrinking (no aliasing, like PIL's antialiased resize), bilinear otherwise
+    interp = cv2.INTER_AREA if (w > size and h > size) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset over (index, epoch) items; returns one sample's uint8 views and boxes."""
+
+    def __init__(self, dataset, store, view_cfg: ViewConfig, colour_cfg: ColourConfig, seed: int):
+        self.dataset, self.store = dataset, store
+        self.view_cfg, self.colour_cfg, self.seed = view_cfg, colour_cfg, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _decode(self, index):
+        try:
+            return decode_image(self.dataset.read_bytes(index))
+        except (ImageDecodeError, OSError) as e:
+            return e
+
+    def __getitem__(self, item):
+        index, epoch = item
+        skipped = []
+        img = self._decode(index)
+        while isinstance(img, Exception):
+            key = self.dataset.key(index)
+            warnings.warn(f"skipping unreadable image {key!r} ({img}); using the next image instead")
+            skipped.append(key)
+            if len(skipped) >= min(MAX_REPLACEMENTS, len(self.dataset)):
+                raise RuntimeError(f"{len(skipped)} unreadable images in a row (last: {key!r}): "
+                                   "is the dataset path right?")
+            index = (index + 1) % len(self.dataset)
+            img = self._decode(index)
+        return self.make_views(img, index, epoch) + (skipped,)
+
+    def make_views(self, img: np.ndarray, index: int, epoch: int):
+        """img: uint8 RGB [H,W,3]. Returns (view1, view2, view2_small uint8 HWC, boxes1, boxes2, valid, index)."""
+        cfg = self.view_cfg
+        h, w = img.shape[:2]
+        props = np.asarray(self.store.boxes(index), np.float32)
+        sw, sh = self.store.size(index)
+        if (sw, sh) != (w, h) and sw > 0 and sh > 0:   # store made from a differently sized copy
+            props = props * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
+        p = sample_views(w, h, props, rng, cfg)
+        s = cfg.size
+        view1 = _resize(img, s)
+        x0, y0, cw, ch = (int(v) for v in p.crop)
+        view2 = _resize(img[y0:y0 + ch, x0:x0 + cw], s)
+        if p.flip1:
+            view1 = cv2.flip(view1, 1)
+        if p.flip2:
+            view2 = cv2.flip(view2, 1)
+        c1 = sample_colour(rng, self.colour_cfg, 0)
+        c2 = sample_colour(rng, self.colour_cfg, 1)
+        view1 = apply_colour(np.ascontiguousarray(view1), c1, self.colour_cfg.solarize_threshold)
+        view2 = apply_colour(np.ascontiguousarray(view2), c2, self.colour_cfg.solarize_threshold)
+        view2_small = cv2.resize(view2, (s // 2, s // 2), interpolation=cv2.INTER_AREA)
+        return view1, view2, view2_small, p.boxes1, p.boxes2, p.valid, index
+
+
+def collate(samples) -> tuple[Batch, list[str]]:
+    """Stacks samples into a Batch (float32, normalised, channels_last) and the list of skipped keys."""
+    cols = list(zip(*samples))
+
+    def views(arrs):
+        # [B,H,W,3] float32 is exactly the channels_last layout of [B,3,H,W]
+        return torch.from_numpy(normalize(np.stack(arrs))).permute(0, 3, 1, 2)
+
+    batch = Batch(
+        view1=views(cols[0]), view2=views(cols[1]), view2_small=views(cols[2]),
+        boxes1=torch.from_numpy(np.stack(cols[3])), boxes2=torch.from_numpy(np.stack(cols[4])),
+        box_valid=torch.from_numpy(np.stack(cols[5])),
+        image_id=torch.tensor(cols[6], dtype=torch.int64),
+    )
+    return batch, [k for keys in cols[7] for k in keys]
+
+
+class EpochBatchSampler:
+    """Batches of (index, epoch) for one rank; see the module docstring for the epoch order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, shuffle: bool = True):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.drop_last, self.shuffle = rank, world_size, drop_last, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def indices(self) -> np.ndarray:
+        order = (np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(self.n)
+                 if self.shuffle else np.arange(self.n))
+        if self.drop_last:
+            order = order[:self.n // self.world_size * self.world_size]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        mine, epoch, b = self.indices(), self.epoch, self.batch_size
+        for i in range(0, len(mine), b):
+            chunk = mine[i:i + b]
+            if self.drop_last and len(chunk) < b:
+                break
+            yield [(int(j), epoch) for j in chunk]
+
+    def __len__(self):
+        per_rank = len(self.indices())
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+
+def _init_worker(_):
+    cv2.setNumThreads(1)          # one image per worker at a time: OpenCV's own threads only contend
+    torch.set_num_threads(1)
+
+
+class CpuLoader:
+    """Iterable of Batches; ``set_epoch(e)`` before each epoch, ``len()`` = batches per epoch (this rank)."""
+
+    def __init__(self, dataset, store, batch_size: int, workers: int, view_cfg: ViewConfig,
+                 colour_cfg: ColourConfig, seed: int, rank: int, world_size: int, drop_last: bool,
+                 shuffle: bool = True, device=None, prefetch_factor: int = 2):
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size, drop_last, shuffle)
+        self.device = torch.device(device) if device is not None else None
+        pin = self.device is not None and self.device.type == "cuda"
+        self.views = ViewDataset(dataset, store, view_cfg, colour_cfg, seed)
+        kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
+                  worker_init_fn=_init_worker) if workers > 0 else {}
+        self._loader = torch.utils.data.DataLoader(self.views, batch_sampler=self.sampler, num_workers=workers,
+                                                   collate_fn=collate, pin_memory=pin, **kw)
+        self.skipped_keys: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        """Number of unreadable files skipped so far (each replaced by the next image)."""
+        return len(self.skipped_keys)
+
+    def set_epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch, skipped in self._loader:
+            if skipped:
+                self.skipped_keys += skipped
+                warnings.warn(f"skipped {len(skipped)} unreadable image(s): {skipped[:3]} "
+                              f"({self.skipped} so far this run)")
+            if self.device is not None and self.device.type != "cpu":
+                batch = batch.to(self.device, non_blocking=True)
+            yield batch

@@ -1,0 +1,342 @@
+"""Training configuration: one dataclass tree, named presets as small overrides, and the command line.
+
+Every leaf field of :class:`TrainConfig` can be set from the command line by its dotted name::
+
+    python -m train.run --optim.lr_per_256 0.5 --model.arch resnet50
+    python -m train.run --set optim.lr_per_256=0.5 --set model.arch=resnet50
+
+A preset (``--preset NAME``) is applied first, then the overrides, in the order given. The defaults
+of the nested method configs (model, region, soco_aug, view) are the paper's values; the presets say
+what changes for a given job.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from d3ssl.augment.stage import RegionConfig, SocoAugConfig
+from d3ssl.data.views import ViewConfig
+from d3ssl.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: str | None = field(default=None, metadata={"help": (
+        "training images: a COCO-format dataset root (train/, annotations/instances_train.json), "
+        "an image folder, or empty for the embedded synthetic set")})
+    proposals: str | None = field(default=None, metadata={"help": (
+        "proposals store; default: the dataset's default store path, generated there if missing")})
+    backend: str = field(default="cpu", metadata={"help": "loader backend: cpu or dali"})
+    batch_size: int = field(default=64, metadata={"help": "images per step per process"})
+    workers: int = field(default=2, metadata={"help": "loader worker processes per process"})
+    proposal_workers: int | None = field(default=None, metadata={"help": (
+        "processes for proposal generation when the store is missing (default: all cores)")})
+    synthetic_seed: int = field(default=0, metadata={"help": "seed of the embedded synthetic set"})
+    synthetic_train: int = field(default=2000, metadata={"help": "synthetic set: train images"})
+    synthetic_val: int = field(default=300, metadata={"help": "synthetic set: val images (O-KNN queries)"})
+    synthetic_size: tuple[int, int] = field(default=(160, 224), metadata={"help": (
+        "synthetic set: min,max image side in pixels")})
+    synthetic_root: str | None = field(default=None, metadata={"help": (
+        "cache folder of the synthetic set (default: $D3SSL_CACHE or ~/.cache/d3ssl)")})
+
+
+@dataclass
+class OptimConfig:
+    lr_per_256: float = field(default=1.0, metadata={"help": (
+        "base learning rate per 256 images; lr = lr_per_256 * effective batch / 256 (paper: 1.0)")})
+    final_lr: float = field(default=1e-6, metadata={"help": "learning rate at the end of the cosine"})
+    warmup_epochs: float = field(default=10.0, metadata={"help": "linear warm-up length in epochs"})
+    warmup_start_factor: float = field(default=0.01, metadata={"help": "warm-up starts at lr * this"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "LARS weight decay (1-D params excluded)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum inside LARS"})
+    trust_coefficient: float = field(default=0.001, metadata={"help": "LARS trust coefficient"})
+    accum_steps: int = field(default=1, metadata={"help": (
+        "gradient accumulation: micro-batches per optimiser step")})
+
+
+@dataclass
+class RunConfig:
+    epochs: float = field(default=800.0, metadata={"help": "training length in epochs (paper: 800)"})
+    max_steps: int | None = field(default=None, metadata={"help": (
+        "stop after this many optimiser steps (schedules still span `epochs`); for short tests")})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda"})
+    amp: str = field(default="auto", metadata={"help": (
+        "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16, none")})
+    channels_last: bool = field(default=True, metadata={"help": "train in channels_last memory format"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the method's forward"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
+    out: str = field(default="runs", metadata={"help": "parent folder of run folders"})
+    name: str | None = field(default=None, metadata={"help": "run folder name (default: a timestamp)"})
+    ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N optimiser steps"})
+    keep_ckpts: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
+    log_every: int = field(default=10, metadata={"help": "log every N optimiser steps"})
+    max_bad_steps: int = field(default=20, metadata={"help": (
+        "stop after this many non-finite losses in a row")})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    oknn: bool = field(default=True, metadata={"help": (
+        "evaluate O-KNN at the end for the trained and the randomly initialised network")})
+    oknn_k: int = field(default=20, metadata={"help": "O-KNN neighbours"})
+    oknn_max_per_image: int = field(default=8, metadata={"help": "O-KNN: bank objects per train image"})
+    debug_checksum: bool = field(default=False, metadata={"help": (
+        "debug: each rank writes a checksum of its parameters to the run folder at the end")})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = field(default="default", metadata={"help": "the preset this config started from"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    soco_aug: SocoAugConfig = field(default_factory=SocoAugConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Presets: small override dicts on top of TrainConfig(). `default` is the main job: the embedded
+# synthetic set on whatever device is there, small enough to finish in minutes on two CPU cores.
+PRESETS: dict[str, dict] = {
+    "default": {
+        "model.arch": "resnet18", "view.size": 96, "data.batch_size": 32,
+        "data.synthetic_train": 1000, "data.synthetic_val": 200, "data.synthetic_size": (128, 160),
+        "model.queue_size": 4096, "model.proj_hidden": 1024, "model.pred_hidden": 1024,
+        "optim.warmup_epochs": 1.0, "run.epochs": 3.0, "run.ckpt_every": 50, "run.log_every": 5,
+    },
+    # The paper's COCO pre-training (SoCo's schedule): ResNet-50-C4 at 224, 800 epochs.
+    "coco": {
+        "model.arch": "resnet50", "view.size": 224, "data.batch_size": 256, "data.workers": 8,
+        "run.epochs": 800.0, "optim.warmup_epochs": 10.0, "run.ckpt_every": 1000, "run.log_every": 20,
+    },
+}
+# The SoCo baseline and the ablations of the paper's tables 5-7, each on top of `default`.
+PRESETS["soco"] = {**PRESETS["default"], "model.method": "soco"}
+PRESETS["no_prc"] = {**PRESETS["default"], "region.prc": False}
+PRESETS["no_prm"] = {**PRESETS["default"], "region.prm": False}
+PRESETS["no_rbj"] = {**PRESETS["default"], "region.rbj": False}
+PRESETS["no_dp"] = {**PRESETS["default"], "model.use_dp": False}
+
+PRESET_HELP = {
+    "default": "the main job: synthetic set, ResNet-18-C4, small views, a few epochs (minutes on a CPU)",
+    "coco": "the paper's COCO pre-training: ResNet-50-C4, 224 px, 800 epochs (give --data)",
+    "soco": "the SoCo baseline (BYOL objective, SoCo's augmentations) on the default job",
+    "no_prc": "default without proposal-based random cutout (ablation)",
+    "no_prm": "default without proposal-based random mask (ablation)",
+    "no_rbj": "default without restricted box jitter (ablation)",
+    "no_dp": "default without the de-positioning loss L_dp (ablation)",
+}
+
+
+# ----------------------------------------------------------------------------- dotted access
+
+def leaf_fields(cfg, prefix=""):
+    """Yields (dotted name, dataclasses.Field, owner type) for every leaf field of a dataclass tree."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_fields(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, hints.get(f.name, type(value))
+
+
+def _resolve(cfg, dotted):
+    *path, last = dotted.split(".")
+    obj = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            raise KeyError(dotted)
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+        raise KeyError(dotted)
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        raise KeyError(dotted)
+    return obj, last
+
+
+def _field_type(obj, name):
+    return typing.get_type_hints(type(obj)).get(name, type(getattr(obj, name)))
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def parse_value(text: str, tp, name: str = "value"):
+    """Converts a command-line string to the field type `tp` (bool, int, float, str, tuples, Optional)."""
+    tp, optional = _strip_optional(tp)
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if tp in (int, float, str):
+            return tp(text)
+        if origin in (tuple, list) or tp in (tuple, list):
+            args = typing.get_args(tp)
+            parts = [p for p in text.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+                     .split(",") if p.strip()]
+            if args and args[-1] is Ellipsis:
+                item_types = [args[0]] * len(parts)
+            elif args:
+                if len(parts) != len(args):
+                    raise ValueError(f"expected {len(args)} comma-separated values")
+                item_types = list(args)
+            else:
+                item_types = [float] * len(parts)
+            vals = [parse_value(p, t, name) for p, t in zip(parts, item_types)]
+            return tuple(vals) if (origin or tp) is tuple else vals
+    except ValueError as e:
+        raise ValueError(f"{name}: cannot read {text!r} as {_type_name(tp)} ({e})") from None
+    # Anything else (an enum-like str field typed loosely): keep the string.
+    return text
+
+
+def _type_name(tp):
+    tp, optional = _strip_optional(tp)
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is tuple:
+        name = "comma-separated " + ",".join(getattr(a, "__name__", "...") for a in typing.get_args(tp))
+    return name + (" or none" if optional else "")
+
+
+def set_field(cfg, dotted: str, value):
+    """Sets cfg.<dotted> = value; a string value is converted to the field's type."""
+    try:
+        obj, last = _resolve(cfg, dotted)
+    except KeyError:
+        raise ValueError(f"unknown config field {dotted!r}; `python -m train.run --help` lists them") from None
+    tp = _field_type(obj, last)
+    if isinstance(value, str):
+        value = parse_value(value, tp, dotted)
+    elif isinstance(value, list):
+        value = tuple(value)
+    setattr(obj, last, value)
+
+
+def get_field(cfg, dotted: str):
+    obj, last = _resolve(cfg, dotted)
+    return getattr(obj, last)
+
+
+def apply_overrides(cfg, overrides: dict):
+    for k, v in overrides.items():
+        set_field(cfg, k, v)
+    return cfg
+
+
+def make_config(preset: str = "default", overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig() with a preset and then `overrides` ({dotted name: value or string}) applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = TrainConfig(preset=preset)
+    apply_overrides(cfg, PRESETS[preset])
+    apply_overrides(cfg, overrides or {})
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Rebuilds a TrainConfig from to_dict() output (e.g. a run's config.json); unknown keys are errors."""
+    cfg = base or TrainConfig()
+
+    def walk(prefix, sub):
+        for k, v in sub.items():
+            if isinstance(v, dict):
+                walk(prefix + k + ".", v)
+            else:
+                set_field(cfg, prefix + k, v)
+    walk("", d)
+    return cfg
+
+
+def save_json(cfg, path):
+    with open(path, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+
+
+def load_json(path) -> TrainConfig:
+    with open(path) as f:
+        return from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    preset_lines = "\n".join(f"  {k:<8} {PRESET_HELP.get(k, '')}" for k in PRESETS)
+    p = argparse.ArgumentParser(
+        prog="python -m train.run",
+        description="Train D3SSL (or the SoCo baseline). With no arguments: the main job on the "
+                    "embedded synthetic set, then O-KNN of the trained and the randomly initialised "
+                    "network.",
+        epilog=f"presets:\n{preset_lines}\n\nEvery field below is also settable as --set NAME=VALUE. "
+               "Tuples are comma-separated; booleans true/false.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="named configuration to start from (default: default)")
+    p.add_argument("--data", default=None, metavar="PATH", help="alias of --data.path")
+    p.add_argument("--proposals", default=None, metavar="FILE", help="alias of --data.proposals")
+    p.add_argument("--dali", action="store_true", help="use the DALI loader (alias of --data.backend dali)")
+    p.add_argument("--out", default=None, metavar="DIR", help="alias of --run.out")
+    p.add_argument("--name", default=None, help="alias of --run.name")
+    p.add_argument("--compile", action="store_true", help="alias of --run.compile true")
+    p.add_argument("--resume", default=None, metavar="auto|PATH", help=(
+        "continue a run: `auto` = newest checkpoint of the run folder (--name, else the newest run "
+        "folder under --out; a fresh run if there is none), or a checkpoint file / run folder"))
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override any config field by dotted name (repeatable)")
+    groups = {}
+    defaults = make_config("default")
+    for name, f, tp in leaf_fields(TrainConfig()):
+        if name == "preset":
+            continue
+        section = name.split(".")[0]
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} fields")
+        doc = f.metadata.get("help", "")
+        default = get_field(defaults, name)
+        helptext = f"{doc + '; ' if doc else ''}{_type_name(tp)}, default preset: {default!r}"
+        groups[section].add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="V",
+                                     help=helptext.replace("%", "%%"))
+    return p
+
+
+def parse_args(argv=None):
+    """Returns (preset or None, overrides {dotted: string or value}, resume or None)."""
+    args = build_parser().parse_args(argv)
+    overrides = {}
+    aliases = {"data.path": args.data, "data.proposals": args.proposals, "run.out": args.out,
+               "run.name": args.name}
+    for k, v in aliases.items():
+        if v is not None:
+            overrides[k] = v
+    if args.dali:
+        overrides["data.backend"] = "dali"
+    if args.compile:
+        overrides["run.compile"] = "true"
+    for k, v in vars(args).items():
+        if k.startswith("field:") and v is not None:
+            overrides[k[len("field:"):]] = v
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    return args.preset, overrides, args.resume

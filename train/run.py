@@ -1,0 +1,498 @@
+"""Train D3SSL (or the SoCo baseline): ``python -m train.run [--preset NAME] [--FIELD VALUE ...]``.
+
+With no arguments this is the main job: it generates the embedded synthetic set and its proposals
+if they are missing, trains the ``default`` preset on whatever device is there, evaluates O-KNN for
+the trained network and for the same network at random initialisation, and leaves a run folder:
+
+    runs/<name>/config.json  log.jsonl  tensorboard/  checkpoints/step_*.pt  loss_lr.png  oknn.json
+
+Under ``torchrun --nproc_per_node N -m train.run ...`` it trains with DDP (NCCL on GPUs, gloo on CPUs),
+SyncBatchNorm and a loader sharded by rank; only rank 0 writes files.
+
+The loop reads top to bottom: config -> device -> data -> model -> optimiser -> resume -> steps ->
+final checkpoint -> O-KNN. Every step: lr and EMA momentum from pure schedule functions, region stage,
+forward/backward over `accum_steps` micro-batches, a skip if the loss is not finite anywhere, LARS step,
+teacher EMA update.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train import checkpoint as ckpt
+from train.config import (PRESETS, TrainConfig, from_dict, load_json, make_config, parse_args,
+                          save_json, to_dict, apply_overrides)
+from train.logging import NullLogger, RunLogger, plot_loss_lr
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user has to act on (the message says what)."""
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def setup_distributed(cfg: TrainConfig):
+    """Returns (rank, world_size, local_rank, device). Initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.run.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("run.device=cuda was asked for but no GPU is visible to torch; "
+                            "use --run.device cpu (or auto)")
+    if want == "cuda":
+        device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(want)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local, device
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    choice = cfg.run.amp
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "none"
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if choice not in table:
+        raise TrainingError(f"run.amp must be auto, bf16, fp16 or none, got {cfg.run.amp!r}")
+    return table[choice]
+
+
+def seed_everything(seed: int):
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """Seed of the region-stage generator for one micro-batch: a pure function of where the run is,
+    so a resumed run draws exactly what the uninterrupted one drew."""
+    return zlib.crc32(f"{seed}/{rank}/{step}/{micro}".encode()) + (seed << 32)
+
+
+def prepare_data(cfg: TrainConfig, rank: int, world: int):
+    """(dataset, store, eval_root or None). Rank 0 generates what is missing; the others wait."""
+    from d3ssl.data.datasets import open_dataset
+    from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
+
+    def make():
+        if cfg.data.path:
+            root = cfg.data.path
+            if not os.path.exists(root):
+                raise TrainingError(f"--data {root!r} does not exist (expected a COCO-format dataset "
+                                    "root or an image folder)")
+        else:
+            from d3ssl.data.synthetic import ensure_synthetic
+            if rank == 0:
+                print("data: embedded synthetic set (generated on first use) ...", flush=True)
+            root = ensure_synthetic(root=cfg.data.synthetic_root, seed=cfg.data.synthetic_seed,
+                                    num_train=cfg.data.synthetic_train, num_val=cfg.data.synthetic_val,
+                                    image_size=tuple(cfg.data.synthetic_size))
+        dataset = open_dataset(root, "train")
+        store_path = cfg.data.proposals or default_store_path(dataset)
+        if not os.path.isfile(store_path):
+            if rank == 0:
+                print(f"proposals: {store_path} is missing; running selective search over "
+                      f"{len(dataset)} images ...", flush=True)
+            generate_proposals(dataset, store_path, workers=cfg.data.proposal_workers)
+        return root, dataset, store_path
+
+    if rank == 0:
+        root, dataset, store_path = make()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        root, dataset, store_path = make()  # everything exists now: only opens
+    store = ProposalStore(store_path)
+    has_gt = os.path.isfile(os.path.join(root, "annotations", "instances_val.json"))
+    return dataset, store, (root if has_gt else None)
+
+
+def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
+    from d3ssl.data.loader import make_loader
+    if cfg.data.backend not in ("cpu", "dali"):
+        raise TrainingError(f"data.backend must be cpu or dali, got {cfg.data.backend!r}")
+    if cfg.data.backend == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise TrainingError("--dali: NVIDIA DALI is not installed. Install it with "
+                                "`pip install -e .[dali]` (or nvidia-dali-cuda130), or drop --dali to "
+                                "use the CPU loader.") from None
+    try:
+        return make_loader(dataset, store, backend=cfg.data.backend, batch_size=cfg.data.batch_size,
+                           workers=cfg.data.workers, view_cfg=cfg.view, seed=cfg.run.seed, rank=rank,
+                           world_size=world, drop_last=True, device=device)
+    except (ImportError, NotImplementedError) as e:
+        if cfg.data.backend == "dali":
+            raise TrainingError(f"--dali: the DALI backend is not available ({e}). Install DALI with "
+                                "`pip install -e .[dali]`, or drop --dali to use the CPU loader.") from e
+        raise
+
+
+def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | None]:
+    """(run folder, checkpoint to resume from or None). Never reuses a non-empty folder silently."""
+    out = cfg.run.out
+    if resume and resume != "auto":
+        if os.path.isdir(resume):
+            run_dir = resume
+            path = ckpt.latest_checkpoint(run_dir)
+            if path is None:
+                raise TrainingError(f"--resume {resume!r}: no checkpoints in {run_dir}/checkpoints")
+        elif os.path.isfile(resume):
+            path = resume
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+        else:
+            raise TrainingError(f"--resume {resume!r}: expected `auto`, a run folder or a checkpoint file")
+        return run_dir, path
+    if resume == "auto":
+        if cfg.run.name:
+            run_dir = os.path.join(out, cfg.run.name)
+        else:
+            candidates = [os.path.join(out, d) for d in os.listdir(out)] if os.path.isdir(out) else []
+            candidates = [d for d in candidates if os.path.isfile(os.path.join(d, "config.json"))]
+            run_dir = max(candidates, key=os.path.getmtime) if candidates else None
+            if run_dir is None:
+                run_dir = os.path.join(out, time.strftime("%Y%m%d-%H%M%S"))
+        return run_dir, ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    run_dir = os.path.join(out, cfg.run.name or time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise TrainingError(f"run folder {run_dir} already exists and is not empty: pass --resume auto "
+                            "to continue it, or choose another --name")
+    return run_dir, None
+
+
+def build_model(cfg: TrainConfig, num_images: int, device, world: int):
+    """The method (student, teacher, queue) on `device`, in channels_last, SyncBN under DDP."""
+    from d3ssl.model import build_method
+    torch.manual_seed(cfg.run.seed)  # the same initial weights for training and the random baseline
+    # The queue never holds more region features than one pass over the data produces.
+    model = build_method(cfg.model, max_queue=num_images * cfg.view.num_boxes)
+    if world > 1 and cfg.model.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def region_views(cfg: TrainConfig, batch, generator):
+    from d3ssl.augment.stage import region_stage, soco_stage
+    if cfg.model.method == "soco":
+        return soco_stage(batch, generator, cfg.soco_aug)
+    return region_stage(batch, generator, cfg.region)
+
+
+def param_checksum(model) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() + p.double().abs().sum() * 1e-3 for p in model.parameters()))
+
+
+# ----------------------------------------------------------------------------- the main job
+
+def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = None) -> dict:
+    """Runs training (and O-KNN) for `cfg`; returns a summary dict. `explicit` are the command-line
+    overrides, re-applied on top of a resumed run's saved config."""
+    rank, world, local_rank, device = setup_distributed(cfg)
+    master = rank == 0
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+    # --- run folder, resume point, config --------------------------------------------------------
+    run_dir, resume_path = resolve_run_dir(cfg, resume) if master else (None, None)
+    if world > 1:
+        shared = [run_dir, resume_path]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir, resume_path = shared
+    if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
+        # Continue with the run's own config; only what was given on this command line changes it.
+        saved = from_dict(ckpt.load_checkpoint(resume_path)["config"]) if resume_path else \
+            load_json(os.path.join(run_dir, "config.json"))
+        cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
+                                      if k not in ("run.name", "run.out")})
+    if master:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        save_json(cfg, os.path.join(run_dir, "config.json"))
+    dtype = amp_dtype(cfg, device)
+    seed_everything(cfg.run.seed + rank)
+
+    # --- data -------------------------------------------------------------------------------------
+    dataset, store, eval_root = prepare_data(cfg, rank, world)
+    loader = make_data_loader(cfg, dataset, store, rank, world, device)
+    accum = cfg.optim.accum_steps
+    if accum < 1:
+        raise TrainingError(f"optim.accum_steps must be >= 1, got {accum}")
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch < 1:
+        raise TrainingError(f"one epoch gives {len(loader)} batches of {cfg.data.batch_size} per process, "
+                            f"fewer than optim.accum_steps={accum}: lower data.batch_size or accum_steps")
+    total_steps = max(1, math.ceil(cfg.run.epochs * steps_per_epoch))
+    last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    images_per_step = cfg.data.batch_size * accum * world
+    base_lr = cfg.optim.lr_per_256 * images_per_step / 256
+
+    # --- model and optimiser ------------------------------------------------------------------------
+    from d3ssl.model import LARS, lr_schedule, momentum_schedule, param_groups_for_lars
+    model = build_model(cfg, len(dataset), device, world)
+    raw = model  # the method itself: update_teacher, online_backbone, state_dict
+    if world > 1:
+        # Buffers (BN statistics, queue) stay per rank: SyncBN keeps statistics equal and the queue
+        # is filled from all ranks by the method itself.
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    forward = torch.compile(model) if cfg.run.compile else model
+    optimizer = LARS(param_groups_for_lars(raw), lr=base_lr, momentum=cfg.optim.momentum,
+                     weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.trust_coefficient)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator(device=device)
+
+    step, skipped_total = 0, 0
+    if resume_path:
+        state = ckpt.load_checkpoint(resume_path, map_location=device)
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        step, skipped_total = state["step"], state["stats"].get("skipped", 0)
+        if master:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+
+    logger = RunLogger(run_dir, start_step=step) if master else NullLogger()
+    logger.event("resume" if resume_path else "start", step=step, world_size=world, device=str(device),
+                 total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=base_lr)
+
+    def save(at_step):
+        if not master:
+            return
+        state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                 "step": at_step, "epoch": at_step // steps_per_epoch,
+                 "rng": ckpt.rng_state(generator), "config": to_dict(cfg),
+                 "stats": {"skipped": skipped_total}}
+        ckpt.atomic_save(state, ckpt.checkpoint_path(run_dir, at_step))
+        ckpt.prune_checkpoints(run_dir, cfg.run.keep_ckpts)
+
+    # SIGTERM/SIGINT: finish the current step, save, exit. A second SIGINT interrupts at once.
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def batches():
+        """(epoch, batch) forever from `step`; a resumed run skips what its epoch already used."""
+        epoch, skip = divmod(step * accum, steps_per_epoch * accum)
+        while True:
+            loader.set_epoch(epoch)
+            for i, batch in enumerate(loader):
+                if i >= steps_per_epoch * accum:
+                    break
+                if i >= skip:
+                    yield epoch, batch
+            epoch, skip = epoch + 1, 0
+
+    data = batches()
+    bar = None
+    if master and cfg.run.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=last_step, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    view_dtype = dtype if device.type == "cuda" and dtype is not None else torch.float32
+    bad_in_a_row, t_last, checked_layout = 0, time.perf_counter(), False
+    model.train()
+
+    # --- the loop ------------------------------------------------------------------------------------
+    while step < last_step and stop["signal"] is None:
+        lr = lr_schedule(step, total_steps, warmup_steps, base_lr, cfg.optim.final_lr,
+                         cfg.optim.warmup_start_factor)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
+        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step.
+        snapshot = [b.detach().clone() for b in raw.buffers()]
+        terms_sum, epoch = {}, 0
+        for micro in range(accum):
+            epoch, batch = next(data)
+            batch = batch.to(device, dtype=view_dtype, non_blocking=True)
+            generator.manual_seed(step_seed(cfg.run.seed, rank, step, micro))
+            views = region_views(cfg, batch, generator)
+            if not checked_layout and cfg.run.channels_last:
+                check_channels_last(views)
+                checked_layout = True
+            sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
+            with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = forward(views)
+                loss = out["loss"] / accum
+            scaler.scale(loss).backward()
+            for k, v in out.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / accum
+        # One all-reduce: the mean loss (NaN anywhere -> NaN everywhere) and whether any rank was
+        # signalled, so that all ranks skip or stop at the same step.
+        flags = torch.stack([terms_sum["loss"], torch.tensor(float(stop["signal"] is not None),
+                                                             device=device)])
+        if world > 1:
+            dist.all_reduce(flags)
+            flags[0] /= world
+        loss_value, any_stop = float(flags[0]), bool(flags[1] > 0)
+        if any_stop and stop["signal"] is None:
+            stop["signal"] = "SIGTERM (another rank)"
+        if not math.isfinite(loss_value):
+            # Skip: no optimiser step, no EMA, and the queue / BN statistics restored.
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, s in zip(raw.buffers(), snapshot):
+                    b.copy_(s)
+            if scaler.is_enabled():
+                scaler.update()
+            bad_in_a_row += 1
+            skipped_total += 1
+            logger.event("nonfinite", step=step, loss=loss_value, in_a_row=bad_in_a_row)
+            if bad_in_a_row >= cfg.run.max_bad_steps:
+                logger.close()
+                raise TrainingError(
+                    f"stopped at step {step}: {bad_in_a_row} non-finite losses in a row (limit "
+                    f"run.max_bad_steps={cfg.run.max_bad_steps}; {skipped_total} skipped in all). The "
+                    f"training diverged: lower optim.lr_per_256 or lengthen optim.warmup_epochs, then "
+                    f"resume from the newest checkpoint in {run_dir}/checkpoints.")
+            step += 1
+            continue
+        bad_in_a_row = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        raw.update_teacher(momentum)
+        step += 1
+
+        # --- bookkeeping ---
+        if bar is not None:
+            now = time.perf_counter()
+            ips = images_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.3g}")
+            bar.update(1)
+        if step % cfg.run.log_every == 0 or step == last_step:
+            rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
+                   "skipped": skipped_total}
+            for k, v in terms_sum.items():
+                if k != "loss":
+                    rec[k] = float(v)
+            if bar is not None:
+                rec["images_per_s"] = ips
+            logger.log(rec)
+        if step % cfg.run.ckpt_every == 0 and step < last_step:
+            save(step)
+
+    if bar is not None:
+        bar.close()
+    for s, h in previous.items():
+        signal.signal(s, h)
+    save(step)
+    summary = {"run_dir": run_dir, "step": step, "skipped": skipped_total}
+    if stop["signal"] is not None:
+        logger.event("stop", step=step, signal=stop["signal"])
+        logger.close()
+        if master:
+            print(f"\n{stop['signal']}: saved step {step} in {run_dir}; continue with "
+                  f"`python -m train.run --resume {run_dir}`", flush=True)
+        summary["stopped"] = stop["signal"]
+        finish_distributed(world)
+        return summary
+
+    if cfg.run.debug_checksum:
+        with open(os.path.join(run_dir, f"checksum.rank{rank}"), "w") as f:
+            f.write(repr(param_checksum(raw)))
+        if world > 1:
+            dist.barrier()
+
+    # --- end of training: plot, O-KNN of trained vs random init --------------------------------------
+    if master:
+        plot_loss_lr(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "loss_lr.png"))
+        if cfg.run.oknn and eval_root is not None:
+            summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
+                                                         step, run_dir)
+        elif cfg.run.oknn:
+            print("O-KNN skipped: the dataset has no COCO ground truth (annotations/instances_val.json)")
+    logger.close()
+    finish_distributed(world)
+    return summary
+
+
+def check_channels_last(views):
+    """Warns once if a student/teacher view reaches the model in another layout (a hidden copy)."""
+    for name, t in vars(views).items() if hasattr(views, "__dict__") else []:
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 \
+                and not t.is_contiguous(memory_format=torch.channels_last):
+            print(f"warning: region view {name} is not channels_last; the model will copy it",
+                  file=sys.stderr)
+
+
+def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, step, run_dir):
+    import json
+
+    from d3ssl.eval.oknn import evaluate_oknn
+    kwargs = dict(k=cfg.run.oknn_k, max_per_image=cfg.run.oknn_max_per_image, device=device)
+    print("O-KNN: trained network ...", flush=True)
+    trained = evaluate_oknn(raw.online_backbone, eval_root, **kwargs)
+    print("O-KNN: same network at random initialisation (same seed) ...", flush=True)
+    random_model = build_model(cfg, num_images, device, world=1)
+    random_init = evaluate_oknn(random_model.online_backbone, eval_root, **kwargs)
+    del random_model
+    result = {"trained": trained, "random_init": random_init,
+              "diff_top1": trained["top1"] - random_init["top1"],
+              "diff_top5": trained["top5"] - random_init["top5"]}
+    print(f"O-KNN top-1: trained {trained['top1']:.2f}  random init {random_init['top1']:.2f}  "
+          f"difference {result['diff_top1']:+.2f}")
+    print(f"O-KNN top-5: trained {trained['top5']:.2f}  random init {random_init['top5']:.2f}  "
+          f"difference {result['diff_top5']:+.2f}")
+    logger.event("oknn", step=step, trained_top1=trained["top1"], trained_top5=trained["top5"],
+                 random_top1=random_init["top1"], random_top5=random_init["top5"])
+    with open(os.path.join(run_dir, "oknn.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def finish_distributed(world):
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    try:
+        preset, overrides, resume = parse_args(argv)
+        cfg = make_config(preset or "default", overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    # What this command line asks for explicitly; a resumed run applies only these to its saved config.
+    explicit = {**(PRESETS[preset] if preset else {}), **overrides}
+    t0 = time.time()
+    try:
+        summary = train(cfg, resume=resume, explicit=explicit)
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {summary['step']} steps in {time.time() - t0:.0f} s; run folder {summary['run_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
