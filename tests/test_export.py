@@ -65,7 +65,7 @@ def test_torchvision_round_trip(arch, tmp_path):
     missing, unexpected = target.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     target.eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(trunk(target, x), trunk(ours, x), rtol=0, atol=0)
 
 
@@ -107,3 +107,58 @@ def test_other_architecture_is_rejected(tmp_path):
         export.torchvision_state_dict(r18, "vgg16")
     with pytest.raises(ValueError, match="not a Detectron2 ResNet key"):
         export.detectron2_to_torchvision({"backbone.fpn.weight": torch.zeros(1)})
+
+
+# --- from training checkpoints (the trainer's format) -----------------------------------------------------
+
+def write_checkpoint(path, arch="resnet18", method="d3ssl"):
+    import dataclasses
+    from d3ssl.model import ModelConfig, build_method
+    cfg = ModelConfig(method=method, arch=arch, queue_size=64, proj_hidden=32, pred_hidden=32, proj_dim=16)
+    model = build_method(cfg)
+    for m in model.online_backbone.modules():  # BN statistics as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save({"model": model.state_dict(), "config": {"model": dataclasses.asdict(cfg)}}, path)
+    return model.online_backbone.eval()
+
+
+def test_cli_torchvision_from_checkpoint(tmp_path):
+    backbone = write_checkpoint(str(tmp_path / "ckpt.pt"))
+    out = str(tmp_path / "r18.pth")
+    assert export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--format", "torchvision", "--out", out]) == 0
+    target = torchvision.models.resnet18()
+    missing, unexpected = target.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(target.eval(), x), backbone.c5(x), rtol=0, atol=0)
+
+
+def test_resnet_c4_to_detectron2(tmp_path):
+    from d3ssl.model import ResNetC4
+    ours = ResNetC4("resnet50").eval()
+    saved = export.export(ours, "detectron2", str(tmp_path / "c4.pkl"), "resnet50")
+    assert set(saved) == set(detectron2_resnet_layout(50))
+    torch.testing.assert_close(saved["res5.2.conv3.weight"], ours.res5[2].conv3.weight, rtol=0, atol=0)
+    torch.testing.assert_close(saved["res4.0.shortcut.norm.running_var"], ours.trunk[6][0].downsample[1].running_var,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(saved["stem.conv1.weight"], ours.trunk[0].weight, rtol=0, atol=0)
+
+
+def test_cli_errors(tmp_path, capsys):
+    ckpt = str(tmp_path / "ckpt.pt")
+    out = str(tmp_path / "x.pkl")
+    assert export.main(["--ckpt", str(tmp_path / "missing.pt"), "--format", "torchvision", "--out", out]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    write_checkpoint(ckpt, "resnet18")
+    assert export.main(["--ckpt", ckpt, "--format", "detectron2", "--out", out]) == 2
+    assert "resnet50 backbone" in capsys.readouterr().err
+    assert export.main(["--ckpt", ckpt, "--arch", "resnet50", "--format", "torchvision", "--out", out]) == 2
+    assert "does not hold a resnet50 backbone" in capsys.readouterr().err
+    torch.save({"weights": {}}, str(tmp_path / "other.pt"))
+    assert export.main(["--ckpt", str(tmp_path / "other.pt"), "--format", "torchvision", "--out", out]) == 2
+    assert "not a d3ssl training checkpoint" in capsys.readouterr().err
+    import os
+    assert not os.path.exists(out)

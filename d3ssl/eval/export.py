@@ -56,13 +56,19 @@ def torchvision_state_dict(backbone: nn.Module | dict, arch: str = "resnet50") -
     """The backbone's weights under torchvision's ``arch`` names, ``fc`` excluded, on the CPU.
 
     Args:
-        backbone: the online backbone (torchvision layout) or its state_dict.
+        backbone: the online backbone (a ResNetC4 or a torchvision ResNet), or a state_dict with
+            torchvision's names.
         arch: ``resnet50`` or ``resnet18``.
     Raises:
         ValueError: when a key of torchvision's ``arch`` (other than ``fc``) is missing from the backbone
             or has another shape — a checkpoint of another architecture.
     """
-    state = backbone.state_dict() if isinstance(backbone, nn.Module) else backbone
+    if isinstance(backbone, nn.Module):
+        from .probe import resnet_modules
+        state = {f"{name}.{k}": v for name, module in resnet_modules(backbone).items()
+                 for k, v in module.state_dict().items()}
+    else:
+        state = backbone
     expected = _reference_keys(arch)
     missing = [k for k in expected if k not in state]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {shape})" for k, shape in expected.items()
@@ -164,16 +170,33 @@ def export(backbone: nn.Module | dict, fmt: str, path: str, arch: str = "resnet5
     return d2
 
 
+def load_backbone(ckpt: str, arch: str | None = None) -> tuple[nn.Module, str]:
+    """(online backbone, arch) of a training checkpoint (file or run folder), on the CPU.
+
+    ``arch`` (optional) is checked against the checkpoint: weights of another architecture give a
+    ``ValueError`` that says which, instead of a wall of shape mismatches.
+    """
+    from .oknn import load_backbone as _load
+    try:
+        backbone, found, _ = _load(ckpt, arch)
+    except RuntimeError as e:  # load_state_dict: missing keys / shape mismatch
+        first = str(e).strip().splitlines()
+        raise ValueError(f"--ckpt {ckpt!r} does not hold a {arch} backbone ({first[1].strip() if len(first) > 1 else first[0]}"
+                         f"...); leave --arch out to use the checkpoint's own architecture") from None
+    return backbone, found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d3ssl.eval.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint (train.run's format)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--out", required=True, help="output file (.pth for torchvision, .pkl for detectron2)")
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="expected backbone (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    from .checkpoints import load_backbone
     try:
-        backbone, arch = load_backbone(args.ckpt)
+        backbone, arch = load_backbone(args.ckpt, args.arch)
         state = export(backbone, args.fmt, args.out, arch)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,16 +26,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _STEM = ("conv1", "bn1", "relu", "maxpool")
 
 
-def check_resnet_layout(backbone: nn.Module) -> None:
-    """Raise ``TypeError`` unless ``backbone`` has torchvision's ResNet attributes.
+def resnet_modules(backbone: nn.Module) -> dict[str, nn.Module]:
+    """The backbone's modules under torchvision's ResNet names: conv1, bn1, relu, maxpool, layer1..layer4.
 
-    Needed: conv1, bn1, relu, maxpool, layer1..layer4 (ResNet-C4 keeps this layout, with layer4 as res5).
+    Accepts a torchvision ResNet (or anything with those attributes) and :class:`d3ssl.model.ResNetC4`
+    (``trunk`` = conv1, bn1, relu, maxpool, layer1..3; ``res5`` = layer4). Raises ``TypeError`` otherwise.
     """
-    missing = [name for name in _STEM + LAYERS[1:] if not hasattr(backbone, name)]
-    if missing:
-        raise TypeError(
-            f"backbone: expected a ResNet in torchvision's layout (attributes conv1, bn1, relu, maxpool, "
-            f"layer1..layer4), got {type(backbone).__name__} without {', '.join(missing)}")
+    names = _STEM + LAYERS[1:]
+    if all(hasattr(backbone, name) for name in names):
+        return {name: getattr(backbone, name) for name in names}
+    trunk, res5 = getattr(backbone, "trunk", None), getattr(backbone, "res5", None)
+    if isinstance(trunk, nn.Sequential) and len(trunk) == 7 and isinstance(res5, nn.Module):
+        return dict(zip(names, list(trunk) + [res5]))
+    raise TypeError(
+        f"backbone: expected a ResNet in torchvision's layout (conv1, bn1, relu, maxpool, layer1..layer4) "
+        f"or a ResNetC4 (trunk, res5), got {type(backbone).__name__}")
 
 
 def layer_features(backbone: nn.Module, images: torch.Tensor,
@@ -46,24 +51,24 @@ def layer_features(backbone: nn.Module, images: torch.Tensor,
     layer4 (res5) is applied to the whole map here, not to RoIs: its convolutions are the same ones.
 
     Args:
-        backbone: ResNet in torchvision's layout (see :func:`check_resnet_layout`).
+        backbone: a ResNet (see :func:`resnet_modules`).
         images: float [N,3,H,W], normalised with ImageNet mean/std.
         layers: subset of :data:`LAYERS`.
     Returns:
         name → float [N,C_l,H_l,W_l] for each requested layer.
     """
-    check_resnet_layout(backbone)
+    m = resnet_modules(backbone)
     unknown = [name for name in layers if name not in LAYERS]
     if unknown:
         raise ValueError(f"layers: expected names from {LAYERS}, got {unknown}")
     deepest = max(LAYERS.index(name) for name in layers)
     out = {}
-    x = backbone.relu(backbone.bn1(backbone.conv1(images)))
+    x = m["relu"](m["bn1"](m["conv1"](images)))
     if "conv1" in layers:
         out["conv1"] = x
-    x = backbone.maxpool(x)
+    x = m["maxpool"](x)
     for name in LAYERS[1:deepest + 1]:
-        x = getattr(backbone, name)(x)
+        x = m[name](x)
         if name in layers:
             out[name] = x
     return out
