@@ -276,9 +276,47 @@ def test_background_index_is_deterministic_and_never_self():
         disturbed.background_index(1)
 
 
-def test_background_replacer_hook():
-    images = [np.full((10, 10, 3), i, np.uint8) for i in range(4)]
-    hook = disturbed.BackgroundReplacer(lambda i: images[i], 4, seed=0)
-    out = hook(2, images[2], np.array([[0, 0, 3, 3]]))
+def test_background_replacer_hook(tmp_path):
+    import cv2
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        cv2.imwrite(paths[-1], np.full((10, 10, 3), 10 * i, np.uint8))
+    records = [(p, None, None, None) for p in paths]
+    hook = disturbed.BackgroundReplacer(seed=0)
+    out = hook(records, 2, np.full((10, 10, 3), 20, np.uint8), np.array([[0, 0, 3, 3]]))
     partner = disturbed.background_index(4, 0)[2]
-    assert (out[:3, :3] == 2).all() and (out[5:, 5:] == partner).all() and partner != 2
+    assert (out[:3, :3] == 20).all() and (out[5:, 5:] == 10 * partner).all() and partner != 2
+
+
+def test_oknn_images_through_hook(synthetic_root):
+    """The hook sees each image with its selected boxes; ObjectImages then resizes what it returns."""
+    from d3ssl.eval import oknn
+    records = oknn.load_objects(synthetic_root, "val", max_objects_per_image=2)
+    seen = []
+
+    def hook(recs, i, image, boxes):
+        seen.append((i, image.shape, boxes.copy()))
+        return np.zeros_like(image)
+
+    plain = oknn.ObjectImages(records, 64)
+    hooked = oknn.ObjectImages(records, 64, image_hook=hook)
+    image, boxes, _ = hooked[1]
+    assert seen[0][0] == 1 and seen[0][1][:2] == (records[1][3][1], records[1][3][0])
+    np.testing.assert_array_equal(seen[0][2], records[1][1])
+    black = (0 - MEAN) / STD
+    np.testing.assert_allclose(image.numpy(), np.broadcast_to(black[:, None, None], (3, 64, 64)), rtol=1e-5)
+    torch.testing.assert_close(boxes, plain[1][1])
+
+
+def test_disturbed_oknn_runs_and_differs(synthetic_root):
+    from d3ssl.eval import oknn
+    from d3ssl.model import ResNetC4
+    backbone = ResNetC4("resnet18")
+    kw = dict(max_objects_per_image=2, image_size=64, batch_size=8, k=5)
+    clean_x, _ = oknn.extract_object_features(backbone, synthetic_root, "val", 2, 64)
+    dist_x, labels = oknn.extract_object_features(backbone, synthetic_root, "val", 2, 64,
+                                                  image_hook=disturbed.BackgroundReplacer(0))
+    assert clean_x.shape == dist_x.shape and not torch.allclose(clean_x, dist_x)
+    res = disturbed.evaluate_disturbed_oknn(backbone, synthetic_root, seed=0, **kw)
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["num_queries"] > 0

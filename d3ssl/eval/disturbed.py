@@ -55,17 +55,33 @@ def background_index(num_images: int, seed: int = 0) -> np.ndarray:
 
 
 class BackgroundReplacer:
-    """O-KNN image hook: ``hook(index, image, boxes) -> image`` with the background replaced.
+    """O-KNN image hook (``ObjectImages``' ``image_hook``) that replaces each image's background.
 
-    Args:
-        read_image: index → uint8 RGB [H,W,3] of an image of the split being extracted.
-        num_images: number of images in the split.
-        seed: choice of the background images.
+    ``hook(records, i, image, boxes)``: ``records`` are O-KNN's per-image records (path first),
+    ``boxes`` the selected ground-truth boxes of image i in its pixels. The background comes from
+    record ``background_index(len(records), seed)[i]``. Picklable, so loader workers can use it.
     """
 
-    def __init__(self, read_image, num_images: int, seed: int = 0):
-        self.read_image = read_image
-        self.partner = background_index(num_images, seed)
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._partner: np.ndarray | None = None
 
-    def __call__(self, index: int, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        return replace_background(image, boxes, self.read_image(int(self.partner[index])))
+    def __call__(self, records, index: int, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if self._partner is None or len(self._partner) != len(records):
+            self._partner = background_index(len(records), self.seed)
+        from .probe import read_rgb
+        return replace_background(image, boxes, read_rgb(records[int(self._partner[index])][0]))
+
+
+def evaluate_disturbed_oknn(backbone, data_root: str, seed: int = 0, **oknn_kwargs) -> dict:
+    """Disturbed O-KNN: :func:`~d3ssl.eval.oknn.evaluate_oknn` with every image's background (all
+    pixels outside its selected boxes) replaced by another image of its split, bank and queries alike.
+
+    Args:
+        backbone, data_root, **oknn_kwargs: as for ``evaluate_oknn``.
+        seed: choice of the background images.
+    Returns:
+        {"top1", "top5" (percent), "bank_size", "num_queries"}.
+    """
+    from .oknn import evaluate_oknn
+    return evaluate_oknn(backbone, data_root, image_hook=BackgroundReplacer(seed), **oknn_kwargs)
