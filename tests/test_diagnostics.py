@@ -320,3 +320,51 @@ def test_disturbed_oknn_runs_and_differs(synthetic_root):
     assert clean_x.shape == dist_x.shape and not torch.allclose(clean_x, dist_x)
     res = disturbed.evaluate_disturbed_oknn(backbone, synthetic_root, seed=0, **kw)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and res["num_queries"] > 0
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def _write_checkpoint(path, arch="resnet18"):
+    import dataclasses
+    from d3ssl.model import ModelConfig, build_method
+    cfg = ModelConfig(method="soco", arch=arch, proj_hidden=32, pred_hidden=32, proj_dim=16)
+    torch.save({"model": build_method(cfg).state_dict(), "config": {"model": dataclasses.asdict(cfg)}}, path)
+
+
+def test_report_on_tiny_dataset(tmp_path, synthetic_root):
+    from d3ssl.eval import report
+    run = tmp_path / "runs" / "tiny" / "checkpoints"
+    os.makedirs(run)
+    _write_checkpoint(str(run / "step_00000002.pt"))
+    out = tmp_path / "report"
+    results = report.main(["--ckpt", str(tmp_path / "runs" / "tiny"), "--data", synthetic_root, "--out", str(out),
+                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--object-size", "24",
+                           "--tile-size", "32", "--k", "5", "--max-train-images", "4", "--no-progress"])
+    assert list(results) == ["tiny", "random-init"]
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny ") or line.startswith("| random-init ")]
+    assert len(rows) == 6  # one row per network in each of the three tables
+    assert all(len(r.strip("|").split("|")) in (6, 1 + len(probe.LAYERS)) for r in rows)
+    for png in ("cr.png", "mcs.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    saved = json.loads((out / "results.json").read_text())["results"]
+    for name in ("tiny", "random-init"):
+        assert saved[name]["arch"] == "resnet18"
+        assert set(saved[name]["cr"]) == set(probe.LAYERS) and saved[name]["mcs"]["layer4"]["n"] == 3
+        assert 0 <= saved[name]["disturbed_oknn"]["top1"] <= 100
+
+
+def test_report_errors(tmp_path, synthetic_root):
+    from d3ssl.eval import report
+    base = ["--out", str(tmp_path / "o"), "--no-progress"]
+    with pytest.raises(SystemExit, match="missing.pt"):
+        report.main(["--ckpt", str(tmp_path / "missing.pt"), "--data", synthetic_root] + base)
+    os.makedirs(tmp_path / "noann" / "val")
+    with pytest.raises(SystemExit, match="instances_val.json"):
+        report.main(["--data", str(tmp_path / "noann"), "--arch", "resnet18"] + base)
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        report.main(["--data", synthetic_root, "--no-random"] + base)
+    torch.save({"state_dict": {}}, str(tmp_path / "foreign.pt"))
+    with pytest.raises(SystemExit, match="not a d3ssl training checkpoint"):
+        report.main(["--ckpt", str(tmp_path / "foreign.pt"), "--data", synthetic_root] + base)
