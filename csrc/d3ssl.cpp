@@ -31,9 +31,9 @@ TORCH_LIBRARY(d3ssl, m) {
   // covered by a rect when its centre (x+0.5, y+0.5) lies in [x1,x2) x [y1,y2). Pixels that end up
   // erased take `fill`. rects: float32 [R,4] (x1,y1,x2,y2) pixels; erase: bool [R]; offsets: int64 [B+1].
   m.def("region_erase(Tensor images, Tensor rects, Tensor erase, Tensor offsets, float fill) -> Tensor");
-  m.def(
-      "region_erase_(Tensor(a!) images, Tensor rects, Tensor erase, Tensor offsets, float fill) "
-      "-> Tensor(a!)");
+  // In-place variant. It returns nothing (the Python wrapper returns `images`): torch can only
+  // functionalise (torch.compile, opcheck) custom mutating ops whose outputs carry no alias.
+  m.def("region_erase_(Tensor(a!) images, Tensor rects, Tensor erase, Tensor offsets, float fill) -> ()");
 
   // De-positioning composite: out[i] = fg[i] shifted by shift[i] where the mask is set, else
   // bg[bg_index[i]]. The mask of image i starts empty and replays rects[offsets[i]:offsets[i+1]] in

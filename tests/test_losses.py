@@ -35,7 +35,8 @@ def _unit(n, d, g):
 def test_info_nce_matches_eq5(tau):
     g = torch.Generator().manual_seed(1)
     n, d, m = 7, 16, 11
-    z, zp = torch.randn(n, d, generator=g) * 3, torch.randn(n, d, generator=g)  # z not unit: normalised inside
+    # z is not unit length: the module normalises it
+    z, zp = torch.randn(n, d, generator=g) * 3, torch.randn(n, d, generator=g)
     queue = _unit(m, d, g).float()
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
     got = RegionInfoNCE(tau)(z, zp, queue, valid)

@@ -82,6 +82,35 @@ inline void check_ops(const at::Tensor& images, const at::Tensor& rects, const a
   }
 }
 
+// Shapes, dtypes and devices of composite's arguments (values are checked by each backend).
+inline void check_composite(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                            const at::Tensor& shift, const at::Tensor& rects,
+                            const at::Tensor& erase, const at::Tensor& offsets) {
+  region::check_images(fg, "fg");
+  region::check_images(bg, "bg");
+  TORCH_CHECK(bg.scalar_type() == fg.scalar_type(), "bg must have fg's dtype ", fg.scalar_type(),
+              ", got ", bg.scalar_type());
+  TORCH_CHECK(bg.device() == fg.device(), "bg must be on fg's device ", fg.device(), ", got ",
+              bg.device());
+  TORCH_CHECK(bg.size(1) == fg.size(1) && bg.size(2) == fg.size(2) && bg.size(3) == fg.size(3),
+              "bg must be [N,C,H,W] with fg's C,H,W = ", fg.sizes().slice(1), ", got shape ",
+              bg.sizes());
+  const int64_t B = fg.size(0);
+  TORCH_CHECK(bg_index.dim() == 1 && bg_index.size(0) == B,
+              "bg_index must be [B] with B = fg.size(0) = ", B, ", got shape ", bg_index.sizes());
+  TORCH_CHECK(bg_index.scalar_type() == at::kLong, "bg_index must be int64, got ",
+              bg_index.scalar_type());
+  TORCH_CHECK(shift.dim() == 2 && shift.size(0) == B && shift.size(1) == 2,
+              "shift must be [B,2] (dx, dy pixels) with B = fg.size(0) = ", B, ", got shape ",
+              shift.sizes());
+  TORCH_CHECK(shift.scalar_type() == at::kLong, "shift must be int64, got ", shift.scalar_type());
+  for (const auto* p : {&bg_index, &shift}) {
+    TORCH_CHECK(p->device() == fg.device(), "bg_index and shift must be on fg's device ",
+                fg.device(), ", got ", p->device());
+  }
+  check_ops(fg, rects, erase, offsets, "fg");
+}
+
 // Values of offsets (host memory only): 0 = offsets[0] <= ... <= offsets[B] = R.
 inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_rects) {
   TORCH_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);
@@ -93,14 +122,7 @@ inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_
               ", got ", off[batch]);
 }
 
-// Unsigned word with the size of one element.
-template <int kBytes> struct Word;
-template <> struct Word<1> { using type = uint8_t; };
-template <> struct Word<2> { using type = uint16_t; };
-template <> struct Word<4> { using type = uint32_t; };
-template <> struct Word<8> { using type = uint64_t; };
-
-// Runs body.template operator()<word_t>() for the element size of `t`.
+// Runs the lambda with word_t = the unsigned integer type of the element size of `t`.
 #define D3SSL_DISPATCH_WORD(t, NAME, ...)                                                      \
   [&] {                                                                                        \
     switch ((t).element_size()) {                                                              \
@@ -156,6 +178,71 @@ inline void replay_ops(const float* rects, const bool* erase, int64_t r0, int64_
     }
   }
 }
+
+#ifdef __CUDACC__
+// --- device side, shared by the CUDA kernels ---
+//
+// A block covers kThreads * kPerThread consecutive elements of one image (blockIdx.y). The image's
+// ops are staged through shared memory in chunks of kThreads as pixel spans, and every element
+// keeps its state in a register while the chunks stream by: the last op covering it wins.
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;
+
+struct TileState {
+  int x[kPerThread];
+  int y[kPerThread];
+  unsigned char hole[kPerThread];  // 1 = erased (region_erase) / background shows (composite)
+};
+
+// Pixel of element e of an image (e < C*H*W): NCHW e = (c*H + y)*W + x, NHWC e = (y*W + x)*C + c.
+__device__ inline void element_pixel(int e, bool nhwc, int C, int H, int W, int& x, int& y) {
+  const int pixel = nhwc ? e / C : e % (H * W);
+  y = pixel / W;
+  x = pixel - y * W;
+}
+
+// Replays ops [r0, r1) of the block's image onto the tile; spans are clipped to the window
+// [x_lo,x_hi) x [y_lo,y_hi). Must be reached by every thread of the block (it synchronises).
+__device__ inline void replay_tile(TileState& s, const float* __restrict__ rects,
+                                   const bool* __restrict__ erase, int64_t r0, int64_t r1, int H,
+                                   int W, int x_lo, int x_hi, int y_lo, int y_hi) {
+  __shared__ int4 span[kThreads];
+  __shared__ unsigned char flag[kThreads];
+  for (int64_t c0 = r0; c0 < r1; c0 += kThreads) {
+    const int n = static_cast<int>(r1 - c0 < kThreads ? r1 - c0 : kThreads);
+    __syncthreads();  // the previous chunk is no longer read
+    if (threadIdx.x < n) {
+      const float* q = rects + 4 * (c0 + threadIdx.x);
+      int64_t xa, xb, ya, yb;
+      pixel_span(q[0], q[2], W, xa, xb);
+      pixel_span(q[1], q[3], H, ya, yb);
+      span[threadIdx.x] = make_int4(max(static_cast<int>(xa), x_lo), min(static_cast<int>(xb), x_hi),
+                                    max(static_cast<int>(ya), y_lo), min(static_cast<int>(yb), y_hi));
+      flag[threadIdx.x] = erase[c0 + threadIdx.x] ? 1 : 0;
+    }
+    __syncthreads();
+    for (int r = 0; r < n; ++r) {
+      const int4 p = span[r];
+      const unsigned char f = flag[r];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        if (s.x[i] >= p.x && s.x[i] < p.y && s.y[i] >= p.z && s.y[i] < p.w) s.hole[i] = f;
+      }
+    }
+  }
+}
+
+// Reads offsets[b], offsets[b+1]; bad values (only possible from a caller bypassing the checks
+// of the samplers) trip a device assertion, as torch's own indexing kernels do.
+__device__ inline void op_range(const int64_t* __restrict__ offsets, int b, int64_t num_rects,
+                                int64_t& r0, int64_t& r1) {
+  r0 = offsets[b];
+  r1 = offsets[b + 1];
+  CUDA_KERNEL_ASSERT(r0 >= 0 && r0 <= r1 && r1 <= num_rects && "region op offsets out of range");
+  r0 = r0 < 0 ? 0 : (r0 > num_rects ? num_rects : r0);
+  r1 = r1 < r0 ? r0 : (r1 > num_rects ? num_rects : r1);
+}
+#endif  // __CUDACC__
 
 }  // namespace region
 }  // namespace d3ssl

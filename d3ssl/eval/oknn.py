@@ -88,7 +88,8 @@ def load_objects(data_root: str, split: str, max_objects_per_image: int | None =
             remaining, anns = anns, []
             while remaining and len(anns) < max_objects_per_image:
                 # counts change with every pick, so choose one at a time
-                a = min(remaining, key=lambda b: (counts[b["category_id"]], -b["bbox"][2] * b["bbox"][3], b["id"]))
+                a = min(remaining, key=lambda b: (counts[b["category_id"]],
+                                                  -b["bbox"][2] * b["bbox"][3], b["id"]))
                 remaining.remove(a)
                 anns.append(a)
                 counts[a["category_id"]] += 1
@@ -149,7 +150,8 @@ def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -
     c5 = backbone.c5(images)
     rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], 1)
                       for i, b in enumerate(boxes)])
-    regions = ops.roi_align(c5, rois.to(c5.dtype), ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
+    rois = rois.to(torch.float64 if c5.dtype == torch.float64 else torch.float32)
+    regions = ops.roi_align(c5, rois, ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
                             sampling_ratio=-1, aligned=True)
     return F.normalize(regions.float().mean(dim=(2, 3)), dim=1)
 
@@ -204,7 +206,8 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
         k: neighbours (min(k, N) used). temperature: T of the vote weight exp(sim / T).
     Returns:
         {"top1", "top5"} accuracy in percent: a query is right at top-n when its label is among
-        the n classes with the largest summed weight over its k nearest bank features.
+        the n classes with the largest summed weight over its k nearest bank features (classes
+        without a vote never count, even when fewer than n classes got one).
     """
     if bank_feats.dim() != 2 or query_feats.dim() != 2 or bank_feats.shape[1] != query_feats.shape[1]:
         raise ValueError(f"bank_feats [N,D] and query_feats [M,D] must share D, got "
@@ -216,8 +219,8 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
     if k <= 0 or not temperature > 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     classes = torch.unique(torch.cat([bank_labels, query_labels]))
-    bank_y = torch.searchsorted(classes, bank_labels)
-    query_y = torch.searchsorted(classes, query_labels)
+    bank_y = torch.searchsorted(classes, bank_labels.contiguous())
+    query_y = torch.searchsorted(classes, query_labels.contiguous())
     k = min(k, len(bank_feats))
     bank = bank_feats.float()
     correct1 = correct5 = 0
@@ -228,8 +231,9 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
         votes.scatter_add_(1, bank_y[idx], (sim.double() / temperature).exp())
         ranked = votes.argsort(dim=1, descending=True, stable=True)
         y = query_y[start:start + chunk_size].unsqueeze(1)
-        correct1 += (ranked[:, :1] == y).any(dim=1).sum().item()
-        correct5 += (ranked[:, :5] == y).any(dim=1).sum().item()
+        voted = votes.gather(1, y)[:, 0] > 0     # a class no neighbour voted for is never a guess
+        correct1 += ((ranked[:, :1] == y).any(dim=1) & voted).sum().item()
+        correct5 += ((ranked[:, :5] == y).any(dim=1) & voted).sum().item()
     n = len(query_feats)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
 

@@ -76,8 +76,9 @@ class ResNetC4(nn.Module):
         Returns:
             [R,C5] region features.
         """
-        # roi_align needs the rois in the feature dtype (bf16/fp16 under autocast).
-        regions = ops.roi_align(c4, rois.to(c4.dtype), output_size, spatial_scale=1.0 / C4_STRIDE,
+        # Boxes stay float32 under autocast: bf16 coordinates would be off by up to a pixel.
+        rois = rois.to(torch.float64 if c4.dtype == torch.float64 else torch.float32)
+        regions = ops.roi_align(c4, rois, output_size, spatial_scale=1.0 / C4_STRIDE,
                                 sampling_ratio=-1, aligned=True)
         return self.res5(regions).mean(dim=(2, 3))
 

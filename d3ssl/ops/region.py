@@ -54,7 +54,8 @@ def region_erase(images, rects, erase, offsets=None, fill=0.0):
 def region_erase_(images, rects, erase, offsets=None, fill=0.0):
     """In-place :func:`region_erase`: writes `fill` into the erased pixels of `images`, returns it."""
     rects, erase, offsets = ops_to_csr(rects, erase, offsets)
-    return torch.ops.d3ssl.region_erase_(images, rects, erase, offsets, float(fill))
+    torch.ops.d3ssl.region_erase_(images, rects, erase, offsets, float(fill))
+    return images
 
 
 def composite(fg, bg, bg_index, shift, rects, erase, offsets=None):
@@ -87,7 +88,7 @@ def _region_erase_fake(images, rects, erase, offsets, fill):
 
 @torch.library.register_fake("d3ssl::region_erase_")
 def _region_erase_inplace_fake(images, rects, erase, offsets, fill):
-    return images
+    return None
 
 
 @torch.library.register_fake("d3ssl::composite")

@@ -66,29 +66,8 @@ void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int6
 at::Tensor composite_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
                          const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
                          const at::Tensor& offsets) {
-  region::check_images(fg, "fg");
-  region::check_images(bg, "bg");
-  TORCH_CHECK(bg.scalar_type() == fg.scalar_type(), "bg must have fg's dtype ", fg.scalar_type(),
-              ", got ", bg.scalar_type());
-  TORCH_CHECK(bg.device() == fg.device(), "bg must be on fg's device ", fg.device(), ", got ",
-              bg.device());
-  TORCH_CHECK(bg.size(1) == fg.size(1) && bg.size(2) == fg.size(2) && bg.size(3) == fg.size(3),
-              "bg must be [N,C,H,W] with fg's C,H,W = ", fg.sizes().slice(1), ", got shape ",
-              bg.sizes());
+  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
   const int64_t B = fg.size(0);
-  TORCH_CHECK(bg_index.dim() == 1 && bg_index.size(0) == B,
-              "bg_index must be [B] with B = fg.size(0) = ", B, ", got shape ", bg_index.sizes());
-  TORCH_CHECK(bg_index.scalar_type() == at::kLong, "bg_index must be int64, got ",
-              bg_index.scalar_type());
-  TORCH_CHECK(shift.dim() == 2 && shift.size(0) == B && shift.size(1) == 2,
-              "shift must be [B,2] (dx, dy pixels) with B = fg.size(0) = ", B, ", got shape ",
-              shift.sizes());
-  TORCH_CHECK(shift.scalar_type() == at::kLong, "shift must be int64, got ", shift.scalar_type());
-  for (const auto* p : {&bg_index, &shift}) {
-    TORCH_CHECK(p->device() == fg.device(), "bg_index and shift must be on fg's device ",
-                fg.device(), ", got ", p->device());
-  }
-  region::check_ops(fg, rects, erase, offsets, "fg");
   const auto offsets_c = offsets.contiguous();
   region::check_offsets_values(offsets_c.const_data_ptr<int64_t>(), B, rects.size(0));
   const auto bg_index_c = bg_index.contiguous();

@@ -86,7 +86,7 @@ at::Tensor region_erase_cpu(const at::Tensor& images, const at::Tensor& rects,
   return out;
 }
 
-at::Tensor& region_erase_inplace_cpu(at::Tensor& images, const at::Tensor& rects,
+void region_erase_inplace_cpu(const at::Tensor& images, const at::Tensor& rects,
                                      const at::Tensor& erase, const at::Tensor& offsets,
                                      double fill) {
   check(images, rects, erase, offsets);
@@ -98,7 +98,6 @@ at::Tensor& region_erase_inplace_cpu(at::Tensor& images, const at::Tensor& rects
     region_erase_into(dense, dense, rects, erase, offsets, fill, layout);
     images.copy_(dense);
   }
-  return images;
 }
 
 }  // namespace

@@ -1,0 +1,103 @@
+// composite on CUDA: one pass over the batch. A block covers a tile of one image's elements; the
+// image's ops stream through shared memory (see region.h) onto a mask that starts empty and is
+// clipped to where the shifted foreground exists. Each output element reads either the
+// foreground element its pixel came from or the background element at its own place.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ops/region.h"
+
+namespace d3ssl {
+namespace {
+
+using region::kPerThread;
+using region::kThreads;
+using region::Layout;
+
+template <typename word_t>
+__global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __restrict__ bg,
+                                 word_t* __restrict__ out, const int64_t* __restrict__ bg_index,
+                                 int64_t num_bg, const int64_t* __restrict__ shift, bool nhwc,
+                                 int C, int H, int W, const float* __restrict__ rects,
+                                 const bool* __restrict__ erase,
+                                 const int64_t* __restrict__ offsets, int64_t num_rects) {
+  const int b = blockIdx.y;
+  const int image = C * H * W;
+  const int base = blockIdx.x * kThreads * kPerThread + threadIdx.x;
+  int64_t source = bg_index[b];
+  CUDA_KERNEL_ASSERT(source >= 0 && source < num_bg && "composite: bg_index out of range");
+  source = source < 0 ? 0 : (source >= num_bg ? num_bg - 1 : source);
+  // A shift of a whole image or more leaves no foreground; clamping keeps the sums in int.
+  const int64_t sx = shift[2 * b], sy = shift[2 * b + 1];
+  const int dx = static_cast<int>(sx < -W ? -W : (sx > W ? W : sx));
+  const int dy = static_cast<int>(sy < -H ? -H : (sy > H ? H : sy));
+  // Output pixels whose source (x - dx, y - dy) is inside the image.
+  const int x_lo = min(max(dx, 0), W), x_hi = max(min(W + dx, W), x_lo);
+  const int y_lo = min(max(dy, 0), H), y_hi = max(min(H + dy, H), y_lo);
+
+  region::TileState s;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int e = base + i * kThreads;
+    s.hole[i] = 1;  // the mask starts empty
+    if (e < image) {
+      region::element_pixel(e, nhwc, C, H, W, s.x[i], s.y[i]);
+    } else {
+      s.x[i] = s.y[i] = -1;
+    }
+  }
+  int64_t r0, r1;
+  region::op_range(offsets, b, num_rects, r0, r1);
+  region::replay_tile(s, rects, erase, r0, r1, H, W, x_lo, x_hi, y_lo, y_hi);
+  const int moved = (dy * W + dx) * (nhwc ? C : 1);  // element distance from source to output
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int e = base + i * kThreads;
+    if (e >= image) continue;
+    out[static_cast<int64_t>(b) * image + e] =
+        s.hole[i] ? bg[source * image + e] : fg[static_cast<int64_t>(b) * image + (e - moved)];
+  }
+}
+
+at::Tensor composite_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                          const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                          const at::Tensor& offsets) {
+  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
+  c10::cuda::CUDAGuard guard(fg.device());
+  const Layout layout = region::layout_of(fg);
+  const auto format = region::memory_format(layout);
+  const auto fg_c = fg.contiguous(format);  // copies only for odd strides
+  const auto bg_c = bg.contiguous(format);  // copies when bg's layout differs from fg's
+  auto out = at::empty_like(fg_c, format);
+  const int64_t B = fg.size(0);
+  const int64_t image = fg.size(1) * fg.size(2) * fg.size(3);
+  if (B == 0 || image == 0) return out;
+  TORCH_CHECK(B <= 65535, "composite: at most 65535 images per call on CUDA, got ", B);
+  const auto bg_index_c = bg_index.contiguous();
+  const auto shift_c = shift.contiguous();
+  const auto rects_c = rects.contiguous();
+  const auto erase_c = erase.contiguous();
+  const auto offsets_c = offsets.contiguous();
+  const dim3 grid(static_cast<unsigned>((image + kThreads * kPerThread - 1) / (kThreads * kPerThread)),
+                  static_cast<unsigned>(B));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  D3SSL_DISPATCH_WORD(fg, "composite", [&] {
+    composite_kernel<word_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const word_t*>(fg_c.const_data_ptr()),
+        static_cast<const word_t*>(bg_c.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
+        bg_index_c.const_data_ptr<int64_t>(), bg.size(0), shift_c.const_data_ptr<int64_t>(),
+        layout == Layout::NHWC, static_cast<int>(fg.size(1)), static_cast<int>(fg.size(2)),
+        static_cast<int>(fg.size(3)), rects_c.const_data_ptr<float>(),
+        erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(d3ssl, CUDA, m) { m.impl("composite", &composite_cuda); }
+
+}  // namespace d3ssl

@@ -1,0 +1,180 @@
+"""O-KNN on features whose answer is known, and object features on a tiny COCO-format set."""
+import json
+import math
+from dataclasses import asdict
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
+from d3ssl.eval import oknn
+from d3ssl.model import ModelConfig, ResNetC4, build_method
+
+
+def clustered(n_classes, per_class, d, g, noise=0.05):
+    centres = F.normalize(torch.randn(n_classes, d, generator=g), dim=1)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    x = centres[labels] + noise * torch.randn(len(labels), d, generator=g)
+    return F.normalize(x, dim=1), labels * 7 + 3          # non-contiguous label ids on purpose
+
+
+def ref_knn(bank, bank_y, q, q_y, k, t):
+    """Loop-per-query numpy reference of the weighted vote."""
+    bank, q = bank.double().numpy(), q.double().numpy()
+    top1 = top5 = 0
+    for i in range(len(q)):
+        sim = bank @ q[i]
+        nn_idx = np.argsort(-sim, kind="stable")[:k]
+        votes = {}
+        for j in nn_idx:
+            votes[int(bank_y[j])] = votes.get(int(bank_y[j]), 0.0) + math.exp(sim[j] / t)
+        ranked = sorted(votes, key=lambda c: -votes[c])
+        top1 += ranked[0] == int(q_y[i])
+        top5 += int(q_y[i]) in ranked[:5]
+    return 100 * top1 / len(q), 100 * top5 / len(q)
+
+
+def test_clustered_features_are_all_right():
+    g = torch.Generator().manual_seed(0)
+    x, y = clustered(6, 30, 32, g)
+    bank, bank_y, q, q_y = x[::2], y[::2], x[1::2], y[1::2]
+    assert oknn.o_knn(bank, bank_y, q, q_y) == {"top1": 100.0, "top5": 100.0}
+
+
+def test_random_labels_are_near_chance():
+    g = torch.Generator().manual_seed(1)
+    bank = F.normalize(torch.randn(2000, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(2000, 16, generator=g), dim=1)
+    res = oknn.o_knn(bank, torch.randint(0, 10, (2000,), generator=g), q,
+                     torch.randint(0, 10, (2000,), generator=g))
+    assert 6 < res["top1"] < 14 and 42 < res["top5"] < 58
+
+
+def test_vote_is_weighted_by_exp_sim_over_t():
+    # two class-0 neighbours at cos 0.5 against one class-1 neighbour at cos 0.6:
+    # counts say 0, weights say 1 (exp(0.6/0.07) > 2 exp(0.5/0.07)); with T = 1 the counts win.
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    def at(c, sign):
+        return [c, sign * math.sqrt(1 - c * c), 0.0]
+    bank = torch.tensor([at(0.5, 1), at(0.5, -1), [0.6, 0.0, 0.8], [-1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    assert math.exp(0.6 / 0.07) > 2 * math.exp(0.5 / 0.07)
+    assert oknn.o_knn(bank, labels, q, torch.tensor([1]), k=3)["top1"] == 100.0
+    assert oknn.o_knn(bank, labels, q, torch.tensor([0]), k=3) == {"top1": 0.0, "top5": 100.0}
+    assert oknn.o_knn(bank, labels, q, torch.tensor([0]), k=3, temperature=1.0)["top1"] == 100.0
+    assert oknn.o_knn(bank, labels, q, torch.tensor([2]), k=3)["top5"] == 0.0    # not among the k
+
+
+def test_matches_loop_reference():
+    g = torch.Generator().manual_seed(2)
+    x, y = clustered(8, 25, 8, g, noise=0.6)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    bank, bank_y, q, q_y = x[:150], y[:150], x[150:], y[150:]
+    res = oknn.o_knn(bank, bank_y, q, q_y, k=7, chunk_size=13)
+    want = ref_knn(bank, bank_y, q, q_y, 7, 0.07)
+    assert (res["top1"], res["top5"]) == pytest.approx(want)
+    assert 0 < res["top1"] < 100
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="share D"):
+        oknn.o_knn(torch.randn(3, 4), torch.zeros(3), torch.randn(2, 5), torch.zeros(2))
+
+
+# --------------------------------------------------------------------------- tiny COCO-format set
+def write_coco(root, split, images):
+    """images: list of (w, h, [(category_id, x, y, bw, bh), ...])."""
+    (root / split).mkdir(parents=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    rng = np.random.default_rng(len(split))
+    imgs, anns = [], []
+    for i, (w, h, objs) in enumerate(images):
+        cv2.imwrite(str(root / split / f"{i}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        imgs.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for c, x, y, bw, bh in objs:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": [x, y, bw, bh],
+                         "area": bw * bh, "iscrowd": 0})
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    with open(root / "annotations" / f"instances_{split}.json", "w") as f:
+        json.dump({"images": imgs, "annotations": anns, "categories": cats}, f)
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    write_coco(tmp_path, "train", [
+        (80, 60, [(1, 2, 2, 40, 40), (1, 40, 10, 30, 30), (2, 5, 40, 10, 12)]),
+        (64, 64, [(1, 0, 0, 30, 30), (2, 30, 30, 20, 20), (3, 10, 40, 12, 12)]),
+        (50, 70, [(3, 5, 5, 30, 40)]),
+    ])
+    write_coco(tmp_path, "val", [
+        (60, 60, [(1, 5, 5, 30, 30), (2, 30, 20, 25, 30)]),
+        (70, 50, [(3, 10, 10, 20, 20)]),
+    ])
+    return tmp_path
+
+
+def test_bank_selection_is_class_balanced(tiny_coco):
+    recs = oknn.load_objects(str(tiny_coco), "train", max_objects_per_image=2)
+    # image 1: the big class-1 box, then class 2 (rarer than class 1); image 2: class 3 (unseen),
+    # then class 1 and 2 are tied at one each and the larger box (class 1, 30x30) wins.
+    assert [r[2].tolist() for r in recs] == [[1, 2], [3, 1], [3]]
+    assert recs[0][1].tolist()[0] == [2, 2, 42, 42]
+    assert sum(len(r[2]) for r in oknn.load_objects(str(tiny_coco), "train")) == 7
+    with pytest.raises(FileNotFoundError, match="instances_test.json"):
+        oknn.load_objects(str(tiny_coco), "test")
+
+
+def test_extract_object_features_matches_direct_computation(tiny_coco):
+    net = ResNetC4("resnet18")
+    net.train()
+    feats, labels = oknn.extract_object_features(net, str(tiny_coco), "val", None, image_size=64,
+                                                 batch_size=2)
+    assert net.training                                   # mode restored
+    assert feats.shape == (3, 512) and labels.tolist() == [1, 2, 3]
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(3))
+    # object 2 (class 2, [30,20,25,30] in a 60x60 image) by hand
+    img = cv2.cvtColor(cv2.imread(str(tiny_coco / "val" / "0.png")), cv2.COLOR_BGR2RGB)
+    img = cv2.resize(img, (64, 64), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
+    img = (img - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    box = torch.tensor([[30, 20, 55, 50]], dtype=torch.float32) * 64 / 60
+    net.eval()
+    with torch.no_grad():
+        r = torchvision.ops.roi_align(net.c5(x), [box], 7, 1 / 32, -1, True)
+    want = F.normalize(r.mean(dim=(2, 3)), dim=1)[0]
+    torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_and_cli(tiny_coco, tmp_path, capsys):
+    net = ResNetC4("resnet18")
+    res = oknn.evaluate_oknn(net, str(tiny_coco), max_objects_per_image=2, image_size=64, k=3)
+    assert res["bank_size"] == 5 and res["num_queries"] == 3 and 0 <= res["top1"] <= res["top5"] <= 100
+
+    cfg = ModelConfig(arch="resnet18", proj_hidden=16, proj_dim=8, pred_hidden=16, queue_size=4)
+    method = build_method(cfg)
+    with torch.no_grad():
+        for p in method.online_backbone.parameters():
+            p.add_(0.01)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": method.state_dict(), "config": {"model": asdict(cfg)}, "step": 3},
+               run / "checkpoints" / "step_3.pt")
+    backbone, arch, path = oknn.load_backbone(str(run))
+    assert arch == "resnet18" and path.endswith("step_3.pt")
+    for a, b in zip(backbone.state_dict().values(), method.online_backbone.state_dict().values()):
+        assert torch.equal(a, b)
+
+    out = oknn.main(["--ckpt", str(run), "--data", str(tiny_coco), "--image-size", "64", "--k", "3",
+                     "--objects-per-image", "2", "--device", "cpu", "--json"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == out["top1"] and printed["arch"] == "resnet18"
+    rnd = oknn.main(["--random-init", "--arch", "resnet18", "--data", str(tiny_coco), "--image-size", "64",
+                     "--device", "cpu"])
+    assert rnd["checkpoint"] == "random-init" and rnd["num_queries"] == 3
+    with pytest.raises(FileNotFoundError, match="--ckpt"):
+        oknn.load_backbone(str(tmp_path / "nothing"))

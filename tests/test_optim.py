@@ -1,0 +1,87 @@
+"""LARS against a hand computation; the lr and momentum schedules at their defining points."""
+import math
+
+import pytest
+import torch
+
+from d3ssl.model import LARS, lr_schedule, momentum_schedule, param_groups_for_lars
+
+
+def test_momentum_schedule_values():
+    assert momentum_schedule(0, 100) == pytest.approx(0.99)
+    assert momentum_schedule(100, 100) == pytest.approx(1.0)
+    assert momentum_schedule(50, 100) == pytest.approx(0.995)
+    k, K, base = 25, 100, 0.996
+    want = 1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2
+    assert momentum_schedule(k, K, base) == pytest.approx(want)
+    vals = [momentum_schedule(i, 10) for i in range(11)]
+    assert all(a < b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ValueError, match="total_steps"):
+        momentum_schedule(0, 0)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    base, total, warm = 2.0, 100, 10
+    assert lr_schedule(0, total, warm, base) == pytest.approx(base / 100)
+    assert lr_schedule(5, total, warm, base) == pytest.approx(base / 100 + (base - base / 100) / 2)
+    assert lr_schedule(warm, total, warm, base) == pytest.approx(base)
+    assert lr_schedule(total, total, warm, base) == pytest.approx(1e-6)
+    assert lr_schedule(total + 5, total, warm, base) == pytest.approx(1e-6)
+    mid = warm + (total - warm) // 2
+    assert lr_schedule(mid, total, warm, base) == pytest.approx((base + 1e-6) / 2)
+    assert lr_schedule(0, total, 0, base) == pytest.approx(base)   # no warm-up
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lr_schedule(0, 10, 20, base)
+
+
+def test_lars_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))    # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    lr, wd, mom, eta = 0.5, 0.1, 0.9, 0.001
+    opt = LARS([{"params": [w], "lars_adapt": True, "weight_decay": wd},
+                {"params": [b], "lars_adapt": False, "weight_decay": 0.0}],
+               lr=lr, momentum=mom, trust_coefficient=eta)
+    gw, gb = torch.tensor([[0.3, 0.0]]), torch.tensor([0.2, 0.4])
+    # step 1 by hand: d = g + wd w = [0.6, 0.4]; |d| = sqrt(0.52); q = eta * 5 / |d|
+    d1 = [0.3 + 0.1 * 3, 0.0 + 0.1 * 4]
+    q1 = eta * 5 / math.sqrt(d1[0] ** 2 + d1[1] ** 2)
+    buf1 = [q1 * d1[0], q1 * d1[1]]
+    w1 = [3 - lr * buf1[0], 4 - lr * buf1[1]]
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    assert w.detach().tolist()[0] == pytest.approx(w1, rel=1e-6)
+    assert b.detach().tolist() == pytest.approx([1 - lr * 0.2, -1 - lr * 0.4], rel=1e-6)
+    # step 2: momentum buffer carries over
+    d2 = [0.3 + 0.1 * w1[0], 0.1 * w1[1]]
+    q2 = eta * math.hypot(*w1) / math.hypot(*d2)
+    buf2 = [mom * buf1[0] + q2 * d2[0], mom * buf1[1] + q2 * d2[1]]
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    assert w.detach().tolist()[0] == pytest.approx([w1[0] - lr * buf2[0], w1[1] - lr * buf2[1]], rel=1e-6)
+    bb = [1 - lr * 0.2 - lr * (mom * 0.2 + 0.2), -1 - lr * 0.4 - lr * (mom * 0.4 + 0.4)]
+    assert b.detach().tolist() == pytest.approx(bb, rel=1e-6)
+
+
+def test_lars_zero_norms_fall_back_to_plain_sgd():
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    w.grad = torch.ones(2, 2)
+    LARS([w], lr=1.0, weight_decay=0.0, momentum=0.0).step()
+    assert torch.equal(w.detach(), -torch.ones(2, 2))
+
+
+def test_param_groups_for_lars():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2))
+    net[3].bias.requires_grad_(False)
+    adapt, plain = param_groups_for_lars(net, weight_decay=1e-5)
+    assert [p.shape for p in adapt["params"]] == [net[0].weight.shape, net[3].weight.shape]
+    assert adapt["lars_adapt"] and adapt["weight_decay"] == 1e-5
+    assert len(plain["params"]) == 3 and not plain["lars_adapt"] and plain["weight_decay"] == 0
+    assert all(p.ndim <= 1 for p in plain["params"])
+    opt = LARS(param_groups_for_lars(net))
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["trust_coefficient"] == 0.001
+
+
+def test_lars_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="momentum"):
+        LARS([torch.nn.Parameter(torch.ones(1))], momentum=1.5)
