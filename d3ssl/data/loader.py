@@ -6,12 +6,12 @@
         for batch in loader: ...
 
 Backends by name: ``cpu`` (OpenCV in DataLoader workers, :mod:`d3ssl.data.cpu_loader`) and ``dali``
-(GPU decode and augmentation, :mod:`d3ssl.data.dali_loader`, when available). Both use the same view
-sampler and per-sample seeds, and return the same Batch.
+(DALI decode and augmentation, on the GPU or in DALI's CPU-only mode, :mod:`d3ssl.data.dali`, when
+DALI is installed). Both use the same view sampler, batches and per-sample seeds, and return the same
+Batch.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 from .colour import ColourConfig
@@ -61,11 +61,7 @@ def make_loader(dataset, store, backend: str = "cpu", batch_size: int = 64, work
         from .cpu_loader import CpuLoader
         return CpuLoader(dataset, store, batch_size, workers, view_cfg, colour_cfg, seed, rank, world_size,
                          drop_last, shuffle=shuffle, device=device, **backend_kw)
-    try:
-        dali = importlib.import_module("d3ssl.data.dali_loader")
-    except ImportError as e:
-        raise RuntimeError(f"the dali backend is not available ({e}); use backend='cpu', or install "
-                           "NVIDIA DALI (pip install nvidia-dali-cuda130) on a machine with a GPU") from e
-    return dali.make_dali_loader(dataset, store, batch_size=batch_size, view_cfg=view_cfg,
-                                 colour_cfg=colour_cfg, seed=seed, rank=rank, world_size=world_size,
-                                 drop_last=drop_last, shuffle=shuffle, device=device, **backend_kw)
+    from .dali import make_dali_loader   # raises DaliUnavailable (how to install, what to use) without DALI
+    return make_dali_loader(dataset, store, batch_size=batch_size, workers=workers, view_cfg=view_cfg,
+                            colour_cfg=colour_cfg, seed=seed, rank=rank, world_size=world_size,
+                            drop_last=drop_last, shuffle=shuffle, device=device, **backend_kw)

@@ -1,0 +1,508 @@
+"""The NVIDIA DALI loader backend: decode and build the D3SSL views in a DALI graph, hand out a Batch.
+
+Data flow (DESIGN.md §2)::
+
+    parallel external_source  (Python workers: read bytes, check them, run the view sampler)
+      │  encoded bytes, crop window of view 2, flips, colour parameters, padded boxes, image ids
+      ▼
+    decode once ─┬─ resize whole image to S×S ──────── colour ─ flip+normalise ─▶ view1
+                 └─ resize crop window to S×S ─ colour ─┬────── flip+normalise ─▶ view2
+                                                         └ resize S/2 ─ flip+normalise ─▶ view2_small
+
+The graph (:func:`d3ssl_views`) is one function under ``@pipeline_def`` whose ``device`` is a
+parameter: ``"gpu"`` decodes with ``device="mixed"`` and runs everything after on the GPU; ``"cpu"`` is
+DALI's CPU-only mode (``device_id=None``). Every random number (geometry and colour) is drawn by the
+source in numpy from ``sample_seed(seed, epoch, index)``, so a sample's views depend only on the seed,
+the epoch and its index: not on batching, worker count, rank count or where a run was resumed. The
+geometry draws are the CPU loader's own (same sampler, same generator), so both backends cut the same
+windows and flip the same way for the same seed.
+
+Image sizes are needed by the sampler before decoding; they come from the file header
+(:func:`probe_image`: JPEG SOF + EXIF orientation, PNG IHDR, OpenCV for other formats), which also
+checks that the bytes are complete. DALI's ``fn.peek_image_shape`` runs inside the graph, after the
+source has already had to choose the crop, so it cannot be used for this.
+
+DALI is an optional dependency (``pip install -e .[dali]``): this module imports without it, and only
+building a DALI loader raises :class:`DaliUnavailable`.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
+from .colour import ColourConfig, ColourParams, sample_colour
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler
+from .views import ViewConfig, sample_seed, sample_views
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    _DALI_IMPORT_ERROR = None
+except ImportError as _e:  # DALI is optional: only this backend needs it
+    fn = types = None
+    _DALI_IMPORT_ERROR = _e
+
+    def pipeline_def(*args, **kwargs):
+        def wrap(f):
+            def missing(*a, **k):
+                require_dali()
+            return missing
+        return wrap(args[0]) if args and callable(args[0]) else wrap
+
+
+class DaliUnavailable(ImportError):
+    pass
+
+
+def dali_available() -> bool:
+    return _DALI_IMPORT_ERROR is None
+
+
+def require_dali():
+    """Raises DaliUnavailable (with the fix) when NVIDIA DALI cannot be imported."""
+    if _DALI_IMPORT_ERROR is not None:
+        raise DaliUnavailable(
+            "the 'dali' loader backend needs NVIDIA DALI, which could not be imported "
+            f"({_DALI_IMPORT_ERROR}). Install it with `pip install -e .[dali]` (or "
+            "`pip install nvidia-dali-cuda130`), or use the CPU loader instead (backend='cpu', "
+            "--backend cpu).")
+
+
+class CorruptImage(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image header probe: size before decoding, and a cheap completeness check
+# ---------------------------------------------------------------------------------------------------
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """EXIF orientation tag (1..8) of a TIFF-structured APP1 payload; 1 when absent or unreadable."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    e = "<" if tiff[:2] == b"II" else ">"
+    ifd = struct.unpack(e + "I", tiff[4:8])[0]
+    if ifd + 2 > len(tiff):
+        return 1
+    count = struct.unpack(e + "H", tiff[ifd:ifd + 2])[0]
+    for k in range(count):
+        at = ifd + 2 + 12 * k
+        if at + 12 > len(tiff):
+            break
+        tag, typ = struct.unpack(e + "HH", tiff[at:at + 4])
+        if tag == 0x0112 and typ == 3:
+            value = struct.unpack(e + "H", tiff[at + 8:at + 10])[0]
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _probe_jpeg(b: bytes) -> tuple[int, int]:
+    i, n = 2, len(b)
+    size = None
+    orientation = 1
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            raise CorruptImage(f"JPEG marker expected at byte {i}")
+        m = b[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = (b[i + 2] << 8) | b[i + 3]
+        if length < 2 or i + 2 + length > n:
+            raise CorruptImage(f"JPEG segment 0x{m:02X} at byte {i} runs past the end of the file")
+        seg = b[i + 4:i + 2 + length]
+        if m == 0xE1 and seg[:6] == b"Exif\0\0":
+            orientation = _exif_orientation(seg[6:])
+        elif m in _JPEG_SOF and len(seg) >= 5:
+            h, w = (seg[1] << 8) | seg[2], (seg[3] << 8) | seg[4]
+            size = (w, h)
+        elif m == 0xDA:  # start of scan: the entropy-coded data follows
+            if size is None or size[0] == 0 or size[1] == 0:
+                raise CorruptImage("JPEG has no usable frame header (SOF) before its scan")
+            # Inside entropy-coded data 0xFF is always stuffed (FF00) or a restart marker, so an
+            # end-of-image marker after the scan header means the file was not cut short.
+            if b.rfind(b"\xff\xd9", i + 2 + length) < 0:
+                raise CorruptImage("JPEG is truncated (no end-of-image marker after the scan)")
+            w, h = size
+            return (h, w) if orientation >= 5 else (w, h)  # 5..8 transpose the image
+        i += 2 + length
+    raise CorruptImage("JPEG ends before its scan data")
+
+
+def probe_image(data: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of an encoded image as decoded (EXIF orientation applied).
+
+    JPEG and PNG are parsed from the header (microseconds) and checked for completeness (JPEG: an
+    end-of-image marker after the scan; PNG: the IEND chunk); other formats are decoded with OpenCV.
+    Raises CorruptImage when the bytes are not a complete image."""
+    if len(data) < 16:
+        raise CorruptImage(f"only {len(data)} bytes")
+    if data[:2] == b"\xff\xd8":
+        return _probe_jpeg(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data[12:16] != b"IHDR" or b"IEND" not in data[-16:]:
+            raise CorruptImage("PNG is truncated or has no IHDR chunk")
+        w, h = struct.unpack(">II", data[16:24])
+        if w == 0 or h == 0:
+            raise CorruptImage("PNG has a zero size")
+        return w, h
+    import cv2
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise CorruptImage("OpenCV cannot decode it")
+    return img.shape[1], img.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Colour augmentation: the CPU loader's draws (d3ssl.data.colour), as DALI operator arguments
+# ---------------------------------------------------------------------------------------------------
+
+def colour_twist(p: ColourParams) -> np.ndarray | None:
+    """float32 [4] arguments of DALI's colour twist (brightness, contrast, saturation factors, hue in
+    degrees) for a colour draw, or None when the draw leaves the colours alone.
+
+    Grayscale is folded in as saturation 0: DALI desaturates to the same ITU-R 601 luma as the CPU
+    loader's grayscale, and the brightness and contrast it applies after keep a gray image gray. DALI
+    applies the four in one fixed pass (the CPU loader in the draw's random order), its hue rotates in
+    YIQ rather than HSV and its contrast pivots on mid-gray rather than the image mean: the same
+    distribution of augmentations, not the same pixels."""
+    if not (p.jitter or p.grayscale):
+        return None
+    saturation = 0.0 if p.grayscale else p.saturation
+    return np.array([p.brightness, p.contrast, saturation, p.hue * 360.0], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parallel source: runs in DALI's Python workers
+# ---------------------------------------------------------------------------------------------------
+
+_OUTPUTS = ("encoded", "crop_start", "crop_end", "flip1", "flip2",
+            "colour1", "twist1", "blur1", "sigma1", "solarize1",
+            "colour2", "twist2", "blur2", "sigma2", "solarize2",
+            "boxes1", "boxes2", "box_valid", "image_id")
+_NO_TWIST = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
+
+
+class ViewSource:
+    """Picklable batch source for ``fn.external_source(parallel=True, batch=True, batch_info=True)``.
+
+    Called with DALI's BatchInfo (iteration, epoch_idx), it returns one list per output of
+    :data:`_OUTPUTS` for this rank's batch: the batches are the CPU loader's
+    (:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`: same order, sharding and drop_last), and so
+    are the draws of every sample. Each file is read and checked (:func:`probe_image`, or a trial
+    decode with `check`="decode"); one that fails is replaced, as in the CPU loader, by the next
+    image of the dataset (index + 1, wrapping), whose index is then the row's image_id; the training
+    process sees the substitution in image_id and warns. Raises StopIteration at the end of the
+    epoch; DALI numbers its epochs from 0 at each build, so `start_epoch` is added to them."""
+
+    def __init__(self, dataset, store, view_cfg: ViewConfig, colour_cfg: ColourConfig,
+                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header"):
+        if check not in ("header", "decode"):
+            raise ValueError(f"check must be 'header' or 'decode', got {check!r}")
+        self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
+        self.sampler, self.seed, self.start_epoch, self.check = sampler, seed, start_epoch, check
+        self._epoch, self._batches = None, None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            self.sampler.set_epoch(epoch)
+            self._batches = [[i for i, _ in batch] for batch in self.sampler]
+            self._epoch = epoch
+        return self._batches
+
+    def _read(self, index: int):
+        """(bytes, width, height) of image `index`, or None when the file is unusable."""
+        try:
+            data = self.dataset.read_bytes(index)
+            w, h = probe_image(data)
+            if self.check == "decode":
+                import cv2
+                if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8) is None:
+                    raise CorruptImage("OpenCV cannot decode it")
+        except (OSError, CorruptImage):
+            return None
+        return data, w, h
+
+    def sample(self, epoch: int, index: int):
+        """One row of outputs for dataset image `index` (or the first usable image after it)."""
+        index = int(index)
+        n = len(self.dataset)
+        for _ in range(min(MAX_REPLACEMENTS, n)):
+            got = self._read(index)
+            if got is not None:
+                break
+            index = (index + 1) % n
+        else:
+            raise RuntimeError(f"{min(MAX_REPLACEMENTS, n)} unreadable images in a row (last: "
+                               f"{self.dataset.key(index)!r}): is the dataset path right?")
+        data, w, h = got
+        props = np.asarray(self.store.boxes(index), np.float32)
+        sw, sh = self.store.size(index)
+        if (sw, sh) != (w, h) and sw > 0 and sh > 0:  # store made from a differently sized copy
+            props = props * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        # the CPU loader's draws, in its order: geometry, then colour of view 1, then of view 2
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
+        vp = sample_views(w, h, props, rng, self.view_cfg)
+        c1, c2 = sample_colour(rng, self.colour_cfg, 0), sample_colour(rng, self.colour_cfg, 1)
+        twist1, twist2 = colour_twist(c1), colour_twist(c2)
+        x0, y0, cw, ch = (float(v) for v in vp.crop)
+        f32, b = np.float32, np.bool_
+        return (np.frombuffer(data, np.uint8),
+                np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),  # HW order, as the image
+                np.array(int(vp.flip1), np.int32), np.array(int(vp.flip2), np.int32),
+                np.array(twist1 is not None, b), _NO_TWIST if twist1 is None else twist1,
+                np.array(c1.blur_sigma > 0, b), np.array(c1.blur_sigma, f32), np.array(c1.solarize, b),
+                np.array(twist2 is not None, b), _NO_TWIST if twist2 is None else twist2,
+                np.array(c2.blur_sigma > 0, b), np.array(c2.blur_sigma, f32), np.array(c2.solarize, b),
+                np.ascontiguousarray(vp.boxes1, f32), np.ascontiguousarray(vp.boxes2, f32),
+                np.ascontiguousarray(vp.valid, b), np.array(index, np.int64))
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        batches = self.batches(epoch)
+        if info.iteration >= len(batches):
+            raise StopIteration
+        rows = [self.sample(epoch, i) for i in batches[info.iteration]]
+        return [list(col) for col in zip(*rows)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DALI graph
+# ---------------------------------------------------------------------------------------------------
+
+def _colour(view, colour, twist, blur, sigma, solarize, threshold):
+    """SoCo's colour augmentation on a uint8 HWC view; per-sample parameters come from the source.
+
+    DALI conditionals run each operator only on the samples whose flag is set."""
+    if colour:
+        view = fn.color_twist(view, brightness=twist[0], contrast=twist[1], saturation=twist[2],
+                              hue=twist[3])
+    if blur:
+        view = fn.gaussian_blur(view, sigma=sigma)
+    if solarize:
+        # 255 - x where x >= threshold, as xor with 0xFF on uint8
+        view = view ^ fn.cast(view >= np.uint8(threshold), dtype=types.UINT8) * np.uint8(255)
+    return view
+
+
+@pipeline_def(enable_conditionals=True)
+def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = False,
+                solarize_threshold: int = 128, out_dtype=None):
+    """The D3SSL view graph. `device`: "gpu" (decode on device="mixed", the rest on the GPU) or "cpu"
+    (the same graph in DALI's CPU-only mode; build the pipeline with device_id=None).
+
+    Outputs (B = batch, S = `size`): view1 [B,S,S,3], view2 [B,S,S,3], view2_small [B,S/2,S/2,3]
+    (HWC, normalised, `out_dtype`), boxes1, boxes2 float32 [B,K,4], box_valid bool [B,K],
+    image_id int64 [B]."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, sigma1, solarize1,
+     colour2, twist2, blur2, sigma2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
+        source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True, parallel=True)
+    # Decode once; every view is a resize of this one image.
+    image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    # View 1: the whole image, aspect not kept (SoCo). View 2: the sampler's crop window.
+    view1 = fn.resize(image, size=(size, size), antialias=antialias)
+    view2 = fn.resize(image, size=(size, size), roi_start=crop_start, roi_end=crop_end,
+                      antialias=antialias)
+    view1 = _colour(view1, colour1, twist1, blur1, sigma1, solarize1, solarize_threshold)
+    view2 = _colour(view2, colour2, twist2, blur2, sigma2, solarize2, solarize_threshold)
+    view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=antialias)
+    out_dtype = types.FLOAT if out_dtype is None else out_dtype
+    mean = [255.0 * m for m in IMAGENET_MEAN]
+    std = [255.0 * s for s in IMAGENET_STD]
+
+    def finish(view, flip):  # flip (mirror), normalise and cast in one pass; stays HWC
+        return fn.crop_mirror_normalize(view, mirror=flip, mean=mean, std=std, dtype=out_dtype,
+                                        output_layout="HWC")
+
+    return (finish(view1, flip1), finish(view2, flip2), finish(view2_small, flip2),
+            boxes1, boxes2, box_valid, image_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loader: DALI outputs -> Batch
+# ---------------------------------------------------------------------------------------------------
+
+class DaliLoader:
+    """Iterable of :class:`~d3ssl.data.batch.Batch` built by the DALI graph; see :func:`make_dali_loader`.
+
+    ``set_epoch(e)`` chooses the epoch (order, shard and every random draw); iterating runs one epoch
+    and then moves to the next, so the pipeline (and its workers) is built once and reset between
+    epochs as long as epochs are consecutive. Stopping an epoch early, or jumping to another epoch,
+    rebuilds it. ``skipped`` / ``skipped_keys``: unreadable files replaced so far."""
+
+    def __init__(self, dataset, store, *, batch_size: int, workers: int, view_cfg: ViewConfig,
+                 colour_cfg: ColourConfig, seed: int, rank: int, world_size: int, drop_last: bool,
+                 shuffle: bool, device, dtype: torch.dtype | None, threads: int | None, prefetch: int,
+                 antialias: bool, check: str, start_method: str | None):
+        self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size, drop_last, shuffle)
+        self.batch_size, self.workers, self.seed, self.check = batch_size, workers, seed, check
+        self.device = torch.device(device)
+        self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
+        if dtype is None:
+            dtype = torch.float16 if self.dali_device == "gpu" else torch.float32
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+        self.threads = threads or max(1, workers)
+        self.prefetch, self.antialias = prefetch, antialias
+        # fork is cheap, but unsafe once CUDA is initialised in the parent; spawn re-imports this module
+        self.start_method = start_method or ("spawn" if self.dali_device == "gpu" else "fork")
+        self.skipped_keys: list[str] = []
+        self._pipe = None
+        self._pipe_epoch = None  # the epoch the built pipeline runs next without a rebuild
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_keys)
+
+    def set_epoch(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _build(self):
+        self.close()
+        source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour_cfg,
+                            EpochBatchSampler(**{k: getattr(self.sampler, k) for k in (
+                                "n", "batch_size", "seed", "rank", "world_size", "drop_last", "shuffle")}),
+                            self.seed, start_epoch=self.epoch, check=self.check)
+        # DALI has no bfloat16: the graph emits float16 and torch casts
+        out_dtype = types.FLOAT if self.dtype == torch.float32 else types.FLOAT16
+        device_id = None
+        if self.dali_device == "gpu":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pipe = d3ssl_views(source, device=self.dali_device, size=self.view_cfg.size,
+                           antialias=self.antialias, solarize_threshold=self.colour_cfg.solarize_threshold,
+                           out_dtype=out_dtype, batch_size=self.batch_size, num_threads=self.threads,
+                           device_id=device_id, py_num_workers=max(1, self.workers),
+                           py_start_method=self.start_method, prefetch_queue_depth=self.prefetch,
+                           seed=self.seed)
+        pipe.build()
+        self._pipe, self._pipe_epoch = pipe, self.epoch
+
+    def close(self):
+        """Stops the DALI pipeline and its Python workers."""
+        pipe, self._pipe, self._pipe_epoch = self._pipe, None, None
+        del pipe
+
+    def __del__(self):
+        self.close()
+
+    def __iter__(self):
+        require_dali()
+        epoch = self.epoch
+        if self._pipe is None or self._pipe_epoch != epoch:
+            self._build()
+        self._pipe_epoch = None  # mid-epoch: if the caller stops early, the next epoch rebuilds
+        expected = iter(self.sampler)
+        while True:
+            try:
+                outputs = self._pipe.run()
+            except StopIteration:
+                break
+            yield self._to_batch(outputs, [i for i, _ in next(expected)])
+        self._pipe.reset()
+        self.sampler.set_epoch(epoch + 1)
+        self._pipe_epoch = epoch + 1
+
+    def _to_batch(self, outputs, expected: list[int]) -> Batch:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        view1, view2, view2_small, boxes1, boxes2, box_valid, image_id = outputs
+        ids = torch.from_numpy(np.array(image_id.as_tensor()).reshape(-1).astype(np.int64))
+        replaced = [i for i, got in zip(expected, ids.tolist()) if i != got]
+        if replaced:
+            keys = [self.dataset.key(i) for i in replaced]
+            self.skipped_keys += keys
+            warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({self.skipped} so far "
+                          "this run); each was replaced by the next image", RuntimeWarning)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        dali_dtype = torch.float32 if self.dtype == torch.float32 else torch.float16
+
+        def view(tl):
+            # DALI writes NHWC; the NCHW permutation of that memory is a channels_last tensor
+            t = tl.as_tensor()
+            nhwc = torch.empty(t.shape(), dtype=dali_dtype, device=self.device)
+            feed_ndarray(t, nhwc, cuda_stream=stream)
+            v = nhwc.permute(0, 3, 1, 2)
+            return v if v.dtype == self.dtype else v.to(self.dtype)  # .to keeps channels_last
+
+        def small(tl, dtype):
+            return torch.from_numpy(np.array(tl.as_tensor())).to(dtype).to(self.device, non_blocking=True)
+
+        return Batch(view1=view(view1), view2=view(view2), view2_small=view(view2_small),
+                     boxes1=small(boxes1, torch.float32), boxes2=small(boxes2, torch.float32),
+                     box_valid=small(box_valid, torch.bool), image_id=ids.to(self.device, non_blocking=True))
+
+
+def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4,
+                     view_cfg: ViewConfig | None = None, colour_cfg: ColourConfig | None = None,
+                     seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                     shuffle: bool = True, device=None, dtype: torch.dtype | None = None,
+                     threads: int | None = None, prefetch: int = 2, antialias: bool = True,
+                     check: str = "header", start_method: str | None = None) -> DaliLoader:
+    """The DALI backend of :func:`d3ssl.data.loader.make_loader`: an iterable of Batch with
+    ``set_epoch(epoch)`` and ``len()`` (batches per epoch on this rank).
+
+    dataset, store  an ImageDataset and the ProposalStore of its proposals (image pixels)
+    batch_size      samples per batch on this rank; order, sharding by rank/world_size and drop_last
+                    are the CPU loader's (:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`): with
+                    drop_last (default, what DDP needs) the N mod world_size remainder and each rank's
+                    partial batch are left out; without it every sample comes exactly once per epoch
+                    and the last batch may be short
+    workers         Python workers of the parallel source (read, check, sample) and, unless `threads`
+                    is given, DALI's own threads (decode, resize, colour)
+    view_cfg        ViewConfig of the view sampler (size S, crop scale/ratio, K boxes, flips)
+    colour_cfg      ColourConfig (SoCo's recipe); ``ColourConfig(enabled=False)`` turns it off
+    device          "cuda[:i]": DALI's GPU graph, views float16 (or `dtype` bfloat16) on that GPU;
+                    "cpu": DALI's CPU-only mode, views float32; None: cuda when a GPU is visible
+    prefetch        batches DALI prepares ahead (its prefetch_queue_depth)
+    antialias       low-pass filter when shrinking (as the CPU loader's area resize); False is faster
+    check           "header": files are checked from their header and end markers (microseconds);
+                    "decode": also trial-decoded at 1/8 scale with OpenCV in the source workers
+    start_method    of the source workers: "fork" (default on the CPU) or "spawn" (default on the GPU,
+                    since forking a process that has initialised CUDA is unsafe)
+
+    Raises DaliUnavailable, saying how to install DALI, when it is not installed."""
+    require_dali()
+    view_cfg = view_cfg or ViewConfig()
+    colour_cfg = colour_cfg or ColourConfig()
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if start_method not in (None, "fork", "spawn"):
+        raise ValueError(f"start_method must be 'fork', 'spawn' or None, got {start_method!r}")
+    if len(dataset) == 0:
+        raise ValueError("make_dali_loader: the dataset is empty")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but no GPU is visible; use device='cpu' for "
+                         "DALI's CPU-only mode")
+    return DaliLoader(dataset, store, batch_size=batch_size, workers=workers, view_cfg=view_cfg,
+                      colour_cfg=colour_cfg, seed=seed, rank=rank, world_size=world_size,
+                      drop_last=drop_last, shuffle=shuffle, device=device, dtype=dtype, threads=threads,
+                      prefetch=prefetch, antialias=antialias, check=check, start_method=start_method)

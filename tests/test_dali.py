@@ -1,0 +1,334 @@
+"""The DALI loader backend (d3ssl.data.dali), run here in DALI's CPU-only mode (device_id=None).
+
+Every reference is independent of DALI: OpenCV decodes, the view sampler called directly, the CPU
+loader. Images are tiny and views are 64 px so the whole file runs in seconds.
+"""
+import io
+import os
+import re
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from d3ssl.data import dali as dali_mod
+from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
+from d3ssl.data.colour import ColourConfig
+from d3ssl.data.datasets import ImageFolder
+from d3ssl.data.loader import make_loader
+from d3ssl.data.proposals import ProposalStore, write_store
+from d3ssl.data.views import ViewConfig, sample_seed, sample_views
+from tests.conftest import ROOT
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+
+S = 64
+VIEW = ViewConfig(size=S, min_box_size=4.0)
+NO_COLOUR = ColourConfig(enabled=False)
+# distinct, saturated colours for the proposal regions; the background is mid-gray
+PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 230], [240, 220, 20], [200, 40, 220],
+                    [20, 210, 220]], np.uint8)
+BACKGROUND = 128
+
+
+def _regions(w, h, rng):
+    """Up to 6 disjoint rectangles (x1,y1,x2,y2, integer pixels) on a 3x2 grid of cells."""
+    boxes = []
+    for j in range(6):
+        cx, cy = j % 3, j // 3
+        x0, x1 = cx * w // 3, (cx + 1) * w // 3
+        y0, y1 = cy * h // 2, (cy + 1) * h // 2
+        bw, bh = int((x1 - x0) * rng.uniform(0.55, 0.85)), int((y1 - y0) * rng.uniform(0.55, 0.85))
+        bx, by = x0 + int(rng.integers(0, x1 - x0 - bw + 1)), y0 + int(rng.integers(0, y1 - y0 - bh + 1))
+        boxes.append([bx, by, bx + bw, by + bh])
+    return np.array(boxes, np.float32)
+
+
+def _render(w, h, boxes):
+    img = np.full((h, w, 3), BACKGROUND, np.uint8)
+    for j, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+        img[y1:y2, x1:x2] = PALETTE[j]
+    return img
+
+
+def _write_dataset(root, n=10, seed=0, extra=()):
+    """n coloured-region JPEGs (quality 100) of varied sizes, plus `extra` (name, bytes) files, and a
+    proposals store whose proposals are exactly the coloured regions."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    truth = {}
+    for i in range(n):
+        w, h = int(rng.integers(90, 160)), int(rng.integers(80, 140))
+        boxes = _regions(w, h, rng)
+        img = _render(w, h, boxes)
+        cv2.imwrite(os.path.join(root, f"img{i:02d}.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 100])
+        truth[f"img{i:02d}.jpg"] = (w, h, boxes)
+    for name, data in extra:
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+    ds = ImageFolder(root)
+    boxes, sizes = [], []
+    for i in range(len(ds)):
+        w, h, b = truth.get(ds.key(i), (0, 0, np.array([[0, 0, 8, 8]], np.float32)))
+        boxes.append(b)
+        sizes.append((w, h))
+    path = os.path.join(root, "..", os.path.basename(root) + ".proposals")
+    write_store(path, ds.keys, boxes, np.array(sizes), np.zeros(len(ds), np.uint8))
+    return ds, ProposalStore(path), truth
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_dataset(str(tmp_path_factory.mktemp("dali") / "images"))
+
+
+def _dali(ds, store, **kw):
+    kw = {"batch_size": 4, "workers": 1, "view_cfg": VIEW, "seed": 3, "device": "cpu", **kw}
+    return make_loader(ds, store, backend="dali", **kw)
+
+
+def _epoch(loader):
+    return list(loader)
+
+
+def _pixels(view):
+    """Normalised [B,3,H,W] -> uint8-scale float64 [B,H,W,3] RGB."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64) * 255
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64) * 255
+    return (view.permute(0, 2, 3, 1).double() * std + mean).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_probe_image_sizes_and_corruption():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 53, 3), np.uint8)
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    png = cv2.imencode(".png", img)[1].tobytes()
+    gray = cv2.imencode(".jpg", img[..., 0])[1].tobytes()
+    bmp = cv2.imencode(".bmp", img)[1].tobytes()
+    for data in (jpg, png, gray, bmp):
+        ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert dali_mod.probe_image(data) == (ref.shape[1], ref.shape[0])
+    # EXIF orientation 6 (rotate 90°): decoders transpose the image, so must the probe
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", exif=exif)
+    rotated = buf.getvalue()
+    ref = cv2.imdecode(np.frombuffer(rotated, np.uint8), cv2.IMREAD_COLOR)
+    assert ref.shape[:2] == (53, 37)
+    assert dali_mod.probe_image(rotated) == (37, 53)
+    for bad in (jpg[:len(jpg) // 2], jpg[:40], png[:len(png) - 20], b"not an image at all, just text",
+                bytes(rng.integers(0, 255, 300, np.uint8))):
+        with pytest.raises(dali_mod.CorruptImage):
+            dali_mod.probe_image(bad)
+
+
+def test_batch_contract(data):
+    ds, store, _ = data
+    loader = _dali(ds, store, drop_last=False)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 3          # 10 images, batch 4, last one short
+    assert [b.size for b in batches] == [4, 4, 2]
+    for b in batches:
+        b.validate()
+        for v in (b.view1, b.view2, b.view2_small):
+            assert v.dtype == torch.float32 and v.device.type == "cpu"
+            assert v.is_contiguous(memory_format=torch.channels_last)
+            assert torch.isfinite(v).all()
+        assert b.view1.shape[1:] == (3, S, S) and b.view2_small.shape[1:] == (3, S // 2, S // 2)
+        assert b.boxes1.shape[1:] == (VIEW.num_boxes, 4) and b.box_valid.dtype == torch.bool
+        assert b.box_valid[:, 0].all()
+        # the permuted NHWC buffer itself: no copy was made to get channels_last
+        assert b.view1.permute(0, 2, 3, 1).is_contiguous()
+    ids = torch.cat([b.image_id for b in batches])
+    assert sorted(ids.tolist()) == list(range(len(ds)))
+
+
+def test_boxes_land_on_their_regions(data):
+    """Colour augmentation off: inside every valid box, view 1, view 2 and view2_small show the
+    colour of that box's proposal, and the boxes are the view sampler's for the sample's seed."""
+    ds, store, truth = data
+    loader = _dali(ds, store, colour_cfg=NO_COLOUR, drop_last=False, seed=11)
+    checked = 0
+    for b in _epoch(loader):
+        for n in range(b.size):
+            i = int(b.image_id[n])
+            w, h, regions = truth[ds.key(i)]
+            vp = sample_views(w, h, regions, np.random.default_rng(sample_seed(11, 0, i)), VIEW)
+            np.testing.assert_allclose(b.boxes1[n].numpy(), vp.boxes1, atol=1e-4)
+            np.testing.assert_allclose(b.boxes2[n].numpy(), vp.boxes2, atol=1e-4)
+            assert b.box_valid[n].tolist() == vp.valid.tolist()
+            # which region is row k: the region whose view-1 box (flip undone) it is
+            x1 = vp.boxes1[:, [0, 2]] if not vp.flip1 else S - vp.boxes1[:, [2, 0]]
+            centre = np.stack([x1.mean(1) * w / S, vp.boxes1[:, [1, 3]].mean(1) * h / S], 1)
+            inside = ((centre[:, None, 0] > regions[None, :, 0]) & (centre[:, None, 0] < regions[None, :, 2])
+                      & (centre[:, None, 1] > regions[None, :, 1]) & (centre[:, None, 1] < regions[None, :, 3]))
+            for view, boxes, scale in ((b.view1, b.boxes1, 1), (b.view2, b.boxes2, 1),
+                                       (b.view2_small, b.boxes2, 0.5)):
+                px = _pixels(view[n:n + 1])[0]
+                for k in np.nonzero(vp.valid)[0]:
+                    x1b, y1b, x2b, y2b = (boxes[n, k].numpy() * scale).tolist()
+                    # the box's interior, 2 px in from its edges (resampling blends the edges)
+                    xa, xb = int(np.ceil(x1b)) + 2, int(np.floor(x2b)) - 2
+                    ya, yb = int(np.ceil(y1b)) + 2, int(np.floor(y2b)) - 2
+                    if xb <= xa or yb <= ya:
+                        continue
+                    colour = px[ya:yb, xa:xb].reshape(-1, 3).mean(0)
+                    expect = PALETTE[int(np.argmax(inside[k]))]
+                    assert np.abs(colour - expect).max() < 12, (i, k, colour, expect)
+                    checked += 1
+    assert checked > 30
+
+
+def test_geometry_matches_cpu_loader(data):
+    """Same seed, colour off: DALI's views are the CPU loader's (same windows, same flips, same boxes)
+    up to the two resamplers' differences, which on these flat regions live only at the edges."""
+    ds, store, _ = data
+    kw = dict(batch_size=4, view_cfg=VIEW, colour_cfg=NO_COLOUR, seed=5, drop_last=False)
+    cpu = make_loader(ds, store, backend="cpu", workers=0, **kw)
+    dali = make_loader(ds, store, backend="dali", workers=1, device="cpu", **kw)
+    for epoch in (0, 1):
+        cpu.set_epoch(epoch)
+        dali.set_epoch(epoch)
+        for a, b in zip(cpu, dali, strict=True):
+            assert torch.equal(a.image_id, b.image_id)
+            assert torch.equal(a.boxes1, b.boxes1) and torch.equal(a.boxes2, b.boxes2)
+            assert torch.equal(a.box_valid, b.box_valid)
+            for name in ("view1", "view2", "view2_small"):
+                pa, pb = _pixels(getattr(a, name)), _pixels(getattr(b, name))
+                diff = np.abs(pa - pb)
+                # a mirrored or shifted window would differ by ~100 levels over whole regions
+                assert diff.mean() < 4.0, (name, diff.mean())
+                assert (diff > 40).mean() < 0.03, (name, (diff > 40).mean())
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sharding_covers_the_epoch_once(data, drop_last):
+    ds, store, _ = data
+    world = 3
+    per_rank = []
+    for rank in range(world):
+        loader = _dali(ds, store, batch_size=2, rank=rank, world_size=world, drop_last=drop_last, seed=9)
+        loader.set_epoch(2)
+        ids = [b.image_id.tolist() for b in loader]
+        assert len(ids) == len(loader)
+        cpu = make_loader(ds, store, backend="cpu", workers=0, batch_size=2, view_cfg=VIEW, rank=rank,
+                          world_size=world, drop_last=drop_last, seed=9)
+        cpu.sampler.set_epoch(2)
+        assert ids == [[i for i, _ in batch] for batch in cpu.sampler]   # the CPU loader's batches
+        per_rank.append([i for batch in ids for i in batch])
+    seen = [i for ids in per_rank for i in ids]
+    assert len(seen) == len(set(seen))                                   # nothing repeated
+    if drop_last:
+        assert len({len(ids) for ids in per_rank}) == 1                  # DDP: same count per rank
+        assert len(seen) == len(ds) // world // 2 * 2 * world
+    else:
+        assert sorted(seen) == list(range(len(ds)))                      # nothing dropped
+
+
+def test_same_seed_same_batches_and_resume(data):
+    """Colour augmentation on. The same seed gives the same batches; epoch 1 of an uninterrupted run
+    equals epoch 1 of a loader started there (resume); another seed or epoch gives others."""
+    ds, store, _ = data
+    run = _dali(ds, store, seed=21)
+    e0, e1 = _epoch(run), _epoch(run)          # iterating moves on to the next epoch
+    again = _dali(ds, store, seed=21)
+    same0 = _epoch(again)
+    resumed = _dali(ds, store, seed=21, workers=2)
+    resumed.set_epoch(1)
+    same1 = _epoch(resumed)
+    other = _epoch(_dali(ds, store, seed=22))
+
+    def equal(xs, ys):
+        return all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(xs, ys, strict=True)
+                   for f in ("view1", "view2", "view2_small", "boxes1", "boxes2", "box_valid", "image_id"))
+
+    assert equal(e0, same0) and equal(e1, same1)
+    assert not equal(e0, e1) and not equal(e0, other)
+    # colour augmentation is on: some view differs from the colour-off rendering of the same sample
+    plain = _epoch(_dali(ds, store, seed=21, colour_cfg=NO_COLOUR))
+    assert not equal(e0, plain)
+    assert all(torch.equal(x.boxes2, y.boxes2) for x, y in zip(e0, plain))  # colour never moves boxes
+
+
+def test_grayscale_cmyk_png_and_corrupt_files(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (70, 90, 3), np.uint8), (0, 0), 2)
+    cmyk = io.BytesIO()
+    Image.fromarray(img).convert("CMYK").save(cmyk, "JPEG")
+    good = cv2.imencode(".jpg", img)[1].tobytes()
+    extra = [("gray.jpg", cv2.imencode(".jpg", img[..., 1])[1].tobytes()), ("cmyk.jpg", cmyk.getvalue()),
+             ("rgb.png", cv2.imencode(".png", img)[1].tobytes()),
+             ("truncated.jpg", good[:len(good) // 2]), ("garbage.jpg", b"\x00" * 64 + b"not a jpeg")]
+    ds, store, _ = _write_dataset(str(tmp_path / "images"), n=3, extra=extra)
+    loader = _dali(ds, store, batch_size=4, drop_last=False, shuffle=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = _epoch(loader)
+    assert sorted(loader.skipped_keys) == ["garbage.jpg", "truncated.jpg"]
+    assert any("unreadable" in str(w.message) for w in caught)
+    ids = torch.cat([b.image_id for b in batches]).tolist()
+    assert len(ids) == len(ds)                                   # batches keep their size
+    bad = {ds.keys.index("garbage.jpg"), ds.keys.index("truncated.jpg")}
+    assert not bad & set(ids)                                    # replaced by readable images
+    for b in batches:
+        b.validate()
+        assert torch.isfinite(b.view1).all() and torch.isfinite(b.view2).all()
+    # grayscale and CMYK come out as 3-channel RGB views matching OpenCV's decode
+    cpu = make_loader(ds, store, backend="cpu", workers=0, batch_size=4, view_cfg=VIEW, colour_cfg=NO_COLOUR,
+                      drop_last=False, shuffle=False, seed=3)
+    dali = _dali(ds, store, batch_size=4, drop_last=False, shuffle=False, colour_cfg=NO_COLOUR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pairs = list(zip(cpu, dali))
+    for a, b in pairs:
+        for n, i in enumerate(a.image_id.tolist()):
+            if ds.key(i) in ("gray.jpg", "cmyk.jpg", "rgb.png"):
+                diff = np.abs(_pixels(a.view1[n:n + 1]) - _pixels(b.view1[n:n + 1]))
+                assert diff.mean() < 6.0, (ds.key(i), diff.mean())
+
+
+def test_missing_dali_says_how_to_install(data, monkeypatch):
+    ds, store, _ = data
+    monkeypatch.setattr(dali_mod, "_DALI_IMPORT_ERROR", ImportError("No module named 'nvidia.dali'"))
+    with pytest.raises(dali_mod.DaliUnavailable, match=re.escape("pip install -e .[dali]")) as e:
+        make_loader(ds, store, backend="dali")
+    assert "backend='cpu'" in str(e.value)
+
+
+def test_nothing_else_imports_dali():
+    offenders = []
+    for folder in ("d3ssl", "train"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".py") and path != os.path.abspath(dali_mod.__file__):
+                    with open(path) as f:
+                        if re.search(r"^\s*(from|import)\s+nvidia\.dali", f.read(), re.M):
+                            offenders.append(path)
+    assert not offenders
+
+
+@pytest.mark.cuda
+def test_gpu_graph_matches_cpu_graph(data):
+    """The same graph on the GPU (decode on device="mixed"): fp16 views on the GPU, the same samples
+    and boxes as CPU mode, and pixels within decoder/resampler tolerance."""
+    ds, store, _ = data
+    cpu = _epoch(_dali(ds, store, colour_cfg=NO_COLOUR, drop_last=False))
+    gpu_loader = _dali(ds, store, colour_cfg=NO_COLOUR, drop_last=False, device="cuda")
+    gpu = _epoch(gpu_loader)
+    for a, b in zip(cpu, gpu, strict=True):
+        b.validate()
+        assert b.view1.device.type == "cuda" and b.view1.dtype == torch.float16
+        assert torch.equal(a.image_id, b.image_id.cpu()) and torch.equal(a.boxes2, b.boxes2.cpu())
+        for name in ("view1", "view2", "view2_small"):
+            diff = np.abs(_pixels(getattr(a, name)) - _pixels(getattr(b, name).float().cpu()))
+            assert diff.mean() < 3.0, (name, diff.mean())
+    bf16 = next(iter(_dali(ds, store, device="cuda", dtype=torch.bfloat16)))
+    assert bf16.view1.dtype == torch.bfloat16 and bf16.view1.is_contiguous(memory_format=torch.channels_last)
