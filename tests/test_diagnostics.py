@@ -338,7 +338,7 @@ def test_report_on_tiny_dataset(tmp_path, synthetic_root):
     _write_checkpoint(str(run / "step_00000002.pt"))
     out = tmp_path / "report"
     results = report.main(["--ckpt", str(tmp_path / "runs" / "tiny"), "--data", synthetic_root, "--out", str(out),
-                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--object-size", "24",
+                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--cr-image-size", "64", "--object-size", "24",
                            "--tile-size", "32", "--k", "5", "--max-train-images", "4", "--no-progress"])
     assert list(results) == ["tiny", "random-init"]
     text = (out / "report.md").read_text()
@@ -368,3 +368,19 @@ def test_report_errors(tmp_path, synthetic_root):
     torch.save({"state_dict": {}}, str(tmp_path / "foreign.pt"))
     with pytest.raises(SystemExit, match="not a d3ssl training checkpoint"):
         report.main(["--ckpt", str(tmp_path / "foreign.pt"), "--data", synthetic_root] + base)
+
+
+def test_comparison_presets_differ_only_in_method():
+    from train.config import make_config, to_dict
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, prefix + k + ".") if isinstance(v, dict) else [(prefix + k, v)]
+
+    ours, soco = (dict(flat(to_dict(make_config(p)))) for p in ("compare-d3ssl", "compare-soco"))
+    assert {k for k in ours if ours[k] != soco[k]} == {"preset", "model.method"}
+    assert ours["model.method"] == "d3ssl" and soco["model.method"] == "soco"
+    from d3ssl.eval.compare import train_command
+    cmd = train_command("compare-soco", "o", "soco", ["run.epochs=2"], None)
+    assert cmd[1:] == ["-m", "train.run", "--preset", "compare-soco", "--out", "o", "--name", "soco", "--resume",
+                       "auto", "--set", "run.epochs=2"]

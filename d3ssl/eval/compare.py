@@ -8,7 +8,7 @@ is the same as the three commands
     python -m train.run --preset compare-d3ssl --out compare/runs --name d3ssl
     python -m train.run --preset compare-soco  --out compare/runs --name soco
     python -m d3ssl.eval.report --ckpt compare/runs/d3ssl --ckpt compare/runs/soco \\
-        --data <the synthetic set> --out compare/report --image-size 128
+        --data <the synthetic set> --out compare/report --image-size 128 --label d3ssl --label soco
 
 Both runs use the embedded synthetic set (or --data), the same seed, backbone, views, batch and
 schedule; only the method differs. The report (O-KNN, disturbed O-KNN, CR, MCS for both and for the
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="COCO-format dataset (default: the embedded synthetic set)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="trainer override applied to both runs (repeatable), e.g. run.epochs=10")
-    p.add_argument("--image-size", type=int, default=128, help="report: side of the evaluated images, px")
+    p.add_argument("--image-size", type=int, default=128, help="report: O-KNN image side, px (the synthetic "
+                   "images are 128-160 px)")
     p.add_argument("--pairs", type=int, default=200, help="report: CR object pairs")
     p.add_argument("--objects", type=int, default=200, help="report: MCS objects")
     p.add_argument("--device", default=None, help="report device (default: cuda if available)")

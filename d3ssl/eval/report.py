@@ -62,7 +62,7 @@ def evaluate_network(backbone, data_root: str, objects, settings: dict, device, 
     out["disturbed_oknn"] = evaluate_disturbed_oknn(backbone, data_root, seed=settings["seed"], **oknn_kw)
     steps.update()
     steps.set_postfix_str("CR")
-    cr = coupling_rate(backbone, objects, settings["pairs"], settings["image_size"], settings["object_size"],
+    cr = coupling_rate(backbone, objects, settings["pairs"], settings["cr_image_size"], settings["object_size"],
                        settings["gap"], settings["seed"], settings["batch_size"], device, progress=progress)
     out["cr"] = {name: summarize(v) for name, v in cr.items()}
     steps.update()
@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.07, help="O-KNN vote temperature")
     p.add_argument("--max-train-images", type=int, default=None, help="O-KNN: use only the first train images")
     p.add_argument("--max-val-images", type=int, default=None, help="O-KNN: use only the first val images")
-    p.add_argument("--image-size", type=int, default=224, help="side of the evaluated images, px")
+    p.add_argument("--image-size", type=int, default=224, help="O-KNN: side the images are resized to, px")
     p.add_argument("--pairs", type=int, default=200, help="CR: object pairs")
+    p.add_argument("--cr-image-size", type=int, default=224, help="CR: side of the synthetic pair images, px")
     p.add_argument("--object-size", type=int, default=96, help="CR: longer side of each pasted object, px")
     p.add_argument("--gap", type=int, default=0, help="CR: black pixels between the two objects")
     p.add_argument("--objects", type=int, default=200, help="MCS: objects")
