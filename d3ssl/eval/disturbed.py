@@ -2,9 +2,10 @@
 ground-truth boxes replaced by another image.
 
 The object features are extracted exactly as for O-KNN (:mod:`d3ssl.eval.oknn`); only the image
-changes, through O-KNN's image hook. Image i's background is image ``background_index(n, seed)[i]``
-of the same split (never i itself), resized to image i's size; a fixed seed gives the same disturbed
-images every time, so two checkpoints are compared on the same inputs.
+changes, through O-KNN's image hook. Of the n images O-KNN reads from a split, image i's background
+is image ``background_index(n, seed)[i]`` (never i itself), resized to image i's size. Bank and
+queries are both disturbed. A fixed seed gives the same disturbed images every time, so checkpoints
+are compared on the same inputs.
 """
 from __future__ import annotations
 
