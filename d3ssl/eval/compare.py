@@ -58,6 +58,7 @@ def main(argv=None) -> int:
                    "images are 128-160 px)")
     p.add_argument("--pairs", type=int, default=200, help="report: CR object pairs")
     p.add_argument("--objects", type=int, default=200, help="report: MCS objects")
+    p.add_argument("--max-train-images", type=int, default=None, help="report: O-KNN bank from the first train images")
     p.add_argument("--device", default=None, help="report device (default: cuda if available)")
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
             "--pairs", str(a.pairs), "--objects", str(a.objects)]
     for name in METHODS:
         argv += ["--ckpt", os.path.join(runs, name), "--label", name]
+    if a.max_train_images:
+        argv += ["--max-train-images", str(a.max_train_images)]
     if a.device:
         argv += ["--device", a.device]
     print("+ python -m d3ssl.eval.report " + " ".join(argv), flush=True)
