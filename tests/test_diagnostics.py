@@ -338,8 +338,8 @@ def test_report_on_tiny_dataset(tmp_path, synthetic_root):
     _write_checkpoint(str(run / "step_00000002.pt"))
     out = tmp_path / "report"
     results = report.main(["--ckpt", str(tmp_path / "runs" / "tiny"), "--data", synthetic_root, "--out", str(out),
-                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--cr-image-size", "64", "--object-size", "24",
-                           "--tile-size", "32", "--k", "5", "--max-train-images", "4", "--no-progress"])
+                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--cr-image-size", "64",
+                           "--object-size", "24", "--tile-size", "32", "--k", "5", "--max-train-images", "4", "--no-progress"])
     assert list(results) == ["tiny", "random-init"]
     text = (out / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny ") or line.startswith("| random-init ")]

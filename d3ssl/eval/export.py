@@ -180,9 +180,10 @@ def load_backbone(ckpt: str, arch: str | None = None) -> tuple[nn.Module, str]:
     try:
         backbone, found, _ = _load(ckpt, arch)
     except RuntimeError as e:  # load_state_dict: missing keys / shape mismatch
-        first = str(e).strip().splitlines()
-        raise ValueError(f"--ckpt {ckpt!r} does not hold a {arch} backbone ({first[1].strip() if len(first) > 1 else first[0]}"
-                         f"...); leave --arch out to use the checkpoint's own architecture") from None
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ValueError(f"--ckpt {ckpt!r} does not hold a {arch} backbone ({detail}...); leave --arch out "
+                         f"to use the checkpoint's own architecture") from None
     return backbone, found
 
 
