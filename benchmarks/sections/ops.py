@@ -17,7 +17,7 @@ BOXES_PER_IMAGE = 4
 CHANNELS = 1024
 # (feature size, output size, view size in pixels): C4 is stride 16.
 SHAPES = [(14, 14, 224), (7, 7, 112)]
-TARGET = {"cpu": 1.5, "cuda": 2.0}
+TARGET = {"cpu": 1.5, "cuda": 2.0}  # the targets, for forward+backward
 
 
 def make_boxes(batch, view, generator, device):
@@ -48,8 +48,9 @@ def _callables(fn, x, boxes, out_size):
 def run(args):
     device = args.device
     batch = 16 if args.quick else 64
-    rounds = 2 if args.quick else 5
-    min_time = 0.2 if args.quick else 1.0
+    # torchvision's CPU backward takes seconds per call at batch 64: few repeats, alternated.
+    timing = dict(rounds=2, min_time=0.2, warmup=1, min_calls=2) if args.quick else \
+        dict(rounds=3, min_time=1.0, warmup=1, min_calls=2)
     g = torch.Generator().manual_seed(0)
     rows = []
     if device == "cuda":
@@ -76,7 +77,7 @@ def run(args):
             tv_fwd, tv_fb = _callables(theirs, x, boxes, out_size)
             anchor = "torchvision " + ("fp32 under autocast" if device == "cuda" else label)
             for measure, a, b in (("forward", our_fwd, tv_fwd), ("forward+backward", our_fb, tv_fb)):
-                t = interleaved({"ours": a, "tv": b}, device=device, rounds=rounds, min_time=min_time)
+                t = interleaved({"ours": a, "tv": b}, device=device, **timing)
                 extra = {"ms_ours": round(t["ours"] * 1e3, 3), "ms_torchvision": round(t["tv"] * 1e3, 3)}
                 if bandwidth:
                     # Least traffic the op needs: read the features and write the pooled output
@@ -88,5 +89,6 @@ def run(args):
                 rows.append(Row(SECTION, f"roi_align {measure} [{batch},{CHANNELS},{feat},{feat}]->{out_size}x"
                                          f"{out_size} {label}",
                                 ours=batch / t["ours"], anchor=batch / t["tv"], anchor_name=anchor,
-                                target=TARGET.get(device), extra=extra))
+                                target=TARGET.get(device) if measure == "forward+backward" else None,
+                                extra=extra))
     return rows

@@ -35,8 +35,7 @@ struct SampleTable {
              int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
     const RoiGeometry<T> g = roi_geometry(roi, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
     bin_begin.resize(pooled_height * pooled_width + 1);
-    samples.clear();
-    samples.reserve(pooled_height * pooled_width * g.grid_h * g.grid_w);
+    samples.clear();  // keeps its capacity: a thread reuses one table for all its RoIs
     int64_t bin = 0;
     for (int64_t ph = 0; ph < pooled_height; ++ph) {
       for (int64_t pw = 0; pw < pooled_width; ++pw) {
@@ -58,6 +57,47 @@ struct SampleTable {
     bin_begin[bin] = static_cast<int64_t>(samples.size());
   }
 };
+
+// NCHW channels handled together, so that each table entry is loaded once for that many planes.
+constexpr int kPlaneGroup = 8;
+
+// NCHW forward of kGroup consecutive channels of one RoI: planes [kGroup, H*W] -> out [kGroup, bins].
+template <int kGroup, typename scalar_t, typename acc_t>
+void pool_planes(const SampleTable<acc_t>& table, int64_t bins, int64_t hw, const scalar_t* planes,
+                 scalar_t* out) {
+  for (int64_t bin = 0; bin < bins; ++bin) {
+    acc_t sum[kGroup] = {};
+    for (int64_t s = table.bin_begin[bin]; s < table.bin_begin[bin + 1]; ++s) {
+      const Bilinear<acc_t>& p = table.samples[s];
+      for (int j = 0; j < kGroup; ++j) {
+        const scalar_t* plane = planes + j * hw;
+        sum[j] += p.w1 * static_cast<acc_t>(plane[p.p1]) + p.w2 * static_cast<acc_t>(plane[p.p2]) +
+                  p.w3 * static_cast<acc_t>(plane[p.p3]) + p.w4 * static_cast<acc_t>(plane[p.p4]);
+      }
+    }
+    for (int j = 0; j < kGroup; ++j) out[j * bins + bin] = static_cast<scalar_t>(sum[j]);
+  }
+}
+
+// NCHW backward of kGroup consecutive channels of one RoI: grad [kGroup, bins] -> planes [kGroup, H*W].
+template <int kGroup, typename scalar_t, typename acc_t>
+void scatter_planes(const SampleTable<acc_t>& table, int64_t bins, int64_t hw, const scalar_t* grad,
+                    acc_t* planes) {
+  for (int64_t bin = 0; bin < bins; ++bin) {
+    acc_t gv[kGroup];
+    for (int j = 0; j < kGroup; ++j) gv[j] = static_cast<acc_t>(grad[j * bins + bin]);
+    for (int64_t s = table.bin_begin[bin]; s < table.bin_begin[bin + 1]; ++s) {
+      const Bilinear<acc_t>& p = table.samples[s];
+      for (int j = 0; j < kGroup; ++j) {
+        acc_t* plane = planes + j * hw;
+        plane[p.p1] += p.w1 * gv[j];
+        plane[p.p2] += p.w2 * gv[j];
+        plane[p.p3] += p.w3 * gv[j];
+        plane[p.p4] += p.w4 * gv[j];
+      }
+    }
+  }
+}
 
 // Batch indices are read like torchvision (truncated to an integer) and must name an image.
 template <typename T>
@@ -112,19 +152,13 @@ void forward_impl(const scalar_t* input, const acc_t* rois, acc_t spatial_scale,
         }
       } else {
         // input [N, C, H, W], output [K, C, PH, PW]
-        for (int64_t c = c0; c < c0 + nc; ++c) {
-          const scalar_t* plane = input + (b * channels + c) * hw;
-          scalar_t* out = output + (k * channels + c) * bins;
-          for (int64_t bin = 0; bin < bins; ++bin) {
-            acc_t sum = 0;
-            for (int64_t s = table.bin_begin[bin]; s < table.bin_begin[bin + 1]; ++s) {
-              const Bilinear<acc_t>& p = table.samples[s];
-              sum += p.w1 * static_cast<acc_t>(plane[p.p1]) + p.w2 * static_cast<acc_t>(plane[p.p2]) +
-                     p.w3 * static_cast<acc_t>(plane[p.p3]) + p.w4 * static_cast<acc_t>(plane[p.p4]);
-            }
-            out[bin] = static_cast<scalar_t>(sum);
-          }
+        const scalar_t* plane = input + (b * channels + c0) * hw;
+        scalar_t* out = output + (k * channels + c0) * bins;
+        int64_t c = 0;
+        for (; c + kPlaneGroup <= nc; c += kPlaneGroup) {
+          pool_planes<kPlaneGroup>(table, bins, hw, plane + c * hw, out + c * bins);
         }
+        for (; c < nc; ++c) pool_planes<1>(table, bins, hw, plane + c * hw, out + c * bins);
       }
     }
   });
@@ -165,20 +199,13 @@ void backward_impl(const scalar_t* grad, const acc_t* rois, acc_t spatial_scale,
         }
       } else {
         // grad [K, C, PH, PW], grad_input [N, C, H, W]
-        for (int64_t c = c0; c < c1; ++c) {
-          const scalar_t* g = grad + (k * channels + c) * bins;
-          acc_t* plane = grad_input + (b * channels + c) * hw;
-          for (int64_t bin = 0; bin < bins; ++bin) {
-            const acc_t gv = static_cast<acc_t>(g[bin]);
-            for (int64_t s = table.bin_begin[bin]; s < table.bin_begin[bin + 1]; ++s) {
-              const Bilinear<acc_t>& p = table.samples[s];
-              plane[p.p1] += p.w1 * gv;
-              plane[p.p2] += p.w2 * gv;
-              plane[p.p3] += p.w3 * gv;
-              plane[p.p4] += p.w4 * gv;
-            }
-          }
+        const scalar_t* g = grad + (k * channels + c0) * bins;
+        acc_t* plane = grad_input + (b * channels + c0) * hw;
+        int64_t c = 0;
+        for (; c + kPlaneGroup <= nc; c += kPlaneGroup) {
+          scatter_planes<kPlaneGroup>(table, bins, hw, g + c * bins, plane + c * hw);
         }
+        for (; c < nc; ++c) scatter_planes<1>(table, bins, hw, g + c * bins, plane + c * hw);
       }
     }
   });
