@@ -49,6 +49,9 @@ def make_loader(dataset, store, backend: str = "cpu", batch_size: int = 64, work
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if len(dataset) == 0:
         raise ValueError("make_loader: the dataset is empty")
+    if drop_last and len(dataset) // world_size < batch_size:
+        raise ValueError(f"make_loader: {len(dataset)} images on {world_size} rank(s) give no full batch of "
+                         f"{batch_size}; lower batch_size or pass drop_last=False")
     if isinstance(store, (str, os.PathLike)):
         store = ProposalStore(os.fspath(store))
     if check_store:

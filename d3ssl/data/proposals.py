@@ -245,6 +245,16 @@ def _decode_bgr(path: str):
         return decode_image(f.read(), bgr=True)
 
 
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file header alone (a truncated file often still has one), else (0, 0)."""
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001
+        return 0, 0
+
+
 def _chunk_path(partial: str, c: int) -> str:
     return os.path.join(partial, f"chunk_{c:07d}.bin")
 
@@ -261,7 +271,7 @@ def _run_chunk(job):
             b = proposals_for_image(img, key, cfg)
             st = STATUS_OK
         except Exception as e:  # noqa: BLE001  (any unreadable file: report, whole-image box, go on)
-            w, h = hint or (0, 0)
+            w, h = hint or _header_size(path)
             b = np.array([[0, 0, w, h]], np.float32)
             st = STATUS_UNREADABLE
             failures.append(f"{key}: {type(e).__name__}: {e}")
@@ -296,7 +306,7 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
         stop_after_chunks: stop after this many new chunks (a deliberate interruption; returns None).
 
     Returns the opened store. Unreadable images are reported with warnings.warn and get the
-    whole-image box (size from the annotations when known, else 0x0)."""
+    whole-image box (size from the annotations, else from the file header, else 0x0)."""
     cfg = cfg or ProposalConfig()
     cfg = ProposalConfig(**{**asdict(cfg), "max_side": int(max_side)})
     if cfg.max_side < 16:
@@ -371,6 +381,17 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
     if failures and progress:
         print(f"{len(failures)} unreadable image(s) got the whole-image box", file=sys.stderr)
     return ProposalStore(out_path)
+
+
+def ensure_proposals(dataset, path: str | None = None, **generate_kw) -> ProposalStore:
+    """The dataset's proposals store at `path` (default: :func:`default_store_path`), generated first
+    when missing (``generate_kw`` go to :func:`generate_proposals`); refuses a store of other images."""
+    path = path or default_store_path(dataset)
+    if not os.path.isfile(path):
+        generate_proposals(dataset, path, **generate_kw)
+    store = ProposalStore(path)
+    store.check_matches(dataset)
+    return store
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 
 # class id (1-based, COCO style) -> (name, shape, texture)
 CLASSES = [
@@ -170,13 +170,21 @@ def _random_colour(rng):
     return rng.uniform(0, 255, 3).astype(np.float32)
 
 
+def _noise(rng, shape, amplitude):
+    """Zero-mean uniform pixel noise in [-amplitude, amplitude], float32 (much cheaper than normal)."""
+    noise = rng.random(shape, dtype=np.float32)
+    noise -= 0.5
+    noise *= 2 * amplitude
+    return noise
+
+
 def _background(h, w, rng):
     """Low-frequency coloured noise plus a few random lines: textured, but unlike any object class."""
     small = rng.uniform(0, 255, (max(2, h // 24), max(2, w // 24), 3)).astype(np.float32)
     bg = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     base = _random_colour(rng)
     bg = np.clip(0.55 * bg + 0.45 * base, 0, 255)
-    bg += rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    bg += _noise(rng, (h, w, 3), 8.0)
     for _ in range(int(rng.integers(2, 7))):
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
@@ -188,8 +196,7 @@ def render_image(rng: np.random.Generator, width: int, height: int):
     """One scene. Returns (uint8 BGR [H,W,3], list of (class_id, x, y, w, h, visible_area))."""
     img = _background(height, width, rng)
     owner = np.zeros((height, width), np.int16)     # which object (1-based) owns each pixel
-    full_areas = []
-    classes = []
+    full_areas, visible, classes, placed = [], [], [], []
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     short = min(width, height)
     for _ in range(n):
@@ -212,8 +219,7 @@ def render_image(rng: np.random.Generator, width: int, height: int):
             if under.any():
                 ids, counts = np.unique(under[under > 0], return_counts=True)
                 for j, c in zip(ids, counts):
-                    visible = (owner == j).sum()
-                    if visible - c < (1 - MAX_HIDDEN) * full_areas[j - 1]:
+                    if visible[j - 1] - c < (1 - MAX_HIDDEN) * full_areas[j - 1]:
                         ok = False
                         break
             if not ok:
@@ -225,17 +231,23 @@ def render_image(rng: np.random.Generator, width: int, height: int):
             patch = c1 * t[..., None] + c2 * (1 - t[..., None])
             region = img[ay0:ay1, ax0:ax1]
             region[m] = patch[m]
+            if under.any():
+                for j, c in zip(ids, counts):
+                    visible[j - 1] -= int(c)
             owner[ay0:ay1, ax0:ax1][m] = len(full_areas) + 1
             full_areas.append(int(m.sum()))
+            visible.append(int(m.sum()))
             classes.append(cls + 1)
+            placed.append((ax0, ay0, ax1, ay1))
             break
     img = cv2.GaussianBlur(img, (3, 3), 0.5)       # soften aliasing, as a camera would
-    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    img = np.clip(img + _noise(rng, img.shape, 4.0), 0, 255).astype(np.uint8)
     objects = []
-    for j, cls in enumerate(classes, start=1):
-        ys, xs = np.nonzero(owner == j)
+    for j, (cls, (ax0, ay0, ax1, ay1)) in enumerate(zip(classes, placed), start=1):
+        ys, xs = np.nonzero(owner[ay0:ay1, ax0:ax1] == j)     # an object only ever owns pixels of its box
         if len(xs) == 0:
             continue
+        xs, ys = xs + ax0, ys + ay0
         x, y = int(xs.min()), int(ys.min())
         objects.append((cls, x, y, int(xs.max()) + 1 - x, int(ys.max()) + 1 - y, int(len(xs))))
     return img, objects

@@ -106,7 +106,8 @@ def _survivors(props, crop, sx1, sy1, cfg):
     ok = (iw * ih >= cfg.min_overlap * area) & (iw * ih > 0)
     ok &= (iw * s / w >= cfg.min_box_size) & (ih * s / h >= cfg.min_box_size)
     # view 1 sees the whole proposal (clipped to the image)
-    ok &= ((props[:, 2] - props[:, 0]) * sx1 >= cfg.min_box_size) & ((props[:, 3] - props[:, 1]) * sy1 >= cfg.min_box_size)
+    ok &= (props[:, 2] - props[:, 0]) * sx1 >= cfg.min_box_size
+    ok &= (props[:, 3] - props[:, 1]) * sy1 >= cfg.min_box_size
     return np.nonzero(ok)[0]
 
 

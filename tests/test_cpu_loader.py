@@ -1,0 +1,247 @@
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from d3ssl.data import Batch, ColourConfig, ImageFolder, ViewConfig, make_loader
+from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
+from d3ssl.data.colour import ColourParams, apply_colour, normalize, sample_colour
+from d3ssl.data.cpu_loader import EpochBatchSampler, _normalised
+from d3ssl.data.proposals import ProposalStore, write_store
+
+S = 96
+COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
+                    [255, 128, 0], [128, 0, 255]], np.uint8)
+
+
+@pytest.fixture(scope="module")
+def boxes_dataset(tmp_path_factory):
+    """PNG images (black) where each proposal is a rectangle of its own colour, and their store."""
+    root = tmp_path_factory.mktemp("boxes")
+    rng = np.random.default_rng(0)
+    keys, all_boxes, sizes, colour_of = [], [], [], {}
+    for i in range(10):
+        w, h = int(rng.integers(150, 260)), int(rng.integers(120, 220))
+        img = np.zeros((h, w, 3), np.uint8)
+        boxes = []
+        # a 3x2 grid of cells with one rectangle each (no overlaps), random size inside the cell
+        for c in range(6):
+            cx, cy = (c % 3) * w // 3, (c // 3) * h // 2
+            bw, bh = int(rng.integers(w // 6, w // 3 - 2)), int(rng.integers(h // 4, h // 2 - 2))
+            x1 = cx + int(rng.integers(0, w // 3 - bw)); y1 = cy + int(rng.integers(0, h // 2 - bh))
+            img[y1:y1 + bh, x1:x1 + bw] = COLOURS[(c + i) % len(COLOURS)]
+            boxes.append([x1, y1, x1 + bw, y1 + bh])
+        key = f"{i:02d}.png"
+        cv2.imwrite(str(root / key), img[:, :, ::-1])
+        keys.append(key)
+        all_boxes.append(np.array(boxes, np.float32))
+        sizes.append((w, h))
+        colour_of[key] = [COLOURS[(c + i) % len(COLOURS)] for c in range(6)]
+    store = str(tmp_path_factory.mktemp("store") / "p.bin")
+    write_store(store, keys, all_boxes, np.array(sizes), np.zeros(len(keys)))
+    return ImageFolder(str(root)), store, colour_of
+
+
+def _pixels(view):
+    """Normalised [3,H,W] -> uint8-scale float [H,W,3]."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((view * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def _box_colour(pixels, box, margin):
+    x1, y1, x2, y2 = box
+    region = pixels[int(np.ceil(y1)) + margin:int(np.floor(y2)) - margin,
+                    int(np.ceil(x1)) + margin:int(np.floor(x2)) - margin]
+    assert region.size, box
+    return np.median(region.reshape(-1, 3), 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_boxes_find_their_colours_through_the_loader(boxes_dataset, workers):
+    ds, store, colour_of = boxes_dataset
+    loader = make_loader(ds, store, batch_size=5, workers=workers, view_cfg=ViewConfig(size=S),
+                         colour_cfg=ColourConfig(enabled=False), seed=1)
+    checked = 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for b in range(batch.size):
+                key = ds.key(int(batch.image_id[b]))
+                colours = np.array(colour_of[key], np.float32)
+                p1, p2, p2s = _pixels(batch.view1[b]), _pixels(batch.view2[b]), _pixels(batch.view2_small[b])
+                for k in range(batch.boxes1.shape[1]):
+                    if not batch.box_valid[b, k]:
+                        continue
+                    c1 = _box_colour(p1, batch.boxes1[b, k].tolist(), 2)
+                    c2 = _box_colour(p2, batch.boxes2[b, k].tolist(), 2)
+                    c2s = _box_colour(p2s, (batch.boxes2[b, k] / 2).tolist(), 1)
+                    # the colour is one of the image's proposals, the same one in all three views
+                    j = np.abs(colours - c1).max(1).argmin()
+                    assert np.abs(colours[j] - c1).max() < 12, (key, k, c1)
+                    assert np.abs(colours[j] - c2).max() < 12, (key, k, c2)
+                    assert np.abs(colours[j] - c2s).max() < 24, (key, k, c2s)
+                    checked += 1
+    assert checked > 60
+
+
+def test_batch_contract_and_normalisation(boxes_dataset):
+    ds, store, _ = boxes_dataset
+    loader = make_loader(ds, store, batch_size=4, workers=0, view_cfg=ViewConfig(size=S),
+                         colour_cfg=ColourConfig(enabled=False))
+    assert len(loader) == 2
+    batch = next(iter(loader))
+    assert isinstance(batch, Batch)
+    batch.validate()
+    assert batch.view1.shape == (4, 3, S, S) and batch.view2_small.shape == (4, 3, S // 2, S // 2)
+    for v in (batch.view1, batch.view2, batch.view2_small):
+        assert v.dtype == torch.float32 and v.is_contiguous(memory_format=torch.channels_last)
+    assert batch.boxes1.shape == (4, 4, 4) and batch.boxes1.dtype == torch.float32
+    assert batch.box_valid.dtype == torch.bool and batch.image_id.dtype == torch.int64
+    # black pixels normalise to -mean/std (float64 reference)
+    black = -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)
+    corner = batch.view1[:, :, 0, 0].double().numpy()
+    np.testing.assert_allclose(corner, np.tile(black, (4, 1)), atol=1e-5)
+    ref = (np.arange(256)[:, None] / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)
+    np.testing.assert_allclose(normalize(ramp), ref, atol=1e-5)
+    # the collate path: every value in every channel, against the float64 reference
+    images = [np.roll(ramp, k, 0).reshape(16, 16, 3) for k in range(2)]
+    got = _normalised(images)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 16, 16)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for k in range(2):
+        np.testing.assert_allclose(got[k].permute(1, 2, 0).reshape(256, 3).numpy(), np.roll(ref, k, 0), atol=1e-5)
+
+
+def test_seeded_and_worker_independent(boxes_dataset):
+    ds, store, _ = boxes_dataset
+    kw = dict(batch_size=4, view_cfg=ViewConfig(size=S), seed=3)
+    a = next(iter(make_loader(ds, store, workers=0, **kw)))
+    b = next(iter(make_loader(ds, store, workers=2, **kw)))
+    for name in ("view1", "view2", "view2_small", "boxes1", "boxes2", "box_valid", "image_id"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    other = make_loader(ds, store, workers=0, **kw)
+    other.set_epoch(1)
+    c = next(iter(other))
+    assert not torch.equal(a.image_id, c.image_id) or not torch.equal(a.view2, c.view2)
+    d = next(iter(make_loader(ds, store, workers=0, **{**kw, "seed": 4})))
+    assert not torch.equal(a.view1, d.view1)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_sharding_no_duplicates_no_drops(drop_last, world_size):
+    n, bs = 53, 4
+    seen = []
+    lengths = []
+    for rank in range(world_size):
+        s = EpochBatchSampler(n, bs, seed=7, rank=rank, world_size=world_size, drop_last=drop_last)
+        s.set_epoch(2)
+        batches = list(s)
+        assert len(batches) == len(s)
+        assert all(e == 2 for batch in batches for _, e in batch)
+        lengths.append(len(batches))
+        seen += [i for batch in batches for i, _ in batch]
+        if drop_last:
+            assert all(len(batch) == bs for batch in batches)
+    assert len(seen) == len(set(seen))
+    if drop_last:
+        per_rank = n // world_size
+        assert len(seen) == world_size * (per_rank // bs * bs) and len(set(lengths)) == 1
+    else:
+        assert sorted(seen) == list(range(n))
+
+
+def test_corrupt_file_is_skipped_and_counted(boxes_dataset, tmp_path):
+    ds, store, _ = boxes_dataset
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(len(ds)):
+        (root / ds.key(i)).write_bytes(ds.read_bytes(i))
+    (root / "03b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    bad = ImageFolder(str(root))
+    src = ProposalStore(store)
+    keys = [bad.key(i) for i in range(len(bad))]
+    boxes = [np.array(src.boxes(src.index_of(k))) if k in src.keys else np.zeros((1, 4), np.float32) for k in keys]
+    sizes = [src.size(src.index_of(k)) if k in src.keys else (0, 0) for k in keys]
+    write_store(str(tmp_path / "p.bin"), keys, boxes, np.array(sizes), np.array([k not in src.keys for k in keys]))
+    loader = make_loader(bad, str(tmp_path / "p.bin"), batch_size=3, workers=0, drop_last=False, shuffle=False,
+                         view_cfg=ViewConfig(size=S))
+    broken = keys.index("03b_broken.png")
+    with pytest.warns(UserWarning, match="unreadable"):
+        ids = torch.cat([b.image_id for b in loader]).tolist()
+    assert len(ids) == len(bad) and loader.skipped == 1 and loader.skipped_keys == ["03b_broken.png"]
+    assert broken not in ids and ids.count(broken + 1) == 2       # replaced by the next image
+
+
+def test_make_loader_errors(boxes_dataset, tmp_path):
+    ds, store, _ = boxes_dataset
+    with pytest.raises(ValueError, match="backend"):
+        make_loader(ds, store, backend="tpu")
+    with pytest.raises(ValueError, match="rank"):
+        make_loader(ds, store, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(ds, store, batch_size=0)
+    with pytest.raises(ValueError, match="no full batch"):
+        make_loader(ds, store, batch_size=6, world_size=2)
+    write_store(str(tmp_path / "other.bin"), ["a.png"], [np.zeros((1, 4), np.float32)], np.ones((1, 2)), np.zeros(1))
+    with pytest.raises(ValueError, match="regenerate"):
+        make_loader(ds, str(tmp_path / "other.bin"), batch_size=2)
+    with pytest.raises(FileNotFoundError, match="proposals store"):
+        make_loader(ds, str(tmp_path / "missing.bin"), batch_size=2)
+
+
+# ---- colour augmentation against torchvision's definitions ---------------------------------------
+
+def _tv(img, fn, *args):
+    t = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    return fn(t, *args).permute(1, 2, 0).numpy().astype(np.float64)
+
+
+@pytest.fixture
+def photo():
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (64, 64), interpolation=cv2.INTER_CUBIC)
+    return img
+
+
+@pytest.mark.parametrize("op,field,value,tv_fn,tol", [
+    (0, "brightness", 1.3, TF.adjust_brightness, 0.6),
+    (1, "contrast", 0.7, TF.adjust_contrast, 0.6),
+    (2, "saturation", 1.2, TF.adjust_saturation, 0.6),
+    (3, "hue", 0.08, TF.adjust_hue, 3.0),
+])
+def test_jitter_matches_torchvision(photo, op, field, value, tv_fn, tol):
+    p = ColourParams(order=(op,), jitter=True, **{field: value})
+    ours = apply_colour(photo.copy(), p).astype(np.float64)
+    ref = _tv(photo, tv_fn, value)
+    assert np.abs(ours - ref).mean() < tol, np.abs(ours - ref).mean()
+    assert np.abs(ours - photo).mean() > 2          # it did something
+
+
+def test_grayscale_solarize_blur(photo):
+    g = apply_colour(photo.copy(), ColourParams(grayscale=True)).astype(np.float64)
+    assert np.abs(g - _tv(photo, TF.rgb_to_grayscale, 3)).max() <= 1
+    s = apply_colour(photo.copy(), ColourParams(solarize=True)).astype(np.float64)
+    assert np.array_equal(s, _tv(photo, TF.solarize, 128))
+    b = apply_colour(photo.copy(), ColourParams(blur_sigma=1.5)).astype(np.float64)
+    ref = _tv(photo, TF.gaussian_blur, [9, 9], [1.5, 1.5])
+    assert np.abs(b - ref)[8:-8, 8:-8].mean() < 1.0
+
+
+def test_colour_draw_probabilities():
+    cfg = ColourConfig()
+    rng = np.random.default_rng(0)
+    n = 4000
+    v1 = [sample_colour(rng, cfg, 0) for _ in range(n)]
+    v2 = [sample_colour(rng, cfg, 1) for _ in range(n)]
+    assert abs(np.mean([p.jitter for p in v1]) - 0.8) < 0.03
+    assert abs(np.mean([p.grayscale for p in v2]) - 0.2) < 0.03
+    assert all(p.blur_sigma > 0 for p in v1) and abs(np.mean([p.blur_sigma > 0 for p in v2]) - 0.1) < 0.02
+    assert not any(p.solarize for p in v1) and abs(np.mean([p.solarize for p in v2]) - 0.2) < 0.03
+    j = [p for p in v1 if p.jitter]
+    assert min(p.brightness for p in j) >= 0.6 and max(p.brightness for p in j) <= 1.4
+    assert min(p.hue for p in j) >= -0.1 and max(p.hue for p in j) <= 0.1
+    assert all(sample_colour(rng, ColourConfig(enabled=False), 1) == ColourParams() for _ in range(10))

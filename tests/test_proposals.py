@@ -1,0 +1,197 @@
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from d3ssl.data.datasets import ImageFolder, open_dataset
+from d3ssl.data.proposals import (ProposalConfig, ProposalStore, STATUS_UNREADABLE, default_store_path,
+                                  ensure_proposals, filter_boxes, generate_proposals, main, write_store)
+from d3ssl.data.synthetic import ensure_synthetic
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return ensure_synthetic(str(tmp_path_factory.mktemp("syn")), seed=5, num_train=7, num_val=2,
+                            image_size=(100, 150), workers=1)
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root, tmp_path_factory):
+    """A folder of 7 real scenes (synthetic set, 100-150 px) in two sub-folders."""
+    root = synthetic_root
+    out = tmp_path_factory.mktemp("imgs")
+    for i, name in enumerate(sorted(os.listdir(os.path.join(root, "train")))):
+        dst = out / ("a" if i % 2 else "b") / name
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy(os.path.join(root, "train", name), dst)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def store_path(images, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("store") / "p.bin")
+    generate_proposals(ImageFolder(images), out, max_side=128, workers=1, chunk_size=3, progress=False)
+    return out
+
+
+def _check_rules(boxes, w, h, cfg):
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    size = (bw >= cfg.min_size) & (bh >= cfg.min_size)
+    ratio = (bw / bh >= 1 / cfg.max_aspect) & (bw / bh <= cfg.max_aspect)
+    scale = np.sqrt(bw * bh / (w * h))
+    return size, ratio, (scale >= cfg.min_scale) & (scale <= cfg.max_scale)
+
+
+def test_store_contents_follow_the_filter(images, store_path):
+    ds, store = ImageFolder(images), ProposalStore(store_path)
+    cfg = ProposalConfig()
+    store.check_matches(ds)
+    assert store.keys == [ds.key(i) for i in range(len(ds))]
+    for i in range(len(ds)):
+        img = cv2.imread(ds.path(i))
+        h, w = img.shape[:2]
+        b = store.boxes(i)
+        assert b.dtype == np.float32 and b.ndim == 2 and b.shape[1] == 4 and 1 <= len(b) <= cfg.max_boxes
+        assert store.size(i) == (w, h) and store.status(i) == 0
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        assert len(np.unique(b, axis=0)) == len(b)                       # no duplicates
+        size, ratio, scale = _check_rules(b.astype(np.float64), w, h, cfg)
+        # either every rule holds for every box, or (fallback) a reduced rule set does
+        assert size.all() or (len(b) == 1 and tuple(b[0]) == (0, 0, w, h))
+        # independent run of OpenCV's selective search: every stored box is one of its rectangles
+        f = min(1.0, 128 / max(w, h))     # never upscaled
+        small = cv2.resize(img, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA) if f < 1 else img
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(small)
+        ss.switchToSelectiveSearchFast()
+        r = ss.process().astype(np.float64)
+        sx, sy = w / small.shape[1], h / small.shape[0]
+        ref = np.stack([r[:, 0] * sx, r[:, 1] * sy, np.minimum((r[:, 0] + r[:, 2]) * sx, w),
+                        np.minimum((r[:, 1] + r[:, 3]) * sy, h)], 1)
+        ok = size & ratio & scale
+        refs_ok = np.all(_check_rules(ref, w, h, cfg), axis=0)
+        if refs_ok.any():
+            assert ok.all()
+            expected = np.unique(ref[refs_ok].astype(np.float32), axis=0)
+            if len(expected) <= cfg.max_boxes:
+                np.testing.assert_allclose(np.unique(b, axis=0), expected, atol=1e-3)
+            else:
+                assert len(b) == cfg.max_boxes
+
+
+def test_filter_fallbacks():
+    cfg = ProposalConfig()
+    w = h = 200
+    good = [20, 20, 120, 120]            # scale 0.5, square
+    huge = [0, 0, 200, 190]              # scale > 0.8
+    thin = [0, 0, 150, 40]               # ratio 3.75
+    tiny = [0, 0, 20, 20]
+    b, lvl = filter_boxes(np.array([good, huge, thin, tiny]), w, h, cfg)
+    assert lvl == 0 and b.tolist() == [good]
+    b, lvl = filter_boxes(np.array([huge, thin, tiny]), w, h, cfg)
+    assert lvl == 1 and b.tolist() == [huge]
+    b, lvl = filter_boxes(np.array([thin, tiny]), w, h, cfg)
+    assert lvl == 2 and b.tolist() == [thin]
+    b, lvl = filter_boxes(np.array([tiny]), w, h, cfg)
+    assert lvl == 3 and b.tolist() == [[0, 0, w, h]]
+    b, lvl = filter_boxes(np.zeros((0, 4)), w, h, cfg)
+    assert lvl == 3 and b.tolist() == [[0, 0, w, h]]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(images, store_path, tmp_path):
+    out = str(tmp_path / "p.bin")
+    ds = ImageFolder(images)
+    assert generate_proposals(ds, out, max_side=128, workers=1, chunk_size=3, progress=False,
+                              stop_after_chunks=1) is None
+    assert not os.path.exists(out) and len(os.listdir(out + ".partial")) == 2   # manifest + 1 chunk
+    # a chunk file written halfway (killed while writing) is a temp file, never picked up
+    open(os.path.join(out + ".partial", "chunk_0000001.bin.tmp-1"), "wb").write(b"partial")
+    store = generate_proposals(ds, out, max_side=128, workers=2, chunk_size=3, progress=False)
+    assert not os.path.exists(out + ".partial")
+    assert open(out, "rb").read() == open(store_path, "rb").read()
+    assert len(store) == len(ds)
+
+
+def test_changed_settings_restart(images, tmp_path):
+    out = str(tmp_path / "p.bin")
+    ds = ImageFolder(images)
+    generate_proposals(ds, out, max_side=128, workers=1, chunk_size=3, progress=False, stop_after_chunks=1)
+    with pytest.warns(UserWarning, match="starting over"):
+        store = generate_proposals(ds, out, max_side=96, workers=1, chunk_size=3, progress=False)
+    assert store.params["max_side"] == 96
+
+
+def test_corrupt_image_gets_whole_image_box(images, tmp_path):
+    root = tmp_path / "imgs"
+    shutil.copytree(images, root)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = cv2.imread(os.path.join(images, "a", sorted(os.listdir(os.path.join(images, "a")))[0]))
+    ok, buf = cv2.imencode(".jpg", good)
+    (root / "truncated.jpg").write_bytes(buf.tobytes()[:len(buf) // 3])
+    ds = ImageFolder(str(root))
+    with pytest.warns(UserWarning, match="unreadable image"):
+        store = generate_proposals(ds, str(tmp_path / "p.bin"), max_side=128, workers=1, progress=False)
+    i = store.index_of("broken.jpg")
+    assert store.status(i) == STATUS_UNREADABLE and store.boxes(i).tolist() == [[0, 0, 0, 0]]
+    j = store.index_of("truncated.jpg")
+    h, w = good.shape[:2]
+    # either decoded partially by OpenCV, or unreadable with the size from its header
+    if store.status(j) == STATUS_UNREADABLE:
+        assert store.boxes(j).tolist() == [[0, 0, w, h]]
+    assert store.params["unreadable"] >= 1
+    others = [k for k in range(len(ds)) if ds.key(k) not in ("broken.jpg", "truncated.jpg")]
+    assert all(store.status(k) == 0 for k in others)
+
+
+def test_cli_and_default_path(images, store_path, tmp_path, capsys):
+    out = str(tmp_path / "cli.bin")
+    main(["--images", images, "--out", out, "--max-side", "128", "--workers", "1", "--chunk-size", "3"])
+    assert "wrote" in capsys.readouterr().out
+    assert open(out, "rb").read() == open(store_path, "rb").read()
+    assert default_store_path(ImageFolder(images)) == os.path.normpath(images) + ".proposals"
+
+
+def test_cli_coco_and_ensure(synthetic_root, tmp_path):
+    ann = os.path.join(synthetic_root, "annotations", "instances_val.json")
+    main(["--coco", ann, "--workers", "1", "--max-side", "96"])
+    ds = open_dataset(ann)
+    path = default_store_path(ds)
+    assert path == os.path.join(synthetic_root, "val.proposals") and os.path.isfile(path)
+    store = ensure_proposals(ds)                         # exists: opened and checked, not regenerated
+    assert store.params["max_side"] == 96 and len(store) == 2
+    fresh = ensure_proposals(ds, str(tmp_path / "v.bin"), max_side=64, workers=1, progress=False)
+    assert fresh.params["max_side"] == 64
+    with pytest.raises(ValueError, match="does not match|images but"):
+        ensure_proposals(open_dataset(synthetic_root, "train"), path)
+
+
+def test_store_roundtrip_and_errors(tmp_path, images, store_path):
+    p = str(tmp_path / "s.bin")
+    boxes = [np.array([[1, 2, 3, 4]], np.float32), np.zeros((0, 4), np.float32),
+             np.arange(12, dtype=np.float32).reshape(3, 4)]
+    write_store(p, ["x.jpg", "dir/ü.png", "z.jpg"], boxes, np.array([[10, 20], [1, 1], [5, 6]]),
+                np.array([0, 1, 0]))
+    s = ProposalStore(p)
+    assert len(s) == 3 and s.keys == ["x.jpg", "dir/ü.png", "z.jpg"] and s.num_boxes == 4
+    for i in range(3):
+        np.testing.assert_array_equal(s.boxes(i), boxes[i])
+    assert s.size(2) == (5, 6) and s.status(1) == 1
+    assert isinstance(s._boxes, np.memmap)
+    import pickle
+    s2 = pickle.loads(pickle.dumps(s))               # what a loader worker receives: the path only
+    np.testing.assert_array_equal(s2.boxes(2), boxes[2])
+
+    with pytest.raises(ValueError, match="has 3 images but the dataset has"):
+        s.check_matches(ImageFolder(images))
+    ds = ImageFolder(images)
+    write_store(p, [ds.key(i) + "x" for i in range(len(ds))], [np.zeros((1, 4), np.float32)] * len(ds),
+                np.ones((len(ds), 2)), np.zeros(len(ds)))
+    with pytest.raises(ValueError, match="does not match the dataset"):
+        ProposalStore(p).check_matches(ds)
+    with pytest.raises(FileNotFoundError, match="python -m d3ssl.data.proposals"):
+        ProposalStore(str(tmp_path / "none.bin"))
+    (tmp_path / "junk.bin").write_bytes(b"0123456789abcdef")
+    with pytest.raises(ValueError, match="not a d3ssl proposals store"):
+        ProposalStore(str(tmp_path / "junk.bin"))
