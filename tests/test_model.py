@@ -1,10 +1,12 @@
 """ResNet-C4 region features and the D3SSL / SoCo method modules (tiny ResNet-18, 64-px views)."""
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 import torch
 import torchvision
 
+from d3ssl.augment.stage import RegionConfig, RegionViews, region_stage, soco_stage
+from d3ssl.data.batch import Batch
 from d3ssl.model import D3SSL, ModelConfig, ResNetC4, SoCo, build_method
 from tests.test_losses import ref_d3ssl
 
@@ -16,6 +18,16 @@ def tiny_cfg(**kw):
                 roi_size=4)
     base.update(kw)
     return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared
+    # (OpenMP threads spin-waiting on busy cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 _BUILT = {}
@@ -45,7 +57,7 @@ def make_views(seed=0, valid=None, x3=True):
     img = lambda s: torch.randn(B, 3, s, s, generator=g).contiguous(memory_format=torch.channels_last)
     if valid is None:
         valid = torch.tensor([[True, True, False], [True, False, True]])
-    return SimpleNamespace(
+    return RegionViews(
         x1_hat=img(S), x2s_hat=img(S // 2), x3=img(S) if x3 else None, x1=img(S), x2=img(S),
         boxes_x1_hat=rand_boxes(g, S), boxes_x2s_hat=rand_boxes(g, S // 2),
         boxes_x3=rand_boxes(g, S) if x3 else None, boxes_x1=rand_boxes(g, S), boxes_x2=rand_boxes(g, S),
@@ -115,11 +127,11 @@ def test_padded_boxes_do_not_change_loss_or_gradients():
     v = make_views()
     grads = []
     for shift in (0.0, 9.0):
-        w = SimpleNamespace(**vars(v))
+        moved = {}
         for name in ("boxes_x1_hat", "boxes_x3", "boxes_x1", "boxes_x2"):
-            bx = getattr(v, name).clone()
-            bx[~v.valid] = torch.tensor([shift, shift, shift + 20.0, shift + 30.0])
-            setattr(w, name, bx)
+            moved[name] = getattr(v, name).clone()
+            moved[name][~v.valid] = torch.tensor([shift, shift, shift + 20.0, shift + 30.0])
+        w = dataclasses.replace(v, **moved)
         m.zero_grad()
         out = m(w)
         out["loss"].backward()
@@ -228,7 +240,7 @@ def test_bad_config_and_views_are_rejected():
         ModelConfig(roi_size=7)
     m = fresh_method()
     v = make_views()
-    v.boxes_x2 = v.boxes_x2[:, :, :3]
+    v = dataclasses.replace(v, boxes_x2=v.boxes_x2[:, :, :3])
     with pytest.raises(ValueError, match="boxes_x2"):
         m(v)
 
@@ -239,3 +251,81 @@ def test_checkpoint_round_trip_has_the_queue():
     m2 = fresh_method()
     m2.load_state_dict(m.state_dict())
     assert torch.equal(m2.queue, m.queue) and int(m2.queue_filled) == int(m.queue_filled)
+
+
+@pytest.mark.parametrize("method", ["d3ssl", "soco"])
+def test_one_step_from_a_batch_through_the_region_stage(method):
+    """Batch -> region stage -> method: a finite loss, gradients in the student, the queue filled."""
+    g = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+    boxes1, boxes2 = rand_boxes(g, S), rand_boxes(g, S)
+    batch = Batch(view1=torch.randn(B, 3, S, S, generator=g).contiguous(memory_format=cl),
+                  view2=torch.randn(B, 3, S, S, generator=g).contiguous(memory_format=cl),
+                  view2_small=torch.randn(B, 3, S // 2, S // 2, generator=g).contiguous(memory_format=cl),
+                  boxes1=boxes1, boxes2=boxes2, box_valid=torch.tensor([[True, True, False], [True] * 3]),
+                  image_id=torch.arange(B)).validate()
+    m = fresh_method(method=method)
+    views = region_stage(batch, g, RegionConfig()) if method == "d3ssl" else soco_stage(batch, g)
+    out = m(views)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert m.online_backbone.trunk[0].weight.grad is not None
+    if method == "d3ssl":
+        assert views.x3 is not None and int(m.queue_filled) == 2 * 5
+        assert out["l_dc"].item() == 0.0          # the queue was empty: only positives
+        out = m(region_stage(batch, g, RegionConfig()))
+        assert out["l_dc"].item() > 0 and out["l_dp"].item() > 0
+
+
+def _enqueue_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m = build_method(tiny_cfg(queue_size=8))
+        feats = torch.full((3, 16), float(rank + 1))
+        feats[:, 0] = torch.arange(3) + 10 * rank          # distinct rows, recognisable after normalising
+        valid = torch.tensor([True, rank == 0, True])
+        m.enqueue(feats, valid)
+        torch.save({"queue": m.queue, "filled": int(m.queue_filled)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_enqueue_gathers_all_ranks_in_rank_order(tmp_path):
+    """Two gloo processes: each rank's queue holds rank 0's valid rows, then rank 1's."""
+    import torch.multiprocessing as mp
+    mp.spawn(_enqueue_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    q0, q1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(q0["queue"], q1["queue"]) and q0["filled"] == q1["filled"] == 5
+    want = []
+    for rank, rows in ((0, [0, 1, 2]), (1, [0, 2])):
+        for i in rows:
+            f = torch.full((16,), float(rank + 1))
+            f[0] = i + 10 * rank
+            want.append(torch.nn.functional.normalize(f, dim=0))
+    torch.testing.assert_close(q0["queue"][:5], torch.stack(want))
+
+
+def test_enqueue_more_rows_than_slots_keeps_the_latest():
+    m = fresh_method(queue_size=4)
+    m.enqueue(torch.randn(1, 16), torch.tensor([True]))            # ptr 1
+    feats = torch.randn(7, 16)
+    valid = torch.tensor([True, False, True, True, True, True, True])
+    m.enqueue(feats, valid)
+    kept = torch.nn.functional.normalize(feats[valid], dim=1)[-4:]  # the latest 4 of 6
+    # kept rows have ranks 2..5 among the 6, written to slots (1 + rank) mod 4 = 3, 0, 1, 2
+    torch.testing.assert_close(m.queue[[3, 0, 1, 2]], kept)
+    assert int(m.queue_ptr) == (1 + 6) % 4 and int(m.queue_filled) == 4
+
+
+def test_bf16_autocast_step_is_finite_and_loss_float32():
+    m = fresh_method()
+    m.queue_filled.fill_(64)
+    m.queue.copy_(torch.nn.functional.normalize(torch.randn(64, 16), dim=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(make_views())
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["loss"] > 0
+    assert m.queue.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in m.predictor.parameters())

@@ -15,6 +15,16 @@ from d3ssl.eval import oknn
 from d3ssl.model import ModelConfig, ResNetC4, build_method
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared
+    # (OpenMP threads spin-waiting on busy cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def clustered(n_classes, per_class, d, g, noise=0.05):
     centres = F.normalize(torch.randn(n_classes, d, generator=g), dim=1)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
@@ -162,10 +172,11 @@ def test_evaluate_and_cli(tiny_coco, tmp_path, capsys):
             p.add_(0.01)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    torch.save({"model": method.state_dict(), "config": {"model": asdict(cfg)}, "step": 3},
-               run / "checkpoints" / "step_3.pt")
+    torch.save({"model": method.state_dict(), "config": {"model": asdict(cfg)}, "step": 12},
+               run / "checkpoints" / "step_00000012.pt")
+    torch.save({"model": {}, "config": {}}, run / "checkpoints" / "step_00000003.pt")  # newer file
     backbone, arch, path = oknn.load_backbone(str(run))
-    assert arch == "resnet18" and path.endswith("step_3.pt")
+    assert arch == "resnet18" and path.endswith("step_00000012.pt")
     for a, b in zip(backbone.state_dict().values(), method.online_backbone.state_dict().values()):
         assert torch.equal(a, b)
 

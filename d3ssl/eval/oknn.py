@@ -18,6 +18,7 @@ import io
 import glob
 import json
 import os
+import re
 from collections import Counter
 
 import cv2
@@ -266,8 +267,11 @@ def _checkpoint_file(path: str) -> str:
     if os.path.isdir(path):
         found = [f for pattern in ("*.pt", "*.pth", "checkpoints/*.pt", "checkpoints/*.pth")
                  for f in glob.glob(os.path.join(path, pattern))]
-        if found:
-            return max(found, key=os.path.getmtime)
+        if found:  # the trainer's step_<N>.pt: highest step; other names: newest
+            def order(f):
+                m = re.match(r"^step_(\d+)\.pth?$", os.path.basename(f))
+                return (1, int(m.group(1)), 0.0) if m else (0, 0, os.path.getmtime(f))
+            return max(found, key=order)
     raise FileNotFoundError(f"--ckpt {path!r} is neither a checkpoint file nor a run folder holding "
                             f"*.pt / *.pth files (directly or in checkpoints/)")
 
@@ -308,7 +312,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="training checkpoint file, or a run folder (its newest *.pt)")
+    src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
+                                    "(its latest checkpoints/step_<N>.pt)")
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised network")
     p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
     p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,

@@ -10,6 +10,10 @@ Teacher inputs: x1, x2 (S px). With z_s = predictor(projector(student)), z_t = p
 nce is eq. (5), InfoNCE against a queue of teacher region features from earlier steps (MoCo).
 After the loss, the step's valid teacher features of both teacher views (x1 then x2, gathered from
 every rank) are enqueued. The queue starts empty (its first step has no negatives, so no gradient).
+
+Padding: the loss and its gradient ignore padded boxes exactly. In train mode the BatchNorm layers of
+res5 and of the heads still see the padded RoIs in their batch statistics (the loader pads by
+repeating real proposals, so they are ordinary regions); in eval mode nothing depends on them.
 """
 from __future__ import annotations
 
@@ -51,19 +55,23 @@ class D3SSL(StudentTeacher):
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, valid: torch.Tensor):
         """Writes the valid rows of feats [N,D] (normalised here) from every rank into the queue,
-        in rank order, from queue_ptr on with wraparound. Non-finite rows are left out."""
+        in rank order, from queue_ptr on with wraparound (when more rows than slots arrive, the
+        latest win). Non-finite rows are left out.
+
+        Only tensor ops, no host synchronisation: row i of the kept rows goes to slot
+        (ptr + i) mod M; rows left out go to scratch rows past the end, which are dropped.
+        """
         feats = concat_all_gather(feats.float().contiguous())
-        valid = concat_all_gather(valid.reshape(-1).contiguous())
-        keep = valid & torch.isfinite(feats).all(dim=1)
-        new = F.normalize(feats[keep], dim=1)
-        size = self.queue.shape[0]
-        if new.shape[0] > size:  # more than fits: the latest ones win
-            new = new[-size:]
-        n = new.shape[0]
-        if n == 0:
-            return
-        slots = (self.queue_ptr + torch.arange(n, device=new.device)) % size
-        self.queue.index_copy_(0, slots, new)
+        keep = concat_all_gather(valid.reshape(-1).contiguous()) & torch.isfinite(feats).all(dim=1)
+        size, n_rows = self.queue.shape[0], feats.shape[0]
+        rank = torch.cumsum(keep, dim=0) - 1            # position among the kept rows
+        n = keep.sum()
+        keep &= rank >= n - size                          # only the latest `size` fit
+        scratch = size + torch.arange(n_rows, device=feats.device)
+        slots = torch.where(keep, (self.queue_ptr + rank) % size, scratch)
+        extended = torch.cat([self.queue, self.queue.new_zeros(n_rows, self.queue.shape[1])])
+        extended.index_copy_(0, slots, F.normalize(torch.nan_to_num(feats), dim=1))
+        self.queue.copy_(extended[:size])
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
         self.queue_filled.copy_(torch.clamp(self.queue_filled + n, max=size))
 
