@@ -22,7 +22,8 @@ from d3ssl.data.proposals import ProposalStore, write_store
 from d3ssl.data.views import ViewConfig, sample_seed, sample_views
 from tests.conftest import ROOT
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e .[dali])")
+needs_dali = pytest.mark.skipif(not dali_mod.dali_available(),
+                                reason="NVIDIA DALI is not installed (pip install -e .[dali])")
 
 S = 64
 VIEW = ViewConfig(size=S, min_box_size=4.0)
@@ -128,6 +129,7 @@ def test_probe_image_sizes_and_corruption():
             dali_mod.probe_image(bad)
 
 
+@needs_dali
 def test_batch_contract(data):
     ds, store, _ = data
     loader = _dali(ds, store, drop_last=False)
@@ -149,6 +151,7 @@ def test_batch_contract(data):
     assert sorted(ids.tolist()) == list(range(len(ds)))
 
 
+@needs_dali
 def test_boxes_land_on_their_regions(data):
     """Colour augmentation off: inside every valid box, view 1, view 2 and view2_small show the
     colour of that box's proposal, and the boxes are the view sampler's for the sample's seed."""
@@ -185,6 +188,7 @@ def test_boxes_land_on_their_regions(data):
     assert checked > 30
 
 
+@needs_dali
 def test_geometry_matches_cpu_loader(data):
     """Same seed, colour off: DALI's views are the CPU loader's (same windows, same flips, same boxes)
     up to the two resamplers' differences, which on these flat regions live only at the edges."""
@@ -207,6 +211,85 @@ def test_geometry_matches_cpu_loader(data):
                 assert (diff > 40).mean() < 0.03, (name, (diff > 40).mean())
 
 
+def test_gaussian_taps_are_opencvs():
+    for sigma in (0.1, 0.7, 1.3, 2.0):
+        taps = dali_mod.gaussian_kernel(sigma)
+        k = int(round(sigma * 6 + 1)) | 1
+        np.testing.assert_allclose(taps.ravel(), cv2.getGaussianKernel(k, sigma).ravel(), atol=1e-6)
+
+
+def _first_batch(data, backend, colour_cfg):
+    ds, store, _ = data
+    extra = dict(workers=0) if backend == "cpu" else dict(workers=1, device="cpu")
+    return next(iter(make_loader(ds, store, backend=backend, colour_cfg=colour_cfg, batch_size=5,
+                                 view_cfg=VIEW, seed=2, drop_last=True, **extra)))
+
+
+@pytest.fixture(scope="module")
+def plain_first(data):
+    return {backend: _first_batch(data, backend, NO_COLOUR) for backend in ("cpu", "dali")}
+
+
+_ONLY = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+
+
+@pytest.mark.parametrize("name,cfg,tol", [
+    ("grayscale", ColourConfig(**{**_ONLY, "grayscale_p": 1.0}), 1.5),
+    ("solarize", ColourConfig(**{**_ONLY, "solarize_p": (1.0, 1.0)}), 1.5),
+    ("blur", ColourConfig(**{**_ONLY, "blur_p": (1.0, 1.0)}), 1.5),
+    ("brightness", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "contrast": 0.0, "saturation": 0.0,
+                                   "hue": 0.0}), 1.5),
+    ("saturation", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0,
+                                   "hue": 0.0, "saturation": 0.8}), 1.5),
+    # DALI's contrast pivots on mid-gray, the CPU loader's (torchvision's) on the image's mean gray
+    ("contrast", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "brightness": 0.0, "saturation": 0.0,
+                                 "hue": 0.0}), 3.0),
+])
+@needs_dali
+def test_colour_ops_match_cpu_loader(data, plain_first, name, cfg, tol):
+    """One colour operation at a time, drawn identically by both loaders: what DALI's operator changes
+    in a view (against DALI's colour-off view) is what the CPU loader's OpenCV operation changes
+    (against its colour-off view), so the resamplers' differences cancel out."""
+    cpu, cpu_plain = _first_batch(data, "cpu", cfg), plain_first["cpu"]
+    dali, dali_plain = _first_batch(data, "dali", cfg), plain_first["dali"]
+    for view in ("view1", "view2"):
+        change_cpu = _pixels(getattr(cpu, view)) - _pixels(getattr(cpu_plain, view))
+        change_dali = _pixels(getattr(dali, view)) - _pixels(getattr(dali_plain, view))
+        err, effect = np.abs(change_cpu - change_dali).mean(), np.abs(change_cpu).mean()
+        assert err < tol and effect > 4 * err, (name, view, err, effect)
+    if name == "grayscale":
+        px = _pixels(dali.view1)
+        assert np.abs(px[..., 0] - px[..., 1]).max() < 2 and np.abs(px[..., 1] - px[..., 2]).max() < 2
+
+
+def _hue_degrees(px):
+    hsv = cv2.cvtColor(np.clip(np.rint(px), 0, 255).astype(np.uint8).reshape(-1, 1, 3), cv2.COLOR_RGB2HSV_FULL)
+    return hsv[:, 0, 0].astype(np.float64) * 360 / 256, hsv[:, 0, 1]
+
+
+@needs_dali
+def test_hue_rotates_like_cpu_loader(data):
+    """DALI rotates hue in YIQ, the CPU loader in HSV, so pixels differ on saturated colours; the hue
+    angle each pixel is turned by must still agree (same draw, same direction, similar amount)."""
+    ds, store, _ = data
+    cfg = ColourConfig(**{**_ONLY, "jitter_p": 1.0, "brightness": 0.0, "saturation": 0.0, "contrast": 0.0})
+    kw = dict(batch_size=5, view_cfg=VIEW, seed=2, drop_last=True)
+    a = next(iter(make_loader(ds, store, backend="cpu", workers=0, colour_cfg=cfg, **kw)))
+    b = next(iter(make_loader(ds, store, backend="dali", workers=1, device="cpu", colour_cfg=cfg, **kw)))
+    plain = next(iter(make_loader(ds, store, backend="cpu", workers=0, colour_cfg=NO_COLOUR, **kw)))
+    h0, sat = _hue_degrees(_pixels(plain.view1))
+    ha, _ = _hue_degrees(_pixels(a.view1))
+    hb, _ = _hue_degrees(_pixels(b.view1))
+    coloured = sat > 100
+
+    def turn(x, y):
+        return (y - x + 180) % 360 - 180
+    cpu_turn, dali_turn = turn(h0, ha)[coloured], turn(h0, hb)[coloured]
+    assert np.abs(cpu_turn).mean() > 5                                   # the draws do turn hues
+    assert np.abs(dali_turn - cpu_turn).mean() < 0.5 * np.abs(cpu_turn).mean()
+
+
+@needs_dali
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_sharding_covers_the_epoch_once(data, drop_last):
     ds, store, _ = data
@@ -231,6 +314,7 @@ def test_sharding_covers_the_epoch_once(data, drop_last):
         assert sorted(seen) == list(range(len(ds)))                      # nothing dropped
 
 
+@needs_dali
 def test_same_seed_same_batches_and_resume(data):
     """Colour augmentation on. The same seed gives the same batches; epoch 1 of an uninterrupted run
     equals epoch 1 of a loader started there (resume); another seed or epoch gives others."""
@@ -256,6 +340,7 @@ def test_same_seed_same_batches_and_resume(data):
     assert all(torch.equal(x.boxes2, y.boxes2) for x, y in zip(e0, plain))  # colour never moves boxes
 
 
+@needs_dali
 def test_grayscale_cmyk_png_and_corrupt_files(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(1)
@@ -294,6 +379,38 @@ def test_grayscale_cmyk_png_and_corrupt_files(tmp_path):
                 assert diff.mean() < 6.0, (ds.key(i), diff.mean())
 
 
+def _bad_huffman_jpeg():
+    """A JPEG whose header and end marker are fine but whose Huffman table is impossible: it passes
+    the header check and fails in the decoder."""
+    jpg = bytearray(cv2.imencode(".jpg", np.full((48, 64, 3), 100, np.uint8))[1].tobytes())
+    at = jpg.find(b"\xff\xc4")
+    jpg[at + 5:at + 21] = b"\xff" * 16
+    data = bytes(jpg)
+    dali_mod.probe_image(data)
+    return data
+
+
+@needs_dali
+def test_file_failing_in_the_decoder_skips_its_batch_not_the_run(tmp_path):
+    ds, store, _ = _write_dataset(str(tmp_path / "images"), n=7, extra=[("zz_bad_huffman.jpg", _bad_huffman_jpeg())])
+    bad = ds.keys.index("zz_bad_huffman.jpg")
+    loader = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False)   # batches [0,1] .. [6,7]
+    with pytest.warns(RuntimeWarning, match="could not process batch 3"):
+        first = _epoch(loader)
+    assert loader.failed_batches == 1
+    assert [b.image_id.tolist() for b in first] == [[0, 1], [2, 3], [4, 5]]
+    assert bad == 7
+    with pytest.warns(RuntimeWarning, match="could not process batch 3"):
+        second = _epoch(loader)                  # the next epoch runs, and fails on the same batch
+    assert [b.image_id.tolist() for b in second] == [[0, 1], [2, 3], [4, 5]]
+    # a trial decode in the source workers replaces the file instead, as the CPU loader does
+    checked = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False, check="decode")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        ids = [b.image_id.tolist() for b in checked]
+    assert checked.failed_batches == 0 and checked.skipped_keys == ["zz_bad_huffman.jpg"]
+    assert ids[-1] == [6, 0]
+
+
 def test_missing_dali_says_how_to_install(data, monkeypatch):
     ds, store, _ = data
     monkeypatch.setattr(dali_mod, "_DALI_IMPORT_ERROR", ImportError("No module named 'nvidia.dali'"))
@@ -315,6 +432,7 @@ def test_nothing_else_imports_dali():
     assert not offenders
 
 
+@needs_dali
 @pytest.mark.cuda
 def test_gpu_graph_matches_cpu_graph(data):
     """The same graph on the GPU (decode on device="mixed"): fp16 views on the GPU, the same samples

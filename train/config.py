@@ -6,7 +6,7 @@ Every leaf field of :class:`TrainConfig` can be set from the command line by its
     python -m train.run --set optim.lr_per_256=0.5 --set model.arch=resnet50
 
 A preset (``--preset NAME``) is applied first, then the overrides, in the order given. The defaults
-of the nested method configs (model, region, soco_aug, view) are the paper's values; the presets say
+of the nested method configs (model, region, soco_aug, view, colour) are the paper's values; the presets say
 what changes for a given job.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 
 from d3ssl.augment.stage import RegionConfig, SocoAugConfig
+from d3ssl.data.colour import ColourConfig
 from d3ssl.data.views import ViewConfig
 from d3ssl.model import ModelConfig
 
@@ -81,7 +82,10 @@ class RunConfig:
     oknn: bool = field(default=True, metadata={"help": (
         "evaluate O-KNN at the end for the trained and the randomly initialised network")})
     oknn_k: int = field(default=20, metadata={"help": "O-KNN neighbours"})
-    oknn_max_per_image: int = field(default=8, metadata={"help": "O-KNN: bank objects per train image"})
+    oknn_temperature: float = field(default=0.07, metadata={"help": "O-KNN vote weights exp(sim / t)"})
+    oknn_max_per_image: int = field(default=3, metadata={"help": "O-KNN: bank objects per train image"})
+    oknn_image_size: int = field(default=224, metadata={"help": "O-KNN: images resized to this side (px)"})
+    oknn_batch_size: int = field(default=32, metadata={"help": "O-KNN: images per feature batch"})
     debug_checksum: bool = field(default=False, metadata={"help": (
         "debug: each rank writes a checksum of its parameters to the run folder at the end")})
 
@@ -89,10 +93,12 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     preset: str = field(default="default", metadata={"help": "the preset this config started from"})
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # SyncBatchNorm whenever more than one process trains (a no-op on one process).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(sync_bn=True))
     region: RegionConfig = field(default_factory=RegionConfig)
     soco_aug: SocoAugConfig = field(default_factory=SocoAugConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
+    colour: ColourConfig = field(default_factory=ColourConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -102,7 +108,7 @@ class TrainConfig:
 # synthetic set on whatever device is there, small enough to finish in minutes on two CPU cores.
 PRESETS: dict[str, dict] = {
     "default": {
-        "model.arch": "resnet18", "view.size": 96, "data.batch_size": 32,
+        "model.arch": "resnet18", "view.size": 96, "model.roi_size": 6, "data.batch_size": 32,
         "data.synthetic_train": 1000, "data.synthetic_val": 200, "data.synthetic_size": (128, 160),
         "model.queue_size": 4096, "model.proj_hidden": 1024, "model.pred_hidden": 1024,
         "optim.warmup_epochs": 1.0, "run.epochs": 3.0, "run.ckpt_every": 50, "run.log_every": 5,
@@ -118,7 +124,7 @@ PRESETS["soco"] = {**PRESETS["default"], "model.method": "soco"}
 PRESETS["no_prc"] = {**PRESETS["default"], "region.prc": False}
 PRESETS["no_prm"] = {**PRESETS["default"], "region.prm": False}
 PRESETS["no_rbj"] = {**PRESETS["default"], "region.rbj": False}
-PRESETS["no_dp"] = {**PRESETS["default"], "model.use_dp": False}
+PRESETS["no_dp"] = {**PRESETS["default"], "model.use_dp": False, "region.depositioning": False}
 # The comparison of D3SSL with SoCo (python -m d3ssl.eval.compare): the same data, backbone, views,
 # batch and schedule for both; small enough for ~10 minutes each on two CPU cores. O-KNN runs in
 # the report afterwards, with the other diagnostics, so the trainer's own O-KNN is off.

@@ -17,6 +17,8 @@ teacher EMA update.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import math
 import os
 import signal
@@ -137,7 +139,8 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
                                 "use the CPU loader.") from None
     try:
         return make_loader(dataset, store, backend=cfg.data.backend, batch_size=cfg.data.batch_size,
-                           workers=cfg.data.workers, view_cfg=cfg.view, seed=cfg.run.seed, rank=rank,
+                           workers=cfg.data.workers, view_cfg=cfg.view, colour_cfg=cfg.colour,
+                           seed=cfg.run.seed, rank=rank,
                            world_size=world, drop_last=True, device=device)
     except (ImportError, NotImplementedError) as e:
         if cfg.data.backend == "dali":
@@ -184,7 +187,8 @@ def build_model(cfg: TrainConfig, num_images: int, device, world: int):
     torch.manual_seed(cfg.run.seed)  # the same initial weights for training and the random baseline
     # The queue never holds more region features than one pass over the data produces.
     model = build_method(cfg.model, max_queue=num_images * cfg.view.num_boxes)
-    if world > 1 and cfg.model.sync_bn:
+    if world > 1 and cfg.model.sync_bn and device.type == "cuda":
+        # (DDP supports SyncBatchNorm on GPUs only; on CPUs rank 0's BN statistics are broadcast.)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.run.channels_last:
@@ -199,9 +203,14 @@ def region_views(cfg: TrainConfig, batch, generator):
     return region_stage(batch, generator, cfg.region)
 
 
-def param_checksum(model) -> float:
+def state_checksum(model) -> dict:
+    """{"params", "buffers"}: float64 sums of the parameters and of the floating buffers (teacher,
+    queue, BN statistics); equal on every rank when the ranks are in sync."""
+    def total(ts):
+        return float(sum(t.double().sum() + t.double().abs().sum() * 1e-3 for t in ts))
     with torch.no_grad():
-        return float(sum(p.double().sum() + p.double().abs().sum() * 1e-3 for p in model.parameters()))
+        return {"params": total(model.parameters()),
+                "buffers": total(b for b in model.buffers() if b.is_floating_point())}
 
 
 # ----------------------------------------------------------------------------- the main job
@@ -253,13 +262,17 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     model = build_model(cfg, len(dataset), device, world)
     raw = model  # the method itself: update_teacher, online_backbone, state_dict
     if world > 1:
-        # Buffers (BN statistics, queue) stay per rank: SyncBN keeps statistics equal and the queue
-        # is filled from all ranks by the method itself.
+        # The queue is filled from all ranks by the method itself, so it is equal everywhere. BN
+        # statistics: SyncBN keeps them equal on GPUs; on CPUs DDP broadcasts rank 0's each step.
+        synced_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        sync_kw = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")  # (renamed in newer torch)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+                    **{sync_kw: not synced_bn})
     forward = torch.compile(model) if cfg.run.compile else model
-    optimizer = LARS(param_groups_for_lars(raw), lr=base_lr, momentum=cfg.optim.momentum,
-                     weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.trust_coefficient)
+    optimizer = LARS(param_groups_for_lars(raw, cfg.optim.weight_decay), lr=base_lr,
+                     momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                     trust_coefficient=cfg.optim.trust_coefficient)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device=device)
 
@@ -417,9 +430,14 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         finish_distributed(world)
         return summary
 
+    if world > 1:
+        # BN statistics without SyncBN drift per rank between DDP's broadcasts: end on rank 0's.
+        with torch.no_grad():
+            for b in raw.buffers():
+                dist.broadcast(b, src=0)
     if cfg.run.debug_checksum:
         with open(os.path.join(run_dir, f"checksum.rank{rank}"), "w") as f:
-            f.write(repr(param_checksum(raw)))
+            json.dump(state_checksum(raw), f)
         if world > 1:
             dist.barrier()
 
@@ -446,10 +464,10 @@ def check_channels_last(views):
 
 
 def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, step, run_dir):
-    import json
-
     from d3ssl.eval.oknn import evaluate_oknn
-    kwargs = dict(k=cfg.run.oknn_k, max_per_image=cfg.run.oknn_max_per_image, device=device)
+    kwargs = dict(k=cfg.run.oknn_k, temperature=cfg.run.oknn_temperature,
+                  max_objects_per_image=cfg.run.oknn_max_per_image, image_size=cfg.run.oknn_image_size,
+                  batch_size=cfg.run.oknn_batch_size, device=device)
     print("O-KNN: trained network ...", flush=True)
     trained = evaluate_oknn(raw.online_backbone, eval_root, **kwargs)
     print("O-KNN: same network at random initialisation (same seed) ...", flush=True)

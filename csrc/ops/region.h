@@ -194,41 +194,96 @@ struct TileState {
   unsigned char hole[kPerThread];  // 1 = erased (region_erase) / background shows (composite)
 };
 
-// Pixel of element e of an image (e < C*H*W): NCHW e = (c*H + y)*W + x, NHWC e = (y*W + x)*C + c.
-__device__ inline void element_pixel(int e, bool nhwc, int C, int H, int W, int& x, int& y) {
-  const int pixel = nhwc ? e / C : e % (H * W);
-  y = pixel / W;
-  x = pixel - y * W;
+// floor(n / d) for 0 <= n < 2^31, d > 0, through a double reciprocal (a few instructions instead
+// of an integer division): (n + 0.5) * (1/d) is within 2^-52 * 2^31 / d = 2^-21 / d of
+// (n + 0.5) / d, which lies at least 0.5 / d away from an integer, so truncating it is exact.
+__device__ inline int div_floor(int n, double inv_d) {
+  return static_cast<int>((static_cast<double>(n) + 0.5) * inv_d);
+}
+
+// Image geometry shared by a kernel's threads.
+struct Geometry {
+  int C, H, W;
+  bool nhwc;
+  double inv_c, inv_w, inv_plane;  // 1/C, 1/W, 1/(H*W)
+};
+
+inline Geometry make_geometry(const at::Tensor& t, bool nhwc) {
+  const int C = static_cast<int>(t.size(1)), H = static_cast<int>(t.size(2));
+  const int W = static_cast<int>(t.size(3));
+  const double plane = static_cast<double>(H) * W;
+  return Geometry{C, H, W, nhwc, 1.0 / (C > 0 ? C : 1), 1.0 / (W > 0 ? W : 1),
+                  1.0 / (plane > 0 ? plane : 1)};
+}
+
+// Pixel (x, y) of element e of an image (e < C*H*W): NCHW e = (c*H + y)*W + x,
+// NHWC e = (y*W + x)*C + c.
+__device__ inline void element_pixel(int e, const Geometry& g, int& x, int& y) {
+  const int pixel = g.nhwc ? div_floor(e, g.inv_c) : e - div_floor(e, g.inv_plane) * (g.H * g.W);
+  y = div_floor(pixel, g.inv_w);
+  x = pixel - y * g.W;
 }
 
 // Replays ops [r0, r1) of the block's image onto the tile; spans are clipped to the window
-// [x_lo,x_hi) x [y_lo,y_hi). Must be reached by every thread of the block (it synchronises).
+// [x_lo,x_hi) x [y_lo,y_hi). Ops that miss the tile's rows [tile_y0, tile_y1] (or are empty) are
+// dropped while staging, keeping the order of the rest, so each element only tests the few ops
+// near it. Must be reached by every thread of the block (it synchronises).
 __device__ inline void replay_tile(TileState& s, const float* __restrict__ rects,
                                    const bool* __restrict__ erase, int64_t r0, int64_t r1, int H,
-                                   int W, int x_lo, int x_hi, int y_lo, int y_hi) {
+                                   int W, int x_lo, int x_hi, int y_lo, int y_hi, int tile_y0,
+                                   int tile_y1) {
   __shared__ int4 span[kThreads];
   __shared__ unsigned char flag[kThreads];
+  __shared__ int warp_kept[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t c0 = r0; c0 < r1; c0 += kThreads) {
     const int n = static_cast<int>(r1 - c0 < kThreads ? r1 - c0 : kThreads);
-    __syncthreads();  // the previous chunk is no longer read
+    int4 p = make_int4(0, 0, 0, 0);
+    bool keep = false;
     if (threadIdx.x < n) {
       const float* q = rects + 4 * (c0 + threadIdx.x);
       int64_t xa, xb, ya, yb;
       pixel_span(q[0], q[2], W, xa, xb);
       pixel_span(q[1], q[3], H, ya, yb);
-      span[threadIdx.x] = make_int4(max(static_cast<int>(xa), x_lo), min(static_cast<int>(xb), x_hi),
-                                    max(static_cast<int>(ya), y_lo), min(static_cast<int>(yb), y_hi));
-      flag[threadIdx.x] = erase[c0 + threadIdx.x] ? 1 : 0;
+      p = make_int4(max(static_cast<int>(xa), x_lo), min(static_cast<int>(xb), x_hi),
+                    max(static_cast<int>(ya), y_lo), min(static_cast<int>(yb), y_hi));
+      keep = p.x < p.y && p.z < p.w && p.z <= tile_y1 && p.w > tile_y0;
+    }
+    // Ordered compaction of the kept ops: rank = kept ops before this one in the chunk.
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    __syncthreads();  // the previous chunk is no longer read
+    if (lane == 0) warp_kept[warp] = __popc(ballot);
+    __syncthreads();
+    int rank = __popc(ballot & ((1u << lane) - 1u)), kept = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      rank += w < warp ? warp_kept[w] : 0;
+      kept += warp_kept[w];
+    }
+    if (keep) {
+      span[rank] = p;
+      flag[rank] = erase[c0 + threadIdx.x] ? 1 : 0;
     }
     __syncthreads();
-    for (int r = 0; r < n; ++r) {
-      const int4 p = span[r];
+    for (int r = 0; r < kept; ++r) {
+      const int4 o = span[r];
       const unsigned char f = flag[r];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        if (s.x[i] >= p.x && s.x[i] < p.y && s.y[i] >= p.z && s.y[i] < p.w) s.hole[i] = f;
+        if (s.x[i] >= o.x && s.x[i] < o.y && s.y[i] >= o.z && s.y[i] < o.w) s.hole[i] = f;
       }
     }
+  }
+}
+
+// Rows [y0, y1] that elements [e0, e1] of an image lie on (all rows when an NCHW tile spans
+// two channel planes).
+__device__ inline void tile_rows(int e0, int e1, const Geometry& g, int& y0, int& y1) {
+  int xa, xb;
+  element_pixel(e0, g, xa, y0);
+  element_pixel(e1, g, xb, y1);
+  if (!g.nhwc && div_floor(e0, g.inv_plane) != div_floor(e1, g.inv_plane)) {
+    y0 = 0;
+    y1 = g.H - 1;
   }
 }
 

@@ -11,26 +11,42 @@ Data flow (DESIGN.md §2)::
 
 The graph (:func:`d3ssl_views`) is one function under ``@pipeline_def`` whose ``device`` is a
 parameter: ``"gpu"`` decodes with ``device="mixed"`` and runs everything after on the GPU; ``"cpu"`` is
-DALI's CPU-only mode (``device_id=None``). Every random number (geometry and colour) is drawn by the
-source in numpy from ``sample_seed(seed, epoch, index)``, so a sample's views depend only on the seed,
-the epoch and its index: not on batching, worker count, rank count or where a run was resumed. The
-geometry draws are the CPU loader's own (same sampler, same generator), so both backends cut the same
-windows and flip the same way for the same seed.
+DALI's CPU-only mode (``device_id=None``). No Python operator runs in the graph.
+
+Batches, order, sharding and draws are the CPU loader's. The source reproduces its batches
+(:class:`~d3ssl.data.cpu_loader.EpochBatchSampler`: permutation from (seed, epoch), rank r takes every
+world_size-th index, ``drop_last`` as documented there) and, per sample, its random draws in its order
+(``sample_seed(seed, epoch, index)`` → view sampler → colour draw of view 1 → of view 2). So for the
+same seed both backends cut the same windows, flip the same way, return the same boxes and image ids
+and draw the same colour parameters; a sample's views depend on nothing but (seed, epoch, index), not
+on workers, ranks or where a run was resumed. The colour operators are DALI's: brightness,
+saturation, grayscale, blur and solarize give the CPU loader's pixels up to rounding; DALI's contrast
+pivots on mid-gray rather than the image mean, its hue turns in YIQ rather than HSV, and it applies
+the jitter in one fixed order, so those are the same augmentation, not the same pixels.
+
+The last partial batch, epochs: a DALI epoch is one pass of the source, which raises StopIteration
+after this rank's last batch (which may be short without drop_last: DALI takes variable batch sizes).
+Iterating the loader runs one epoch and resets the pipeline for the next one.
 
 Image sizes are needed by the sampler before decoding; they come from the file header
-(:func:`probe_image`: JPEG SOF + EXIF orientation, PNG IHDR, OpenCV for other formats), which also
-checks that the bytes are complete. DALI's ``fn.peek_image_shape`` runs inside the graph, after the
-source has already had to choose the crop, so it cannot be used for this.
+(:func:`probe_image`: JPEG SOF + EXIF orientation, PNG IHDR, OpenCV for other formats), microseconds
+per file, which also checks that the bytes are complete. DALI's ``fn.peek_image_shape`` runs inside
+the graph, after the source has already had to choose the crop, so it cannot serve here.
+
+Unreadable files: one that fails the check is replaced by the next image of the dataset, as in the
+CPU loader (counted in ``skipped_keys``, with a warning). One that passes the check but fails in
+DALI's decoder (a damaged Huffman table, say) makes DALI fail the whole batch: the loader skips that
+batch with a counted warning (``failed_batches``) and restarts the pipeline after it; ``check="decode"``
+trial-decodes every file at 1/8 scale in the source workers to turn those into replacements too.
 
 DALI is an optional dependency (``pip install -e .[dali]``): this module imports without it, and only
-building a DALI loader raises :class:`DaliUnavailable`.
+building a DALI loader raises :class:`DaliUnavailable`, which says how to install it and to use the
+CPU backend otherwise. Nothing else in d3ssl imports DALI.
 """
 from __future__ import annotations
 
-import math
 import struct
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -188,10 +204,20 @@ def colour_twist(p: ColourParams) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------------
 
 _OUTPUTS = ("encoded", "crop_start", "crop_end", "flip1", "flip2",
-            "colour1", "twist1", "blur1", "sigma1", "solarize1",
-            "colour2", "twist2", "blur2", "sigma2", "solarize2",
+            "colour1", "twist1", "blur1", "kernel1", "solarize1",
+            "colour2", "twist2", "blur2", "kernel2", "solarize2",
             "boxes1", "boxes2", "box_valid", "image_id")
 _NO_TWIST = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
+_NO_BLUR = np.ones((1, 1), np.float32)
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """float32 [1,k] normalised Gaussian taps for `sigma` (pixels), k as OpenCV chooses it for uint8
+    images (round(6σ+1), odd): the CPU loader's cv2.GaussianBlur(img, (0, 0), σ)."""
+    k = int(round(sigma * 6 + 1)) | 1
+    x = np.arange(k, dtype=np.float64) - (k - 1) / 2
+    taps = np.exp(-x * x / (2 * sigma * sigma))
+    return (taps / taps.sum()).astype(np.float32).reshape(1, k)
 
 
 class ViewSource:
@@ -207,11 +233,13 @@ class ViewSource:
     epoch; DALI numbers its epochs from 0 at each build, so `start_epoch` is added to them."""
 
     def __init__(self, dataset, store, view_cfg: ViewConfig, colour_cfg: ColourConfig,
-                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header"):
+                 sampler: EpochBatchSampler, seed: int, start_epoch: int, check: str = "header",
+                 start_batch: int = 0):
         if check not in ("header", "decode"):
             raise ValueError(f"check must be 'header' or 'decode', got {check!r}")
         self.dataset, self.store, self.view_cfg, self.colour_cfg = dataset, store, view_cfg, colour_cfg
         self.sampler, self.seed, self.start_epoch, self.check = sampler, seed, start_epoch, check
+        self.start_batch = start_batch   # first epoch only: resume after a batch DALI could not process
         self._epoch, self._batches = None, None
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -258,22 +286,27 @@ class ViewSource:
         twist1, twist2 = colour_twist(c1), colour_twist(c2)
         x0, y0, cw, ch = (float(v) for v in vp.crop)
         f32, b = np.float32, np.bool_
+
+        def kernel(sigma):
+            return gaussian_kernel(sigma) if sigma > 0 else _NO_BLUR
+
         return (np.frombuffer(data, np.uint8),
                 np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),  # HW order, as the image
                 np.array(int(vp.flip1), np.int32), np.array(int(vp.flip2), np.int32),
                 np.array(twist1 is not None, b), _NO_TWIST if twist1 is None else twist1,
-                np.array(c1.blur_sigma > 0, b), np.array(c1.blur_sigma, f32), np.array(c1.solarize, b),
+                np.array(c1.blur_sigma > 0, b), kernel(c1.blur_sigma), np.array(c1.solarize, b),
                 np.array(twist2 is not None, b), _NO_TWIST if twist2 is None else twist2,
-                np.array(c2.blur_sigma > 0, b), np.array(c2.blur_sigma, f32), np.array(c2.solarize, b),
+                np.array(c2.blur_sigma > 0, b), kernel(c2.blur_sigma), np.array(c2.solarize, b),
                 np.ascontiguousarray(vp.boxes1, f32), np.ascontiguousarray(vp.boxes2, f32),
                 np.ascontiguousarray(vp.valid, b), np.array(index, np.int64))
 
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
         batches = self.batches(epoch)
-        if info.iteration >= len(batches):
+        b = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        if b >= len(batches):
             raise StopIteration
-        rows = [self.sample(epoch, i) for i in batches[info.iteration]]
+        rows = [self.sample(epoch, i) for i in batches[b]]
         return [list(col) for col in zip(*rows)]
 
 
@@ -281,23 +314,31 @@ class ViewSource:
 # The DALI graph
 # ---------------------------------------------------------------------------------------------------
 
-def _colour(view, colour, twist, blur, sigma, solarize, threshold):
+def _colour(view, colour, twist, blur, kernel, solarize, device, threshold):
     """SoCo's colour augmentation on a uint8 HWC view; per-sample parameters come from the source.
 
-    DALI conditionals run each operator only on the samples whose flag is set."""
+    DALI conditionals run each operator only on the samples whose flag is set. The blur is two 1-D
+    passes of fn.filter with the source's taps: the same Gaussian as fn.gaussian_blur, several times
+    cheaper on the CPU. Solarize is a lookup table."""
     if colour:
-        view = fn.color_twist(view, brightness=twist[0], contrast=twist[1], saturation=twist[2],
-                              hue=twist[3])
+        # float out, then a saturating cast: the same pixels, ~25% cheaper on the CPU than letting
+        # the twist write uint8 itself
+        view = fn.cast(fn.color_twist(view, brightness=twist[0], contrast=twist[1], saturation=twist[2],
+                                      hue=twist[3], dtype=types.FLOAT), dtype=types.UINT8)
     if blur:
-        view = fn.gaussian_blur(view, sigma=sigma)
+        horizontal = kernel if device == "cpu" else kernel.gpu()
+        vertical = fn.transpose(kernel, perm=[1, 0])
+        vertical = vertical if device == "cpu" else vertical.gpu()
+        view = fn.filter(fn.filter(view, vertical, border="reflect_101"), horizontal, border="reflect_101")
     if solarize:
-        # 255 - x where x >= threshold, as xor with 0xFF on uint8
-        view = view ^ fn.cast(view >= np.uint8(threshold), dtype=types.UINT8) * np.uint8(255)
+        view = fn.lookup_table(view, keys=list(range(256)),
+                               values=[float(255 - v if v >= threshold else v) for v in range(256)],
+                               dtype=types.UINT8)
     return view
 
 
 @pipeline_def(enable_conditionals=True)
-def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = False,
+def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = True,
                 solarize_threshold: int = 128, out_dtype=None):
     """The D3SSL view graph. `device`: "gpu" (decode on device="mixed", the rest on the GPU) or "cpu"
     (the same graph in DALI's CPU-only mode; build the pipeline with device_id=None).
@@ -307,8 +348,8 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
     image_id int64 [B]."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, sigma1, solarize1,
-     colour2, twist2, blur2, sigma2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
+    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, kernel1, solarize1,
+     colour2, twist2, blur2, kernel2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
         source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True, parallel=True)
     # Decode once; every view is a resize of this one image.
     image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
@@ -316,8 +357,8 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
     view1 = fn.resize(image, size=(size, size), antialias=antialias)
     view2 = fn.resize(image, size=(size, size), roi_start=crop_start, roi_end=crop_end,
                       antialias=antialias)
-    view1 = _colour(view1, colour1, twist1, blur1, sigma1, solarize1, solarize_threshold)
-    view2 = _colour(view2, colour2, twist2, blur2, sigma2, solarize2, solarize_threshold)
+    view1 = _colour(view1, colour1, twist1, blur1, kernel1, solarize1, device, solarize_threshold)
+    view2 = _colour(view2, colour2, twist2, blur2, kernel2, solarize2, device, solarize_threshold)
     view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=antialias)
     out_dtype = types.FLOAT if out_dtype is None else out_dtype
     mean = [255.0 * m for m in IMAGENET_MEAN]
@@ -362,6 +403,7 @@ class DaliLoader:
         # fork is cheap, but unsafe once CUDA is initialised in the parent; spawn re-imports this module
         self.start_method = start_method or ("spawn" if self.dali_device == "gpu" else "fork")
         self.skipped_keys: list[str] = []
+        self.failed_batches = 0
         self._pipe = None
         self._pipe_epoch = None  # the epoch the built pipeline runs next without a rebuild
 
@@ -379,12 +421,12 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def _build(self):
+    def _build(self, start_batch: int = 0):
         self.close()
         source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour_cfg,
                             EpochBatchSampler(**{k: getattr(self.sampler, k) for k in (
                                 "n", "batch_size", "seed", "rank", "world_size", "drop_last", "shuffle")}),
-                            self.seed, start_epoch=self.epoch, check=self.check)
+                            self.seed, start_epoch=self.epoch, check=self.check, start_batch=start_batch)
         # DALI has no bfloat16: the graph emits float16 and torch casts
         out_dtype = types.FLOAT if self.dtype == torch.float32 else types.FLOAT16
         device_id = None
@@ -413,13 +455,37 @@ class DaliLoader:
         if self._pipe is None or self._pipe_epoch != epoch:
             self._build()
         self._pipe_epoch = None  # mid-epoch: if the caller stops early, the next epoch rebuilds
-        expected = iter(self.sampler)
-        while True:
+        batches = [[i for i, _ in batch] for batch in self.sampler]
+        done, failures = 0, 0
+        while done < len(batches):
             try:
                 outputs = self._pipe.run()
             except StopIteration:
                 break
-            yield self._to_batch(outputs, [i for i, _ in next(expected)])
+            except RuntimeError as e:
+                # DALI could not process the next batch: a file passed the header check but not the
+                # decoder (check="decode" catches more of these earlier). Skip that batch, not the run.
+                failures += 1
+                if failures > MAX_REPLACEMENTS:
+                    raise RuntimeError(f"DALI failed on {failures} batches in a row; last error: {e}") from e
+                keys = [self.dataset.key(i) for i in batches[done]]
+                self.failed_batches += 1
+                warnings.warn(f"DALI could not process batch {done} of epoch {epoch} ({len(keys)} images, "
+                              f"{keys[:3]}...); skipped it ({self.failed_batches} batch(es) skipped this "
+                              f"run). DALI said: {str(e).strip().splitlines()[-1][:300]}", RuntimeWarning)
+                done += 1
+                self._build(start_batch=done)   # a failed DALI pipeline cannot run on: restart after it
+                continue
+            failures = 0
+            yield self._to_batch(outputs, batches[done])
+            done += 1
+        if done < len(batches) or self._pipe is None:
+            return
+        try:  # the source has no batch left: DALI ends the epoch
+            self._pipe.run()
+            raise RuntimeError("DALI loader: the pipeline produced more batches than the epoch has")
+        except StopIteration:
+            pass
         self._pipe.reset()
         self.sampler.set_epoch(epoch + 1)
         self._pipe_epoch = epoch + 1

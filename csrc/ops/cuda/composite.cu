@@ -19,12 +19,13 @@ using region::Layout;
 template <typename word_t>
 __global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __restrict__ bg,
                                  word_t* __restrict__ out, const int64_t* __restrict__ bg_index,
-                                 int64_t num_bg, const int64_t* __restrict__ shift, bool nhwc,
-                                 int C, int H, int W, const float* __restrict__ rects,
+                                 int64_t num_bg, const int64_t* __restrict__ shift,
+                                 region::Geometry g, const float* __restrict__ rects,
                                  const bool* __restrict__ erase,
                                  const int64_t* __restrict__ offsets, int64_t num_rects) {
   const int b = blockIdx.y;
-  const int image = C * H * W;
+  const int H = g.H, W = g.W;
+  const int image = g.C * H * W;
   const int base = blockIdx.x * kThreads * kPerThread + threadIdx.x;
   int64_t source = bg_index[b];
   CUDA_KERNEL_ASSERT(source >= 0 && source < num_bg && "composite: bg_index out of range");
@@ -43,15 +44,19 @@ __global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __
     const int e = base + i * kThreads;
     s.hole[i] = 1;  // the mask starts empty
     if (e < image) {
-      region::element_pixel(e, nhwc, C, H, W, s.x[i], s.y[i]);
+      region::element_pixel(e, g, s.x[i], s.y[i]);
     } else {
       s.x[i] = s.y[i] = -1;
     }
   }
   int64_t r0, r1;
   region::op_range(offsets, b, num_rects, r0, r1);
-  region::replay_tile(s, rects, erase, r0, r1, H, W, x_lo, x_hi, y_lo, y_hi);
-  const int moved = (dy * W + dx) * (nhwc ? C : 1);  // element distance from source to output
+  int tile_y0, tile_y1;
+  const int tile_e0 = blockIdx.x * kThreads * kPerThread;
+  region::tile_rows(tile_e0, min(tile_e0 + kThreads * kPerThread, image) - 1, g, tile_y0, tile_y1);
+  region::replay_tile(s, rects, erase, r0, r1, H, W, x_lo, x_hi, y_lo, y_hi, tile_y0,
+                       tile_y1);
+  const int moved = (dy * W + dx) * (g.nhwc ? g.C : 1);  // element distance from source to output
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int e = base + i * kThreads;
@@ -88,8 +93,7 @@ at::Tensor composite_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::
         static_cast<const word_t*>(fg_c.const_data_ptr()),
         static_cast<const word_t*>(bg_c.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
         bg_index_c.const_data_ptr<int64_t>(), bg.size(0), shift_c.const_data_ptr<int64_t>(),
-        layout == Layout::NHWC, static_cast<int>(fg.size(1)), static_cast<int>(fg.size(2)),
-        static_cast<int>(fg.size(3)), rects_c.const_data_ptr<float>(),
+        region::make_geometry(fg, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
         erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

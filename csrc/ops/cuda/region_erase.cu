@@ -18,11 +18,12 @@ using region::Layout;
 
 template <typename word_t>
 __global__ void region_erase_kernel(const word_t* __restrict__ in, word_t* __restrict__ out,
-                                    bool inplace, word_t fill, bool nhwc, int C, int H, int W,
+                                    bool inplace, word_t fill, region::Geometry g,
                                     const float* __restrict__ rects, const bool* __restrict__ erase,
                                     const int64_t* __restrict__ offsets, int64_t num_rects) {
   const int b = blockIdx.y;
-  const int image = C * H * W;
+  const int H = g.H, W = g.W;
+  const int image = g.C * H * W;
   const int base = blockIdx.x * kThreads * kPerThread + threadIdx.x;
   region::TileState s;
 #pragma unroll
@@ -30,14 +31,17 @@ __global__ void region_erase_kernel(const word_t* __restrict__ in, word_t* __res
     const int e = base + i * kThreads;
     s.hole[i] = 0;
     if (e < image) {
-      region::element_pixel(e, nhwc, C, H, W, s.x[i], s.y[i]);
+      region::element_pixel(e, g, s.x[i], s.y[i]);
     } else {
       s.x[i] = s.y[i] = -1;  // covered by no span
     }
   }
   int64_t r0, r1;
   region::op_range(offsets, b, num_rects, r0, r1);
-  region::replay_tile(s, rects, erase, r0, r1, H, W, 0, W, 0, H);
+  int tile_y0, tile_y1;
+  const int tile_e0 = blockIdx.x * kThreads * kPerThread;
+  region::tile_rows(tile_e0, min(tile_e0 + kThreads * kPerThread, image) - 1, g, tile_y0, tile_y1);
+  region::replay_tile(s, rects, erase, r0, r1, H, W, 0, W, 0, H, tile_y0, tile_y1);
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int e = base + i * kThreads;
@@ -67,9 +71,8 @@ void launch(const at::Tensor& images, const at::Tensor& out, const at::Tensor& r
   D3SSL_DISPATCH_WORD(images, "region_erase", [&] {
     region_erase_kernel<word_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const word_t*>(images.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
-        inplace, region::fill_bits<word_t>(fill, images.scalar_type()), layout == Layout::NHWC,
-        static_cast<int>(images.size(1)), static_cast<int>(images.size(2)),
-        static_cast<int>(images.size(3)), rects_c.const_data_ptr<float>(),
+        inplace, region::fill_bits<word_t>(fill, images.scalar_type()),
+        region::make_geometry(images, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
         erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

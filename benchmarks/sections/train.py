@@ -1,0 +1,134 @@
+"""Training throughput: the full D3SSL step fed by each loader backend vs fed by data already on the device.
+
+One step = region stage (PRC, PRM, RBJ, de-positioning) -> five views through student and teacher ->
+loss -> backward -> LARS step -> teacher EMA, as train/run.py does it. The anchor is the same step
+fed by one batch kept on the device (the model-only ceiling), timed in the same run, so the ratio
+fed / ceiling is the share of the ceiling the loader lets training reach (target 0.95). SoCo's step
+(its own augmentations and BYOL objective) is reported against D3SSL's ceiling for comparison.
+
+Settings: on a GPU (no --quick) ResNet-50-C4 at 224 px, batch 64, bf16, channels_last; with --quick,
+or on a CPU, ResNet-18-C4 at small views so the section finishes in a minute or two.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+from benchmarks.common import Row, interleaved
+
+
+def _config(args, method):
+    from train.config import make_config
+    gpu = args.device == "cuda"
+    if gpu and not args.quick:
+        over = {"model.arch": "resnet50", "view.size": 224, "data.batch_size": 64, "data.workers": 8,
+                "model.queue_size": 65536}
+    elif gpu:
+        over = {"model.arch": "resnet18", "view.size": 112, "data.batch_size": 64, "data.workers": 8}
+    else:
+        over = {"model.arch": "resnet18", "view.size": 64, "data.batch_size": 8,
+                "data.workers": 1, "model.proj_hidden": 512, "model.pred_hidden": 512}
+    over.update({"model.method": method, "run.device": args.device, "run.seed": 0})
+    return make_config("default", over)
+
+
+def _data(cfg):
+    from d3ssl.data.datasets import open_dataset
+    from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
+    from d3ssl.data.synthetic import ensure_synthetic
+    n = 64 if cfg.run.device == "cpu" else 2048
+    root = ensure_synthetic(num_train=n, num_val=8, image_size=(256, 320) if cfg.view.size >= 224 else
+                            (128, 160))
+    dataset = open_dataset(root, "train")
+    path = default_store_path(dataset)
+    if not os.path.isfile(path):
+        generate_proposals(dataset, path)
+    return dataset, ProposalStore(path)
+
+
+class _Stepper:
+    """Everything one training step needs, built as train/run.py builds it."""
+
+    def __init__(self, cfg, num_images):
+        from d3ssl.model import LARS, param_groups_for_lars
+        from train.run import amp_dtype, build_model
+        self.cfg = cfg
+        self.device = torch.device(cfg.run.device)
+        self.dtype = amp_dtype(cfg, self.device)
+        self.model = build_model(cfg, num_images, self.device, world=1)
+        self.model.train()
+        self.opt = LARS(param_groups_for_lars(self.model), lr=0.01, momentum=cfg.optim.momentum,
+                        weight_decay=cfg.optim.weight_decay,
+                        trust_coefficient=cfg.optim.trust_coefficient)
+        self.gen = torch.Generator(device=self.device).manual_seed(0)
+        self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
+
+    def __call__(self, batch):
+        from train.run import region_views
+        batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
+        views = region_views(self.cfg, batch, self.gen)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.model(views)["loss"]
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_teacher(0.99)
+
+
+def _backends(args):
+    if args.backend == "both":
+        out = ["cpu"]
+        try:
+            import d3ssl.data.dali  # noqa: F401
+            import nvidia.dali  # noqa: F401
+            out.append("dali")
+        except ImportError:
+            print("train: DALI backend not available; measuring the cpu backend only")
+        return out
+    return [args.backend]
+
+
+def run(args):
+    from d3ssl.data.loader import make_loader
+    if args.device == "cpu" and args.threads is None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    cfg = _config(args, "d3ssl")
+    dataset, store = _data(cfg)
+    kw = dict(warmup=2, min_time=0.5 if args.quick or args.device == "cpu" else 2.0, min_calls=3)
+    rounds = 2 if args.quick or args.device == "cpu" else 3
+    rows = []
+
+    d3ssl_step = _Stepper(cfg, len(dataset))
+    fixed = next(iter(make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,
+                                  workers=0, view_cfg=cfg.view, seed=1)))
+    fixed = fixed.to(d3ssl_step.device, dtype=d3ssl_step.view_dtype)
+    soco_cfg = _config(args, "soco")
+    soco_step = _Stepper(soco_cfg, len(dataset))
+    bs = cfg.data.batch_size
+    ceilings = {}
+    for backend in _backends(args):
+        loader = make_loader(dataset, store, backend=backend, batch_size=bs, workers=cfg.data.workers,
+                             view_cfg=cfg.view, seed=0, device=d3ssl_step.device)
+        stream = _cycle(loader)
+        fns = {"fed": lambda: d3ssl_step(next(stream)), "ceiling": lambda: d3ssl_step(fixed)}
+        if not ceilings:
+            fns["soco"] = lambda: soco_step(fixed)
+        t = interleaved(fns, device=args.device, rounds=rounds, **kw)
+        ceilings.setdefault("d3ssl", t["ceiling"])
+        ceilings.setdefault("soco", t.get("soco"))
+        rows.append(Row("train", f"d3ssl step fed by {backend} loader", bs / t["fed"], bs / t["ceiling"],
+                        "same step, batch on device", target=0.95,
+                        extra={"arch": cfg.model.arch, "view": cfg.view.size, "batch": bs,
+                               "amp": str(d3ssl_step.dtype)}))
+        del stream, loader
+    rows.append(Row("train", "soco step (batch on device)", bs / ceilings["soco"], bs / ceilings["d3ssl"],
+                    "d3ssl step, batch on device"))
+    return rows
+
+
+def _cycle(loader):
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader

@@ -1,0 +1,160 @@
+"""Draws what the region stage does: for a few images, x1, x̂1, x2, x̂2s and x3 with their boxes.
+
+  python -m d3ssl.augment.show IMAGE_OR_FOLDER --out grid.png [--num 4] [--seed 0] [--size 224]
+
+The views are built here simply, in the Batch contract's geometry: view1 = the whole image resized
+to S x S, view2 = a random resized crop (area scale [0.4, 1], ratio [3/4, 4/3]) at S, view2_small =
+view2 at S/2. Proposals come from OpenCV's selective search (fast mode, on a downscaled copy) when
+cv2.ximgproc is available, else from random rectangles; K of them that overlap the crop are kept.
+A dataset path is meant to go through the data pipeline (d3ssl.data) once it exists; until then
+the argument is an image file or a folder of images.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from ..data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
+from .stage import RegionConfig, region_stage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+COLOURS = ("#ff3030", "#30c0ff", "#ffd020", "#50ff50", "#ff60ff", "#ffffff", "#ff9000", "#9090ff")
+
+
+def list_images(path):
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    raise SystemExit(f"{path} is neither an image file nor a folder")
+
+
+def read_rgb(path):
+    import cv2
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise SystemExit(f"could not read image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def proposals(img, rng, max_side=256, count=200):
+    """Candidate boxes [N,4] (x1,y1,x2,y2) in image pixels."""
+    import cv2
+    h, w = img.shape[:2]
+    if hasattr(cv2, "ximgproc"):
+        scale = min(1.0, max_side / max(h, w))
+        small = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))))
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(small)
+        ss.switchToSelectiveSearchFast()
+        r = ss.process()[:count].astype(np.float64)  # x, y, w, h
+        boxes = np.stack([r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]], 1) / scale
+    else:
+        wh = rng.uniform(0.15, 0.6, (count, 2)) * [w, h]
+        xy = rng.uniform(0, 1, (count, 2)) * ([w, h] - wh)
+        boxes = np.concatenate([xy, xy + wh], 1)
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (bw >= 0.1 * w) & (bh >= 0.1 * h) & (bw * bh <= 0.6 * w * h)
+    return boxes[keep] if keep.any() else np.array([[0, 0, w, h]], dtype=np.float64)
+
+
+def make_sample(img, rng, size, k):
+    """(view1, view2, view2_small as float32 [3,S,S] normalised, boxes1, boxes2 [K,4], valid [K])."""
+    import cv2
+    h, w = img.shape[:2]
+    for _ in range(20):  # random resized crop that keeps some proposals
+        area = rng.uniform(0.4, 1.0) * h * w
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, round(np.sqrt(area * ratio))), min(h, round(np.sqrt(area / ratio)))
+        cx, cy = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        boxes = proposals(img, rng)
+        inter = np.clip(np.minimum(boxes[:, 2:], [cx + cw, cy + ch]) - np.maximum(boxes[:, :2], [cx, cy]), 0, None)
+        inside = inter.prod(1) >= 0.5 * (boxes[:, 2:] - boxes[:, :2]).prod(1)
+        if inside.any():
+            break
+    chosen = boxes[inside] if inside.any() else boxes[:1]
+    chosen = chosen[rng.permutation(len(chosen))[:k]]
+    n = len(chosen)
+    chosen = np.concatenate([chosen, np.repeat(chosen[:1], k - n, 0)])  # pad by repeating
+    valid = np.arange(k) < n
+    s1 = np.array([size / w, size / h] * 2)
+    boxes1 = np.clip(chosen * s1, 0, size)
+    boxes2 = np.clip((chosen - [cx, cy, cx, cy]) * np.array([size / cw, size / ch] * 2), 0, size)
+    view1 = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    crop = img[cy:cy + ch, cx:cx + cw]
+    view2 = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(view2, (size // 2, size // 2), interpolation=cv2.INTER_AREA)
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    norm = [torch.from_numpy(((v / 255.0 - mean) / std).transpose(2, 0, 1).astype(np.float32))
+            for v in (view1, view2, small)]
+    return (*norm, torch.from_numpy(boxes1).float(), torch.from_numpy(boxes2).float(),
+            torch.from_numpy(valid))
+
+
+def to_rgb(view):
+    """float [3,H,W] normalised -> uint8 [H,W,3]."""
+    x = view.float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def draw(views, out, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    cols = [("x1", "x1", "boxes_x1"), ("x̂1 = PRM∘PRC(x1)", "x1_hat", "boxes_x1_hat"),
+            ("x2", "x2", "boxes_x2"), ("x̂2s = PRM∘PRC(x2s)", "x2s_hat", "boxes_x2s_hat"),
+            ("x3 (de-positioning)", "x3", "boxes_x3")]
+    cols = [c for c in cols if getattr(views, c[1]) is not None]
+    rows = views.x1.shape[0]
+    fig, axes = plt.subplots(rows, len(cols), figsize=(3 * len(cols), 3 * rows), squeeze=False)
+    for i in range(rows):
+        for j, (title, name, boxes_name) in enumerate(cols):
+            ax = axes[i][j]
+            img = getattr(views, name)[i]
+            ax.imshow(to_rgb(img), extent=(0, img.shape[-1], img.shape[-2], 0))
+            for k, box in enumerate(getattr(views, boxes_name)[i].tolist()):
+                if views.valid[i, k]:
+                    ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
+                                           fill=False, lw=1.5, ec=COLOURS[k % len(COLOURS)]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=10)
+    fig.suptitle("region stage (fill 0 = mean colour; box colour = proposal)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="an image file or a folder of images")
+    p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    p.add_argument("--num", type=int, default=4, help="images to show (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of views, proposals and augmentations")
+    p.add_argument("--size", type=int, default=224, help="view size S (default 224)")
+    p.add_argument("--k", type=int, default=4, help="proposals per image (default 4)")
+    args = p.parse_args(argv)
+    import d3ssl  # noqa: F401  (loads the operator library)
+
+    files = list_images(args.path)
+    rng = np.random.default_rng(args.seed)
+    samples = [make_sample(read_rgb(files[i % len(files)]), rng, args.size, args.k)
+               for i in range(args.num)]
+    parts = [torch.stack([s[j] for s in samples]) for j in range(6)]
+    views = [v.contiguous(memory_format=torch.channels_last) for v in parts[:3]]
+    batch = Batch(*views, parts[3], parts[4], parts[5], torch.arange(args.num)).validate()
+    out = region_stage(batch, torch.Generator().manual_seed(args.seed), RegionConfig())
+    draw(out, args.out, args.path)
+    print(f"wrote {args.out} ({args.num} images from {args.path})")
+
+
+if __name__ == "__main__":
+    main()

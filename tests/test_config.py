@@ -1,0 +1,119 @@
+"""The training config: presets, command-line overrides of every field, JSON round trips, --help."""
+import dataclasses
+import json
+
+import pytest
+
+from train import config as C
+
+
+def test_every_leaf_field_has_a_command_line_option():
+    parser = C.build_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    names = [n for n, _, _ in C.leaf_fields(C.TrainConfig()) if n != "preset"]
+    assert len(names) > 30
+    missing = [n for n in names if f"--{n}" not in options]
+    assert not missing, missing
+
+
+def test_help_documents_presets_and_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for preset in C.PRESETS:
+        assert preset in out
+    for name in ("--optim.lr_per_256", "--model.arch", "--view.size", "--region.prc", "--run.epochs",
+                 "--data.batch_size", "--resume", "--dali", "--compile", "--data", "--set"):
+        assert name in out, name
+
+
+def test_overrides_are_typed_and_applied_in_order():
+    preset, overrides, resume = C.parse_args([
+        "--preset", "coco", "--optim.lr_per_256", "0.5", "--set", "model.arch=resnet18",
+        "--set", "run.max_steps=7", "--run.channels_last", "false", "--data.synthetic_size", "64,80",
+        "--data", "/some/coco", "--dali", "--compile", "--resume", "auto"])
+    assert preset == "coco" and resume == "auto"
+    cfg = C.make_config(preset, overrides)
+    assert cfg.optim.lr_per_256 == 0.5 and isinstance(cfg.optim.lr_per_256, float)
+    assert cfg.model.arch == "resnet18"
+    assert cfg.run.max_steps == 7 and isinstance(cfg.run.max_steps, int)
+    assert cfg.run.channels_last is False
+    assert cfg.data.synthetic_size == (64, 80)
+    assert cfg.data.path == "/some/coco" and cfg.data.backend == "dali" and cfg.run.compile is True
+    # The preset's own values stay where not overridden.
+    assert cfg.view.size == C.PRESETS["coco"]["view.size"] and cfg.run.epochs == 800
+    # Optional fields accept none.
+    cfg2 = C.make_config("default", {"run.max_steps": "none"})
+    assert cfg2.run.max_steps is None
+
+
+def test_presets_are_small_overrides_of_the_dataclass():
+    base = C.TrainConfig()
+    for name, overrides in C.PRESETS.items():
+        cfg = C.make_config(name)
+        assert cfg.preset == name
+        changed = [n for n, _, _ in C.leaf_fields(base)
+                   if n != "preset" and C.get_field(cfg, n) != C.get_field(base, n)]
+        assert set(changed) <= set(overrides), (name, set(changed) - set(overrides))
+        assert len(overrides) < 20
+    assert C.make_config("soco").model.method == "soco"
+    assert C.make_config("default").model.method == "d3ssl"
+    coco = C.make_config("coco")
+    assert coco.model.arch == "resnet50" and coco.view.size == 224 and coco.run.epochs == 800
+    assert coco.optim.lr_per_256 == 1.0 and coco.optim.warmup_epochs == 10
+    for name, field in (("no_prc", "region.prc"), ("no_prm", "region.prm"), ("no_rbj", "region.rbj"),
+                        ("no_dp", "model.use_dp")):
+        assert C.get_field(C.make_config(name), field) is False
+        assert C.get_field(C.make_config("default"), field) is True
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "optim.no_such=1"], "unknown config field 'optim.no_such'"),
+    (["--set", "optim=1"], "unknown config field 'optim'"),
+    (["--optim.accum_steps", "two"], "optim.accum_steps: cannot read 'two' as int"),
+    (["--run.compile", "maybe"], "run.compile: cannot read 'maybe' as bool"),
+    (["--data.synthetic_size", "1,2,3"], "data.synthetic_size: cannot read"),
+])
+def test_bad_overrides_name_the_field(argv, match):
+    preset, overrides, _ = C.parse_args(argv)
+    with pytest.raises(ValueError, match=match):
+        C.make_config(preset or "default", overrides)
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        C.parse_args(["--preset", "imagenet"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'"):
+        C.make_config("imagenet")
+
+
+def test_json_round_trip(tmp_path):
+    cfg = C.make_config("no_rbj", {"optim.accum_steps": "3", "data.synthetic_size": "40,50",
+                                   "run.name": "x"})
+    path = tmp_path / "config.json"
+    C.save_json(cfg, path)
+    json.loads(path.read_text())  # plain JSON
+    back = C.load_json(path)
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+    with pytest.raises(ValueError, match="unknown config field 'optim.nope'"):
+        C.from_dict({"optim": {"nope": 1}})
+
+
+def test_parse_value_generic_types():
+    @dataclasses.dataclass
+    class Leaf:
+        f: float = 1.0
+        t: tuple[float, float] = (0.2, 0.5)
+        v: tuple[int, ...] = (1,)
+        s: str | None = None
+
+    @dataclasses.dataclass
+    class Root:
+        leaf: Leaf = dataclasses.field(default_factory=Leaf)
+    r = Root()
+    C.apply_overrides(r, {"leaf.f": "2e-3", "leaf.t": "(0.1, 0.4)", "leaf.v": "3,4,5", "leaf.s": "abc"})
+    assert r.leaf == Leaf(2e-3, (0.1, 0.4), (3, 4, 5), "abc")
+    C.set_field(r, "leaf.s", "none")
+    assert r.leaf.s is None

@@ -1,0 +1,239 @@
+"""Sampler invariants, measured on the sampled rectangles and on the ops' output."""
+import pytest
+import torch
+
+from d3ssl.augment import samplers as S
+from d3ssl.ops.region import region_erase_reference
+from tests.conftest import DEVICES
+
+
+def random_boxes(b, k, size, seed=0, min_size=8.0, nested=True):
+    """float32 [B,K,4] boxes inside a size x size view (non-integer corners, at least min_size
+    pixels a side), valid [B,K] with some padded rows (padding repeats row 0, as loaders pad). With
+    `nested`, row 1 lies inside row 0 so that PRC's restore rule is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    wh = min_size + torch.rand(b, k, 2, generator=g) * (size * 0.7 - min_size)
+    xy = torch.rand(b, k, 2, generator=g) * (size - wh)
+    boxes = torch.cat([xy, xy + wh], -1)
+    if nested and k > 1:
+        outer = boxes[:, 0]
+        owh = outer[:, 2:] - outer[:, :2]
+        iwh = owh * (0.3 + 0.3 * torch.rand(b, 2, generator=g))
+        ixy = outer[:, :2] + torch.rand(b, 2, generator=g) * (owh - iwh)
+        boxes[:, 1] = torch.cat([ixy, ixy + iwh], -1)
+    valid = torch.rand(b, k, generator=g) < 0.75
+    valid[:, 0] = True
+    valid[-1, 1:] = False
+    boxes = torch.where(valid[..., None], boxes, boxes[:, :1])
+    return boxes.float(), valid
+
+
+def covered(rect, h, w):
+    """bool [H,W] pixels whose centre lies in the rect (float64)."""
+    x1, y1, x2, y2 = (float(v) for v in rect)
+    xs = torch.arange(w, dtype=torch.float64) + 0.5
+    ys = torch.arange(h, dtype=torch.float64) + 0.5
+    return ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
+
+
+def erased_map(rects, erase, h, w):
+    """bool [H,W]: which pixels the ops rects [N,4], erase [N] leave erased (through the reference op)."""
+    ones = torch.ones(1, 1, h, w)
+    out = region_erase_reference(ones, rects.reshape(-1, 4), erase.reshape(-1),
+                                 torch.tensor([0, rects.shape[0]]), 0.0)
+    return out[0, 0] == 0
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_prc_invariants():
+    size, max_cover = 48, 0.5
+    boxes, valid = random_boxes(64, 4, size, seed=3)
+    prc = S.sample_prc(boxes, valid, gen(1), scale=(0.2, 0.5), max_cover=max_cover, image_size=size)
+    assert prc.rects.shape == (64, 8, 4) and prc.erase.shape == (64, 8)
+    restores = cutouts = 0
+    for b in range(64):
+        pix = [covered(boxes[b, j], size, size) for j in range(4)]
+        live = [bool(valid[b, j]) and bool(pix[j].any()) for j in range(4)]
+        # our own order: largest pixel area first, ties by index, padded last
+        order = sorted(range(4), key=lambda j: (not live[j], -int(pix[j].sum()) if live[j] else 0, j))
+        for s, j in enumerate(order):
+            restore, cut = prc.rects[b, 2 * s], prc.rects[b, 2 * s + 1]
+            assert not prc.erase[b, 2 * s] and prc.erase[b, 2 * s + 1]
+            if not live[j]:
+                assert not covered(restore, size, size).any() and not covered(cut, size, size).any()
+                continue
+            area = int(pix[j].sum())
+            before = int((erased_map(prc.rects[b, :2 * s], prc.erase[b, :2 * s], size, size) & pix[j]).sum())
+            after = int((erased_map(prc.rects[b, :2 * s + 2], prc.erase[b, :2 * s + 2], size, size) & pix[j]).sum())
+            restored = covered(restore, size, size)
+            # a restore happens exactly when more than max_cover was erased before the turn
+            assert restored.any() == (before > max_cover * area), (b, s, before, area)
+            if restored.any():
+                assert torch.equal(restored, pix[j])
+                restores += 1
+            assert after <= max_cover * area, (b, s, after, area)
+            cpix = covered(cut, size, size)
+            if cpix.any():
+                cutouts += 1
+                assert not (cpix & ~pix[j]).any()  # inside the proposal
+                w, h = float(cut[2] - cut[0]), float(cut[3] - cut[1])
+                pw = int(pix[j].any(0).sum())
+                ph = int(pix[j].any(1).sum())
+                # the proposal's aspect ratio: w = floor(pw*t), h = floor(ph*t) for one t
+                assert max(w / pw, h / ph) < min((w + 1) / pw, (h + 1) / ph)
+            if s == 0:  # nothing erased before: the target U(0.2,0.5) up to whole-pixel rounding
+                pw, ph = int(pix[j].any(0).sum()), int(pix[j].any(1).sum())
+                assert after >= 0.2 * area - (pw + ph)
+    assert restores > 0 and cutouts > 40
+
+
+def test_prc_max_cover_zero_never_erases_twice():
+    """max_cover = 0: any overlap with earlier cutouts restores the proposal before its own cutout."""
+    size = 40
+    boxes, valid = random_boxes(16, 4, size, seed=5)
+    prc = S.sample_prc(boxes, valid, gen(2), max_cover=0.0, image_size=size)
+    for b in range(16):
+        for s in range(4):
+            j = int(prc.order[b, s])
+            if not valid[b, j]:
+                continue
+            pix = covered(boxes[b, j], size, size)
+            after = erased_map(prc.rects[b, :2 * s + 2], prc.erase[b, :2 * s + 2], size, size) & pix
+            cut = covered(prc.rects[b, 2 * s + 1], size, size)
+            assert torch.equal(after, cut & pix)  # only its own cutout remains in it
+
+
+def test_prm_invariants():
+    size = 64
+    boxes, valid = random_boxes(32, 4, size, seed=4, min_size=10)
+    prm = S.sample_prm(boxes, valid, size, gen(3), scale=(0.2, 0.6), ratio=(3 / 4, 4 / 3))
+    assert prm.rects.shape == (32, 4, 4)
+    r = prm.rects
+    assert torch.equal(r, r.round())
+    assert (r >= 0).all() and (r[..., 2] <= size).all() and (r[..., 3] <= size).all()
+    checked_area = 0
+    sides = set()
+    for b in range(32):
+        for j in range(4):
+            m = covered(r[b, j], size, size)
+            if not valid[b, j]:
+                assert not m.any()
+                continue
+            if not m.any():  # the side lies on the image border: nothing to mask
+                continue
+            p = covered(boxes[b, j], size, size)
+            assert not (m & p).any()  # outside the proposal
+            grown = p.clone()
+            grown[1:] |= p[:-1]
+            grown[:-1] |= p[1:]
+            grown[:, 1:] |= p[:, :-1]
+            grown[:, :-1] |= p[:, 1:]
+            assert (m & grown).any()  # touching it
+            # which side: the mask's rows/columns relative to the proposal's
+            rows, cols = m.any(1).nonzero()[:, 0], m.any(0).nonzero()[:, 0]
+            prow, pcol = p.any(1).nonzero()[:, 0], p.any(0).nonzero()[:, 0]
+            sides.add("top" if rows.max() < prow.min() else "bottom" if rows.min() > prow.max()
+                      else "left" if cols.max() < pcol.min() else "right")
+            x1, y1, x2, y2 = r[b, j].tolist()
+            if 0 < x1 and 0 < y1 and x2 < size and y2 < size:  # not clipped: area and ratio
+                w, h, area = x2 - x1, y2 - y1, int(p.sum())
+                assert (w - 0.5) * (h - 0.5) <= 0.6 * area and (w + 0.5) * (h + 0.5) >= 0.2 * area
+                assert (w + 0.5) / (h - 0.5) >= 3 / 4 and (w - 0.5) / (h + 0.5) <= 4 / 3
+                checked_area += 1
+    assert checked_area > 10 and sides == {"top", "bottom", "left", "right"}
+
+
+def test_rbj_invariants():
+    boxes, valid = random_boxes(64, 4, 100, seed=6)
+    out = S.sample_rbj(boxes, valid, gen(4), p=0.5, ratio=0.1)
+    nb = out.boxes
+    assert nb.dtype == torch.float32 and nb.shape == boxes.shape
+    inside = (nb[..., :2] >= boxes[..., :2]).all(-1) & (nb[..., 2:] <= boxes[..., 2:]).all(-1)
+    assert inside.all()
+    assert (nb[..., 2] > nb[..., 0]).all() and (nb[..., 3] > nb[..., 1]).all()
+    changed = (nb != boxes).any(-1)
+    assert not changed[~valid].any()  # padded rows untouched
+    frac = changed[valid].float().mean().item()
+    assert 0.3 < frac < 0.7  # about p = 0.5 of the valid boxes move
+    # restricted: a jittered box keeps at least 80% of the width and height (shrink <= 10%, shift <= 10%)
+    w0, w1 = boxes[..., 2] - boxes[..., 0], nb[..., 2] - nb[..., 0]
+    assert (w1 >= 0.8 * w0 - 1e-4).all()
+
+
+def test_soco_jitter_and_cutout():
+    size = 80
+    boxes, valid = random_boxes(64, 4, size, seed=7)
+    out = S.sample_soco_jitter(boxes, valid, size, gen(5)).boxes
+    assert (out >= 0).all() and (out <= size).all()
+    assert (out[..., 2] > out[..., 0]).all() and (out[..., 3] > out[..., 1]).all()
+    outside = (out[..., :2] < boxes[..., :2]).any(-1) | (out[..., 2:] > boxes[..., 2:]).any(-1)
+    assert outside[valid].any()  # not restricted to the box
+    assert torch.equal(out[~valid], boxes[~valid])
+    ops = S.sample_soco_cutout(boxes, valid, gen(6), image_size=size)
+    for b in range(16):
+        for j in range(4):
+            m = covered(ops.rects[b, j], size, size)
+            if not valid[b, j]:
+                assert not m.any()
+                continue
+            p = covered(boxes[b, j], size, size)
+            assert m.any() and not (m & ~p).any()
+            frac = m.sum().item() / p.sum().item()
+            assert 0.1 < frac < 0.65
+
+
+def test_shift_keeps_boxes_inside_and_covers_the_range():
+    size = 32
+    boxes = torch.tensor([[10.0, 10.5, 20.0, 20.0], [12, 12, 15, 25]]).expand(2000, 2, 4).clone()
+    valid = torch.ones(2000, 2, dtype=torch.bool)
+    valid[0] = False
+    t = S.sample_shift(boxes, valid, size, gen(7)).shift
+    assert t.dtype == torch.int64 and t.shape == (2000, 2)
+    assert torch.equal(t[0], torch.zeros(2, dtype=torch.int64))  # no valid box: no shift
+    moved = boxes + t[:, None, :].repeat(1, 1, 2)
+    assert (moved[1:] >= 0).all() and (moved[1:] <= size).all()
+    # union: x in [10, 20] -> dx in [-10, 12]; y in [10.5, 25] -> dy in [-10, 7]
+    assert t[1:, 0].min() == -10 and t[1:, 0].max() == 12
+    assert t[1:, 1].min() == -10 and t[1:, 1].max() == 7
+    counts = torch.bincount(t[1:, 0] + 10)
+    assert counts.min() > 40  # roughly uniform over the 23 values
+
+
+def test_background_is_a_derangement():
+    for b in (2, 3, 7):
+        for seed in range(5):
+            idx = S.sample_background(b, gen(seed), "cpu")
+            assert sorted(idx.tolist()) == list(range(b))
+            assert (idx != torch.arange(b)).all()
+    assert S.sample_background(1, gen(0), "cpu").tolist() == [0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_output_on_every_device(device):
+    boxes, valid = random_boxes(8, 4, 64, seed=8)
+    def draw(dev):
+        g = gen(11)
+        b, v = boxes.to(dev), valid.to(dev)
+        return [S.sample_prc(b, v, g, image_size=64).rects, S.sample_prm(b, v, 64, g).rects,
+                S.sample_rbj(b, v, g).boxes, S.sample_shift(b, v, 64, g).shift,
+                S.sample_background(8, g, dev)]
+    first, again, there = draw("cpu"), draw("cpu"), draw(device)
+    for a, b, c in zip(first, again, there):
+        assert torch.equal(a, b) and torch.equal(a, c.cpu())
+    other = S.sample_prc(boxes, valid, gen(12), image_size=64).rects
+    assert not torch.equal(first[0], other)
+
+
+def test_bad_arguments():
+    boxes, valid = random_boxes(2, 3, 32)
+    with pytest.raises(ValueError, match="boxes must be float"):
+        S.sample_prc(boxes[..., :3], valid, gen())
+    with pytest.raises(ValueError, match="valid must be bool"):
+        S.sample_prm(boxes, valid.int(), 32, gen())
+    with pytest.raises(ValueError, match="valid must be bool"):
+        S.sample_rbj(boxes, valid[:, :2], gen())
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        S.sample_shift(boxes, valid, 32, 0)

@@ -1,0 +1,260 @@
+"""The trainer end to end on a tiny synthetic set: run folder, schedules, non-finite steps, layout,
+SIGKILL + resume, SIGTERM, and the clear errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from train import checkpoint as ckpt
+from train import run as trainer
+from train.logging import read_log
+
+
+def _synthetic(folder):
+    from d3ssl.data.synthetic import ensure_synthetic
+    return ensure_synthetic(root=str(folder), num_train=16, num_val=8, image_size=(64, 80), workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """16 train / 8 val synthetic images of 64-80 px, with their proposals store."""
+    from d3ssl.data.datasets import open_dataset
+    from d3ssl.data.proposals import default_store_path, generate_proposals
+    root = _synthetic(tmp_path_factory.mktemp("synthetic"))
+    dataset = open_dataset(root, "train")
+    generate_proposals(dataset, default_store_path(dataset), workers=1, progress=False)
+    return root
+
+
+def tiny_args(data, out, name, *extra):
+    return ["--data", data, "--out", str(out), "--name", name,
+            "--model.arch", "resnet18", "--view.size", "64", "--model.roi_size", "4",
+            "--model.proj_hidden", "32", "--model.pred_hidden", "32", "--model.proj_dim", "16",
+            "--data.batch_size", "4", "--data.workers", "0", "--data.proposal_workers", "1",
+            "--run.epochs", "1", "--optim.warmup_epochs", "0.5", "--run.log_every", "1",
+            "--run.ckpt_every", "2", "--run.progress", "false", "--run.oknn", "false",
+            "--run.oknn_image_size", "64", "--run.threads", "1", *extra]
+
+
+def reference_lr(step, total, warmup, base, final=1e-6, start=0.01):
+    """Independent float64 statement of the schedule: linear warm-up, then cosine to `final`."""
+    if step < warmup:
+        return base * start + (base - base * start) * step / warmup
+    t = (step - warmup) / (total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+
+@pytest.mark.slow
+def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
+    # A fresh dataset without proposals: the trainer generates them.
+    from d3ssl.data.datasets import open_dataset
+    from d3ssl.data.proposals import default_store_path
+    tiny_data = _synthetic(tmp_path / "data")
+    store = default_store_path(open_dataset(tiny_data, "train"))
+    assert not os.path.exists(store)
+    summary = trainer.main(tiny_args(tiny_data, tmp_path, "job", "--run.oknn", "true"))
+    assert os.path.isfile(store)
+    run = tmp_path / "job"
+    assert summary["step"] == 4  # 16 images / batch 4, one epoch
+    for name in ("config.json", "log.jsonl", "loss_lr.png", "oknn.json"):
+        assert (run / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+    assert ckpt.latest_checkpoint(str(run)).endswith("step_00000004.pt")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["arch"] == "resnet18" and cfg["view"]["size"] == 64
+
+    records = read_log(str(run / "log.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # lr logged for the step that produced record `step` (= step index step-1), per iteration.
+    base = 1.0 * 4 / 256
+    for r in records:
+        assert r["lr"] == pytest.approx(reference_lr(r["step"] - 1, 4, 2, base), rel=1e-9)
+        assert {"l_dc", "l_dp", "momentum"} <= set(r)
+
+    oknn = json.loads((run / "oknn.json").read_text())
+    for key in ("trained", "random_init"):
+        assert 0 <= oknn[key]["top1"] <= oknn[key]["top5"] <= 100
+    assert oknn["diff_top1"] == pytest.approx(oknn["trained"]["top1"] - oknn["random_init"]["top1"])
+    out = capsys.readouterr().out
+    assert "O-KNN top-1: trained" in out and "random init" in out and "difference" in out
+
+    # The checkpoint loads with weights_only and holds everything a resume needs.
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(run)))
+    assert state["step"] == 4 and {"queue", "queue_ptr"} <= {k.split(".")[-1] for k in state["model"]}
+    assert any(k.startswith("teacher_backbone.") for k in state["model"])
+    assert state["optimizer"]["state"] and set(state["rng"]) >= {"torch", "numpy", "python", "region"}
+
+    # Never lose work: the same name again is refused unless resumed.
+    with pytest.raises(SystemExit, match="already exists"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "job"))
+
+
+class _Wrap(torch.nn.Module):
+    """Wraps the real method to observe (and poison) calls; test-only."""
+
+    def __init__(self, inner, nan_calls=(), always_nan=False):
+        super().__init__()
+        self.inner, self.nan_calls, self.always_nan = inner, set(nan_calls), always_nan
+        self.calls, self.seen = 0, []
+
+    def forward(self, views):
+        conv_inputs = []
+        hooks = [m.register_forward_pre_hook(lambda m, a: conv_inputs.append(a[0]))
+                 for m in self.inner.modules() if isinstance(m, torch.nn.Conv2d)]
+        self.seen.append({"queue_ptr": int(self.inner.queue_ptr), "queue": self.inner.queue.clone(),
+                          "params": float(sum(p.detach().double().sum() for p in self.inner.parameters()))})
+        out = self.inner(views)
+        for h in hooks:
+            h.remove()
+        self.seen[-1]["conv_channels_last"] = all(
+            x.is_contiguous(memory_format=torch.channels_last) for x in conv_inputs)
+        if self.always_nan or self.calls in self.nan_calls:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _patch_build(monkeypatch, **kw):
+    import d3ssl.model
+    made = []
+    real = d3ssl.model.build_method
+
+    def build(cfg, max_queue=None):
+        m = _Wrap(real(cfg, max_queue), **kw)
+        made.append(m)
+        return m
+    monkeypatch.setattr(d3ssl.model, "build_method", build)
+    return made
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped_and_undone(tiny_data, tmp_path, monkeypatch):
+    # accum 2 x batch 2: two micro-batches per step, 4 steps per epoch; call 2 (step 1) is poisoned.
+    made = _patch_build(monkeypatch, nan_calls={2})
+    summary = trainer.main(tiny_args(tiny_data, tmp_path, "nan", "--data.batch_size", "2",
+                                     "--optim.accum_steps", "2", "--run.max_steps", "3"))
+    w = made[0]
+    assert summary["step"] == 3 and summary["skipped"] == 1
+    seen = w.seen  # one entry per micro-batch: steps 0,0,1,1,2,2
+    # Step 1 (calls 2,3) was skipped: step 2 starts from exactly the state step 1 started from.
+    assert seen[4]["params"] == seen[2]["params"]
+    assert seen[4]["queue_ptr"] == seen[2]["queue_ptr"]
+    assert torch.equal(seen[4]["queue"], seen[2]["queue"])
+    # A normal step changes the parameters and fills the queue.
+    assert seen[2]["params"] != seen[0]["params"] and seen[2]["queue_ptr"] != seen[0]["queue_ptr"]
+    # channels_last end to end: every convolution received a channels_last input.
+    assert all(s["conv_channels_last"] for s in seen)
+    log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
+    assert [r["step"] for r in log if r.get("kind") == "nonfinite"] == [1]
+    assert read_log(str(tmp_path / "nan" / "log.jsonl"))[-1]["skipped"] == 1
+
+
+@pytest.mark.slow
+def test_run_of_nonfinite_losses_stops_with_clear_message(tiny_data, tmp_path, monkeypatch):
+    _patch_build(monkeypatch, always_nan=True)
+    with pytest.raises(SystemExit, match=r"3 non-finite losses in a row .*run.max_bad_steps=3"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "diverged", "--run.max_bad_steps", "3"))
+
+
+def test_dali_flag_without_dali_says_how_to_install(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali -> ImportError
+    with pytest.raises(SystemExit, match=r"--dali: .*pip install"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "dali", "--dali"))
+
+
+def test_bad_input_errors(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="--data '/no/such/dir' does not exist"):
+        trainer.main(tiny_args("/no/such/dir", tmp_path, "x"))
+    with pytest.raises(SystemExit, match="unknown config field 'optim.lrr'"):
+        trainer.main(["--set", "optim.lrr=1"])
+    with pytest.raises(SystemExit, match="--resume '/no/such.pt'"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "y", "--resume", "/no/such.pt"))
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+def _spawn(args, log):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(pred, proc, timeout=240):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            return False
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_same_losses(tiny_data, tmp_path):
+    # 16 images, batch 2: 8 steps; a checkpoint every 2 steps.
+    args = lambda name: tiny_args(tiny_data, tmp_path, name, "--data.batch_size", "2")  # noqa: E731
+    with open(tmp_path / "full.out", "w") as out:
+        full = _spawn(args("full"), out)
+    with open(tmp_path / "killed.out", "w") as out:
+        proc = _spawn(args("killed"), out)
+        target = ckpt.checkpoint_path(str(tmp_path / "killed"), 4)
+        reached = _wait_for(lambda: os.path.isfile(target), proc)
+        assert reached, (tmp_path / "killed.out").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert full.wait(timeout=600) == 0, (tmp_path / "full.out").read_text()
+    killed_at = max(s for s, _ in ckpt.list_checkpoints(str(tmp_path / "killed")))
+    assert 4 <= killed_at < 8
+    with open(tmp_path / "resumed.out", "w") as out:
+        resumed = _spawn(args("killed") + ["--resume", "auto"], out)
+        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.out").read_text()
+    assert "resumed from" in (tmp_path / "resumed.out").read_text()
+
+    ref = {r["step"]: r for r in read_log(str(tmp_path / "full" / "log.jsonl"))}
+    got = {r["step"]: r for r in read_log(str(tmp_path / "killed" / "log.jsonl"))}
+    assert sorted(ref) == sorted(got) == list(range(1, 9))
+    # Same seed, same data order and region draws: the resumed run's losses are the uninterrupted
+    # run's, before and after the kill.
+    for s in ref:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-4, abs=1e-5), s
+        assert got[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-12)
+    final_ref = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "full")))
+    final_got = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "killed")))
+    assert final_ref["step"] == final_got["step"] == 8
+    for k, v in final_ref["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(final_got["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
+    log_path = tmp_path / "term" / "log.jsonl"
+    with open(tmp_path / "term.out", "w") as out:
+        proc = _spawn(tiny_args(tiny_data, tmp_path, "term", "--data.batch_size", "2",
+                                "--run.epochs", "50", "--run.ckpt_every", "1000"), out)
+        started = _wait_for(lambda: log_path.is_file() and read_log(str(log_path)), proc)
+        assert started, (tmp_path / "term.out").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "term.out").read_text()
+    text = (tmp_path / "term.out").read_text()
+    assert "SIGTERM: saved step" in text and "--resume" in text
+    last = read_log(str(log_path))[-1]["step"]
+    saved = ckpt.list_checkpoints(str(tmp_path / "term"))
+    assert saved and saved[-1][0] == last < 400
+    events = [json.loads(line) for line in open(log_path)]
+    assert events[-1]["kind"] == "stop" and events[-1]["step"] == last
