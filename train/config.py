@@ -129,6 +129,12 @@ PRESETS["no_prc"] = {**PRESETS["default"], "region.prc": False}
 PRESETS["no_prm"] = {**PRESETS["default"], "region.prm": False}
 PRESETS["no_rbj"] = {**PRESETS["default"], "region.rbj": False}
 PRESETS["no_dp"] = {**PRESETS["default"], "model.use_dp": False, "region.depositioning": False}
+# The comparison of D3SSL with SoCo (python -m d3ssl.eval.compare): the same data, backbone, views,
+# batch and schedule for both; small enough for ~10 minutes each on two CPU cores. O-KNN runs in
+# the report afterwards, with the other diagnostics, so the trainer's own O-KNN is off.
+PRESETS["compare-d3ssl"] = {**PRESETS["default"], "view.size": 64, "run.epochs": 1.0,
+                            "optim.warmup_epochs": 0.2, "run.oknn": False}
+PRESETS["compare-soco"] = {**PRESETS["compare-d3ssl"], "model.method": "soco"}
 
 PRESET_HELP = {
     "default": "the main job: synthetic set, ResNet-18-C4, small views, a few epochs (minutes on a CPU)",
@@ -138,6 +144,8 @@ PRESET_HELP = {
     "no_prm": "default without proposal-based random mask (ablation)",
     "no_rbj": "default without restricted box jitter (ablation)",
     "no_dp": "default without the de-positioning loss L_dp (ablation)",
+    "compare-d3ssl": "D3SSL side of the comparison with SoCo (same budget; 64-px views, 1 epoch)",
+    "compare-soco": "SoCo side of the comparison (identical to compare-d3ssl but the method)",
 }
 
 

@@ -107,11 +107,14 @@ class ObjectImages(torch.utils.data.Dataset):
     """Images resized to image_size x image_size, ImageNet-normalised, with their boxes scaled.
 
     Item: (image float32 [3,S,S], boxes float32 [n,4] in S-px, labels int64 [n]).
+    ``image_hook(records, i, image, boxes) -> image``, when given, edits each image (uint8 RGB
+    [H,W,3] at its own size, boxes in its pixels) before the resize (disturbed O-KNN uses it).
     """
 
-    def __init__(self, records, image_size: int = 224):
+    def __init__(self, records, image_size: int = 224, image_hook=None):
         self.records = records
         self.image_size = int(image_size)
+        self.image_hook = image_hook
         self.mean = np.array(IMAGENET_MEAN, np.float32) * 255
         self.std = np.array(IMAGENET_STD, np.float32) * 255
 
@@ -125,7 +128,10 @@ class ObjectImages(torch.utils.data.Dataset):
             raise FileNotFoundError(f"cannot read image {path}")
         h, w = img.shape[:2]
         s = self.image_size
-        img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (s, s), interpolation=cv2.INTER_LINEAR)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if self.image_hook is not None:
+            img = self.image_hook(self.records, i, img, boxes)
+        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR)
         img = (img.astype(np.float32) - self.mean) / self.std
         scale = np.array([s / w, s / h, s / w, s / h], np.float32)
         return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(boxes * scale),
@@ -153,7 +159,7 @@ def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -
 
 def extract_object_features(backbone, dataset: str, split: str, max_objects_per_image: int | None = None,
                             image_size: int = 224, device="cpu", batch_size: int = 32,
-                            num_workers: int = 0, max_images: int | None = None):
+                            num_workers: int = 0, max_images: int | None = None, image_hook=None):
     """Object features of a COCO-format split.
 
     Args:
@@ -163,13 +169,14 @@ def extract_object_features(backbone, dataset: str, split: str, max_objects_per_
         max_objects_per_image: N of the bank (class-balanced pick), None for all objects.
         image_size: side S the images are resized to (pixels).
         device: where the backbone runs; bf16 autocast on CUDA.
+        image_hook: optional image edit applied before the resize (see ObjectImages).
     Returns:
         (features float32 [N,C5] unit rows on the CPU, labels int64 [N] category ids).
     """
     records = load_objects(dataset, split, max_objects_per_image, max_images=max_images)
     if not records:
         raise ValueError(f"split {split!r} of {dataset!r} has no usable objects")
-    loader = torch.utils.data.DataLoader(ObjectImages(records, image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ObjectImages(records, image_size, image_hook), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate)
     device = torch.device(device)
     was_training = backbone.training
@@ -236,16 +243,18 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
                   max_objects_per_image: int = DEFAULT_OBJECTS_PER_IMAGE, k: int = 20,
                   temperature: float = 0.07, image_size: int = 224, device="cpu", batch_size: int = 32,
                   num_workers: int = 0, max_train_images: int | None = None,
-                  max_val_images: int | None = None) -> dict:
+                  max_val_images: int | None = None, image_hook=None) -> dict:
     """O-KNN of a backbone: a class-balanced bank from `train_split` (at most
     max_objects_per_image per image), every object of `val_split` as a query.
 
+    image_hook (see ObjectImages) edits the images of both splits.
     Returns {"top1", "top5" (percent), "bank_size", "num_queries"}.
     """
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
-                                             image_size, device, batch_size, num_workers, max_train_images)
+                                             image_size, device, batch_size, num_workers, max_train_images,
+                                             image_hook)
     val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
-                                           batch_size, num_workers, max_val_images)
+                                           batch_size, num_workers, max_val_images, image_hook)
     out = o_knn(bank_x, bank_y, val_x, val_y, k=k, temperature=temperature)
     out.update(bank_size=len(bank_x), num_queries=len(val_x))
     return out

@@ -1,0 +1,93 @@
+"""The comparison of D3SSL with the SoCo baseline: train both with the same budget, then report.
+
+    python -m d3ssl.eval.compare --out compare/                       # presets compare-d3ssl, compare-soco
+    python -m d3ssl.eval.compare --out compare/ --set run.epochs=10   # any trainer override, for both
+
+is the same as the three commands
+
+    python -m train.run --preset compare-d3ssl --out compare/runs --name d3ssl
+    python -m train.run --preset compare-soco  --out compare/runs --name soco
+    python -m d3ssl.eval.report --ckpt compare/runs/d3ssl --ckpt compare/runs/soco \\
+        --data <the synthetic set> --out compare/report --image-size 128 --label d3ssl --label soco
+
+Both runs use the embedded synthetic set (or --data), the same seed, backbone, views, batch and
+schedule; only the method differs. The report (O-KNN, disturbed O-KNN, CR, MCS for both and for the
+random-init network) lands in ``OUT/report``. Runs are started with ``--resume auto``: an interrupted
+one continues, a finished one is not trained again.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco"}
+
+
+def train_command(preset: str, out: str, name: str, overrides: list[str], data: str | None) -> list[str]:
+    # --resume auto: an interrupted run continues, a finished one is not trained again
+    cmd = [sys.executable, "-m", "train.run", "--preset", preset, "--out", out, "--name", name, "--resume", "auto"]
+    if data:
+        cmd += ["--data", data]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
+    """The COCO-format folder the runs trained on (the synthetic set's folder unless --data)."""
+    if data:
+        return data
+    from d3ssl.data.synthetic import ensure_synthetic
+    from train.config import make_config
+    cfg = make_config(preset, dict(item.split("=", 1) for item in overrides))
+    d = cfg.data
+    return ensure_synthetic(d.synthetic_root, seed=d.synthetic_seed, num_train=d.synthetic_train,
+                            num_val=d.synthetic_val, image_size=d.synthetic_size)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", required=True, help="folder for the two runs (OUT/runs) and the report (OUT/report)")
+    p.add_argument("--data", default=None, help="COCO-format dataset (default: the embedded synthetic set)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="trainer override applied to both runs (repeatable), e.g. run.epochs=10")
+    p.add_argument("--image-size", type=int, default=128, help="report: O-KNN image side, px (the synthetic "
+                   "images are 128-160 px)")
+    p.add_argument("--pairs", type=int, default=200, help="report: CR object pairs")
+    p.add_argument("--objects", type=int, default=200, help="report: MCS objects")
+    p.add_argument("--max-train-images", type=int, default=None, help="report: O-KNN bank from the first train images")
+    p.add_argument("--device", default=None, help="report device (default: cuda if available)")
+    p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
+    a = p.parse_args(argv)
+    for item in a.set:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects NAME=VALUE, got {item!r}")
+    runs = os.path.join(a.out, "runs")
+    for name, preset in METHODS.items():
+        if a.skip_train:
+            continue
+        cmd = train_command(preset, runs, name, a.set, a.data)
+        print("+ " + " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise SystemExit(f"error: training {name} failed (exit status {rc})")
+    data = eval_data_root(METHODS["d3ssl"], a.set, a.data)
+    from .report import main as report
+    argv = ["--data", data, "--out", os.path.join(a.out, "report"), "--image-size", str(a.image_size),
+            "--pairs", str(a.pairs), "--objects", str(a.objects)]
+    for name in METHODS:
+        argv += ["--ckpt", os.path.join(runs, name), "--label", name]
+    if a.max_train_images:
+        argv += ["--max-train-images", str(a.max_train_images)]
+    if a.device:
+        argv += ["--device", a.device]
+    print("+ python -m d3ssl.eval.report " + " ".join(argv), flush=True)
+    report(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

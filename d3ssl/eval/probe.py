@@ -1,0 +1,204 @@
+"""Shared pieces of the layer-wise diagnostics (coupling rate, positional bias).
+
+Both measures feed synthetic images built from ground-truth object crops through the backbone, read
+the feature map of every probed layer and pool it over boxes. This module holds what they share:
+the probed layers, the per-layer forward pass, exact box pooling, and the ground-truth objects of a
+COCO-format dataset.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+#: The probed layers, in depth order, named as in torchvision's ResNet (paper figures 3b and 4b).
+LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+#: ImageNet statistics, on the 0..1 scale; the views of training are normalised with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_STEM = ("conv1", "bn1", "relu", "maxpool")
+
+
+def resnet_modules(backbone: nn.Module) -> dict[str, nn.Module]:
+    """The backbone's modules under torchvision's ResNet names: conv1, bn1, relu, maxpool, layer1..layer4.
+
+    Accepts a torchvision ResNet (or anything with those attributes) and :class:`d3ssl.model.ResNetC4`
+    (``trunk`` = conv1, bn1, relu, maxpool, layer1..3; ``res5`` = layer4). Raises ``TypeError`` otherwise.
+    """
+    names = _STEM + LAYERS[1:]
+    if all(hasattr(backbone, name) for name in names):
+        return {name: getattr(backbone, name) for name in names}
+    trunk, res5 = getattr(backbone, "trunk", None), getattr(backbone, "res5", None)
+    if isinstance(trunk, nn.Sequential) and len(trunk) == 7 and isinstance(res5, nn.Module):
+        return dict(zip(names, list(trunk) + [res5]))
+    raise TypeError(
+        f"backbone: expected a ResNet in torchvision's layout (conv1, bn1, relu, maxpool, layer1..layer4) "
+        f"or a ResNetC4 (trunk, res5), got {type(backbone).__name__}")
+
+
+def layer_features(backbone: nn.Module, images: torch.Tensor,
+                   layers: tuple[str, ...] = LAYERS) -> dict[str, torch.Tensor]:
+    """Feature map of each probed layer for a batch of whole images.
+
+    ``conv1`` is read after conv1 → bn1 → relu (before the max-pool); ``layerN`` after the stage.
+    layer4 (res5) is applied to the whole map here, not to RoIs: its convolutions are the same ones.
+
+    Args:
+        backbone: a ResNet (see :func:`resnet_modules`).
+        images: float [N,3,H,W], normalised with ImageNet mean/std.
+        layers: subset of :data:`LAYERS`.
+    Returns:
+        name → float [N,C_l,H_l,W_l] for each requested layer.
+    """
+    m = resnet_modules(backbone)
+    unknown = [name for name in layers if name not in LAYERS]
+    if unknown:
+        raise ValueError(f"layers: expected names from {LAYERS}, got {unknown}")
+    deepest = max(LAYERS.index(name) for name in layers)
+    out = {}
+    x = m["relu"](m["bn1"](m["conv1"](images)))
+    if "conv1" in layers:
+        out["conv1"] = x
+    x = m["maxpool"](x)
+    for name in LAYERS[1:deepest + 1]:
+        x = m[name](x)
+        if name in layers:
+            out[name] = x
+    return out
+
+
+def box_average_pool(features: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Exact area-weighted average of a feature map over boxes given in image pixels.
+
+    Feature cell (i, j) covers image pixels [j·sx, (j+1)·sx) × [i·sy, (i+1)·sy) with sx = W/W_l,
+    sy = H/H_l; its weight is the area it shares with the box. Unlike bilinear sampling, a cell that
+    does not meet the box has weight exactly 0, so a pointwise network's pooled feature of a box
+    depends only on the pixels the box's cells read (what makes CR = 1 testable exactly).
+
+    Args:
+        features: float [N,C,H_l,W_l].
+        boxes: float [N,M,4], x1,y1,x2,y2 in pixels of the H×W image, non-empty.
+        image_size: (H, W) of the image the features were computed from, in pixels.
+    Returns:
+        float [N,M,C] (dtype of ``features``).
+    """
+    n, _, h, w = features.shape
+    if boxes.dim() != 3 or boxes.shape[0] != n or boxes.shape[2] != 4:
+        raise ValueError(f"boxes: expected [N={n},M,4], got {list(boxes.shape)}")
+    boxes = boxes.to(device=features.device, dtype=torch.float64)
+    sy, sx = image_size[0] / h, image_size[1] / w
+
+    def overlap(lo, hi, cells, scale):
+        # [N,M,cells]: length of [lo,hi) ∩ [c·scale, (c+1)·scale), in cell units.
+        start = torch.arange(cells, device=features.device, dtype=torch.float64) * scale
+        inter = torch.minimum(hi[..., None], start + scale) - torch.maximum(lo[..., None], start)
+        return inter.clamp(min=0) / scale
+
+    wy = overlap(boxes[..., 1], boxes[..., 3], h, sy)
+    wx = overlap(boxes[..., 0], boxes[..., 2], w, sx)
+    norm = wy.sum(-1) * wx.sum(-1)
+    if bool((norm <= 0).any()):
+        raise ValueError("boxes: every box must have a positive area inside the image")
+    pooled = torch.einsum("nchw,nmh,nmw->nmc", features.to(torch.float64), wy, wx) / norm[..., None]
+    return pooled.to(features.dtype)
+
+
+def normalize_images(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 RGB [N,H,W,3] → float32 [N,3,H,W] normalised with ImageNet mean/std, on ``device``."""
+    x = torch.as_tensor(np.ascontiguousarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last dimension, in float64 ([..., C] × [..., C] → [...])."""
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
+
+
+def summarize(values: np.ndarray) -> dict[str, float]:
+    """Mean, standard deviation and quartiles of a 1-D sample (NaNs dropped)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "q25": float("nan"),
+                "median": float("nan"), "q75": float("nan")}
+    q25, med, q75 = np.percentile(v, [25, 50, 75])
+    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()), "q25": float(q25),
+            "median": float(med), "q75": float(q75)}
+
+
+@dataclass(frozen=True)
+class GroundTruthObject:
+    """One ground-truth object: its image file, its box (x1,y1,x2,y2 in pixels) and its category id."""
+
+    image_path: str
+    box: tuple[float, float, float, float]
+    category: int
+
+
+def load_objects(data_root: str, split: str = "val", min_size: float = 16.0) -> list[GroundTruthObject]:
+    """Non-crowd ground-truth objects of a COCO-format dataset, at least ``min_size`` px wide and high.
+
+    The layout is ``data_root/<split>/`` (images) and ``data_root/annotations/instances_<split>.json``.
+    Objects come in annotation order, so sampling from the list with a seed is reproducible.
+    """
+    ann_file = os.path.join(data_root, "annotations", f"instances_{split}.json")
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"data: dataset folder {data_root!r} does not exist")
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(
+            f"data: {data_root!r} has no ground truth for split {split!r} (expected {ann_file}); the "
+            f"diagnostics need COCO-format instance annotations")
+    with open(ann_file) as f:
+        coco = json.load(f)
+    for key in ("images", "annotations"):
+        if key not in coco:
+            raise ValueError(f"data: {ann_file} is not a COCO instances file (no {key!r} entry)")
+    files = {img["id"]: os.path.join(data_root, split, img["file_name"]) for img in coco["images"]}
+    objects = []
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        if ann.get("iscrowd", 0) or w < min_size or h < min_size or ann["image_id"] not in files:
+            continue
+        objects.append(GroundTruthObject(files[ann["image_id"]], (x, y, x + w, y + h), int(ann["category_id"])))
+    if not objects:
+        raise ValueError(f"data: {ann_file} has no non-crowd object of at least {min_size} px per side")
+    return objects
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 RGB [H,W,3] of an image file."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"data: cannot read image {path!r}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def crop_object(obj: GroundTruthObject) -> np.ndarray:
+    """uint8 RGB crop [h,w,3] of the object's box (rounded outwards to whole pixels)."""
+    image = read_rgb(obj.image_path)
+    x1, y1, x2, y2 = obj.box
+    h, w = image.shape[:2]
+    x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+    x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"data: object box {obj.box} lies outside its image {obj.image_path!r}")
+    return image[y1:y2, x1:x2].copy()
+
+
+def fit_resize(crop: np.ndarray, size: int) -> np.ndarray:
+    """Resize a crop, keeping its aspect ratio, so that its longer side is ``size`` pixels."""
+    h, w = crop.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)

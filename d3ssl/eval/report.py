@@ -1,0 +1,209 @@
+"""One report of the paper's diagnostics for one or more checkpoints and the random-init network.
+
+    python -m d3ssl.eval.report --ckpt runs/d3ssl --ckpt runs/soco --data DATA_DIR --out report/
+
+For every network: O-KNN and disturbed O-KNN (top-1/top-5, %), the coupling rate (CR) and the mean
+cosine similarity of a 3×3 grid (MCS) at conv1 and layer1..4 (mean ± std over object pairs / objects,
+with quartiles in results.json). Writes, under --out:
+
+    report.md     Markdown tables (O-KNN, CR per layer, MCS per layer)
+    cr.png        CR against depth, one line per network (paper figure 3b), band = quartiles
+    mcs.png       MCS against depth (paper figure 4b)
+    results.json  every number, with the settings used
+
+The random-init network is the checkpoint's architecture freshly initialised with --seed (one per
+architecture present); --no-random leaves it out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .coupling import coupling_rate
+from .disturbed import evaluate_disturbed_oknn
+from .oknn import DEFAULT_OBJECTS_PER_IMAGE, evaluate_oknn
+from .positional import mean_cosine_similarity
+from .probe import LAYERS, load_objects, summarize
+
+RANDOM = "random-init"
+
+
+def run_label(path: str) -> str:
+    """A short name for a checkpoint: the run folder's name (runs/NAME/checkpoints/step_*.pt → NAME)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return os.path.basename(path.rstrip(os.sep))
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints":
+        return f"{os.path.basename(os.path.dirname(parent))}"
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def evaluate_network(backbone, data_root: str, objects, settings: dict, device, progress: bool = True) -> dict:
+    """All four measures for one backbone. Returns {"oknn", "disturbed_oknn", "cr", "mcs"}."""
+    backbone = backbone.to(device)
+    oknn_kw = dict(max_objects_per_image=settings["objects_per_image"], k=settings["k"],
+                   temperature=settings["temperature"], image_size=settings["image_size"], device=device,
+                   batch_size=settings["batch_size"], max_train_images=settings["max_train_images"],
+                   max_val_images=settings["max_val_images"])
+    steps = tqdm(total=4, desc="measures", disable=not progress, leave=False)
+    out = {}
+    steps.set_postfix_str("O-KNN")
+    out["oknn"] = evaluate_oknn(backbone, data_root, **oknn_kw)
+    steps.update()
+    steps.set_postfix_str("disturbed O-KNN")
+    out["disturbed_oknn"] = evaluate_disturbed_oknn(backbone, data_root, seed=settings["seed"], **oknn_kw)
+    steps.update()
+    steps.set_postfix_str("CR")
+    cr = coupling_rate(backbone, objects, settings["pairs"], settings["cr_image_size"], settings["object_size"],
+                       settings["gap"], settings["seed"], settings["batch_size"], device, progress=progress)
+    out["cr"] = {name: summarize(v) for name, v in cr.items()}
+    steps.update()
+    steps.set_postfix_str("MCS")
+    mcs = mean_cosine_similarity(backbone, objects, settings["objects"], settings["tile_size"], settings["seed"],
+                                 settings["batch_size"], device, progress=progress)
+    out["mcs"] = {name: summarize(v) for name, v in mcs.items()}
+    steps.update()
+    steps.close()
+    return out
+
+
+def _pm(s: dict) -> str:
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
+def markdown(results: dict, settings: dict) -> str:
+    """report.md: three tables (O-KNN, CR, MCS), one row per network."""
+    names = list(results)
+    lines = ["# D3SSL diagnostics", "",
+             f"Data: `{settings['data']}` (bank: {settings['train_split']}, queries and probe objects: "
+             f"{settings['val_split']}). CR over {settings['pairs']} object pairs, MCS over up to "
+             f"{settings['objects']} objects; mean ± std (quartiles in results.json).", "",
+             "## O-KNN (%)", "",
+             "| network | arch | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for n in names:
+        r = results[n]
+        lines.append(f"| {n} | {r['arch']} | {r['oknn']['top1']:.2f} | {r['oknn']['top5']:.2f} | "
+                     f"{r['disturbed_oknn']['top1']:.2f} | {r['disturbed_oknn']['top5']:.2f} |")
+    for key, title, ideal in (("cr", "Coupling rate (CR)", "ideal 1; higher = more coupling"),
+                              ("mcs", "Positional bias: mean cosine similarity of a 3×3 grid (MCS)",
+                               "ideal 1; lower = more position encoded")):
+        lines += ["", f"## {title}", "", f"Per layer, {ideal}.", "",
+                  "| network | " + " | ".join(LAYERS) + " |", "|---|" + "---:|" * len(LAYERS)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(_pm(results[n][key][layer]) for layer in LAYERS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, key: str, ylabel: str, path: str, ideal: float = 1.0) -> None:
+    """measure vs depth, one line per network, the band between the quartiles."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    x = np.arange(len(LAYERS))
+    for name, r in results.items():
+        stats = [r[key][layer] for layer in LAYERS]
+        mean = [s["mean"] for s in stats]
+        line, = ax.plot(x, mean, marker="o", label=name, linestyle="--" if name.startswith(RANDOM) else "-")
+        ax.fill_between(x, [s["q25"] for s in stats], [s["q75"] for s in stats], color=line.get_color(), alpha=0.15)
+    ax.axhline(ideal, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xticks(x, LAYERS)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint file or run folder (repeatable)")
+    p.add_argument("--label", action="append", default=[],
+                   help="name of each --ckpt in the tables, in order (default: its run folder's name)")
+    p.add_argument("--no-random", action="store_true", help="leave out the random-init network")
+    p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,
+                   help="random-init architecture when no --ckpt is given")
+    p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--objects-per-image", type=int, default=DEFAULT_OBJECTS_PER_IMAGE,
+                   help="O-KNN: at most this many bank objects per train image (class-balanced)")
+    p.add_argument("--k", type=int, default=20, help="O-KNN neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="O-KNN vote temperature")
+    p.add_argument("--max-train-images", type=int, default=None, help="O-KNN: use only the first train images")
+    p.add_argument("--max-val-images", type=int, default=None, help="O-KNN: use only the first val images")
+    p.add_argument("--image-size", type=int, default=224, help="O-KNN: side the images are resized to, px")
+    p.add_argument("--pairs", type=int, default=200, help="CR: object pairs")
+    p.add_argument("--cr-image-size", type=int, default=224, help="CR: side of the synthetic pair images, px")
+    p.add_argument("--object-size", type=int, default=96, help="CR: longer side of each pasted object, px")
+    p.add_argument("--gap", type=int, default=0, help="CR: black pixels between the two objects")
+    p.add_argument("--objects", type=int, default=200, help="MCS: objects")
+    p.add_argument("--tile-size", type=int, default=96, help="MCS: side of a grid tile, px")
+    p.add_argument("--min-object-size", type=float, default=16.0,
+                   help="CR/MCS: use objects at least this many px wide and high")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="random init, pair/object sampling, disturbed backgrounds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> dict:
+    from d3ssl.model import ResNetC4
+
+    from .export import load_backbone
+
+    a = build_parser().parse_args(argv)
+    if not a.ckpt and a.no_random:
+        raise SystemExit("error: nothing to evaluate: give --ckpt, or leave out --no-random")
+    if a.label and len(a.label) != len(a.ckpt):
+        raise SystemExit(f"error: --label: give one per --ckpt ({len(a.ckpt)}), got {len(a.label)}")
+    progress = not a.no_progress
+    try:
+        networks = []  # (label, arch, loader)
+        for i, ckpt in enumerate(a.ckpt):
+            backbone, arch = load_backbone(ckpt)  # fail early, before hours of evaluation
+            networks.append((a.label[i] if a.label else run_label(ckpt), arch, backbone))
+        if not a.no_random:
+            archs = sorted({arch for _, arch, _ in networks}) or [a.arch or "resnet50"]
+            for arch in archs:
+                torch.manual_seed(a.seed)
+                label = RANDOM if len(archs) == 1 else f"{RANDOM} ({arch})"
+                networks.append((label, arch, ResNetC4(arch)))
+        objects = load_objects(a.data, a.val_split, a.min_object_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    settings = {k: v for k, v in vars(a).items() if k not in ("ckpt", "label", "no_random", "no_progress")}
+    os.makedirs(a.out, exist_ok=True)
+    results = {}
+    t0 = time.time()
+    for label, arch, backbone in tqdm(networks, desc="networks", disable=not progress):
+        results[label] = {"arch": arch, **evaluate_network(backbone, a.data, objects, settings, a.device, progress)}
+        del backbone
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"settings": settings, "checkpoints": a.ckpt, "results": results}, f, indent=2)
+    with open(os.path.join(a.out, "report.md"), "w") as f:
+        f.write(markdown(results, settings))
+    plot(results, "cr", "coupling rate (CR)", os.path.join(a.out, "cr.png"))
+    plot(results, "mcs", "mean cosine similarity (MCS)", os.path.join(a.out, "mcs.png"))
+    print(markdown(results, settings))
+    print(f"wrote {a.out}/report.md, cr.png, mcs.png, results.json in {time.time() - t0:.0f} s", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

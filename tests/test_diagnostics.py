@@ -1,0 +1,386 @@
+"""Coupling rate, positional bias (MCS) and disturbed O-KNN on inputs whose answer is known."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from d3ssl.eval import coupling, disturbed, positional, probe
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+# --- stand-in networks with torchvision's ResNet attribute layout -------------------------------------
+
+class _Layout(nn.Module):
+    def __init__(self, conv1, layers, maxpool=None):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = conv1, nn.Identity(), nn.Identity()
+        self.maxpool = maxpool or nn.Identity()
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+
+
+def pointwise_net(channels=6):
+    """1×1 convolutions only (stride 2 where ResNet downsamples): a feature reads exactly one pixel."""
+    def block(cin, stride):
+        return nn.Sequential(nn.Conv2d(cin, channels, 1, stride=stride), nn.ReLU())
+    net = _Layout(nn.Conv2d(3, channels, 1, stride=2),
+                  [block(channels, 1), block(channels, 2), block(channels, 2), block(channels, 2)],
+                  maxpool=nn.MaxPool2d(1, stride=2))
+    net.relu = nn.ReLU()
+    return net.eval()
+
+
+class GlobalMean(nn.Module):
+    """Every position gets the image's per-channel mean, plus a shift that keeps cosines away from 0."""
+
+    def forward(self, x):
+        return (x.mean((2, 3), keepdim=True) + 3.0).expand_as(x)
+
+
+class XCoordinate(nn.Module):
+    """Two channels: 1 and the pixel column's centre in [0,1]: a feature that is pure position."""
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        col = (torch.arange(w, dtype=x.dtype) + 0.5) / w
+        return torch.stack([torch.ones(n, h, w, dtype=x.dtype), col.expand(n, h, w)], 1)
+
+
+def _objects(rng, n, size=(40, 70)):
+    return [rng.integers(0, 256, (int(rng.integers(*size)), int(rng.integers(*size)), 3), dtype=np.uint8)
+            for _ in range(n)]
+
+
+def _normalize_ref(img):
+    return ((img.astype(np.float64) / 255.0 - MEAN) / STD)  # [H,W,3]
+
+
+# --- box pooling ---------------------------------------------------------------------------------------
+
+def test_box_average_pool_matches_pixel_reference():
+    rng = np.random.default_rng(0)
+    h, w, stride = 6, 8, 4
+    fmap = torch.randn(2, 5, h, w, dtype=torch.float64)
+    boxes = []
+    for _ in range(2):
+        row = []
+        for _ in range(3):
+            x1, y1 = rng.integers(0, w * stride - 2), rng.integers(0, h * stride - 2)
+            row.append([x1, y1, rng.integers(x1 + 1, w * stride + 1), rng.integers(y1 + 1, h * stride + 1)])
+        boxes.append(row)
+    boxes = np.array(boxes, np.float64)
+    got = probe.box_average_pool(fmap, torch.as_tensor(boxes), (h * stride, w * stride)).numpy()
+    # Reference: the map upsampled to pixels (each cell covers stride×stride pixels), averaged over the box.
+    up = fmap.numpy().repeat(stride, 2).repeat(stride, 3)
+    for n in range(2):
+        for m in range(3):
+            x1, y1, x2, y2 = boxes[n, m].astype(int)
+            np.testing.assert_allclose(got[n, m], up[n, :, y1:y2, x1:x2].mean((1, 2)), rtol=1e-12)
+
+
+def test_box_average_pool_rejects_boxes_outside():
+    with pytest.raises(ValueError, match="boxes"):
+        probe.box_average_pool(torch.ones(1, 2, 4, 4), torch.tensor([[[20.0, 20, 30, 30]]]), (16, 16))
+
+
+def test_layer_features_rejects_other_layouts():
+    with pytest.raises(TypeError, match="torchvision's layout"):
+        probe.layer_features(nn.Conv2d(3, 3, 1), torch.zeros(1, 3, 8, 8))
+
+
+def test_layer_features_of_torchvision_resnet():
+    net = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    feats = probe.layer_features(net, x)
+    assert [tuple(f.shape[1:]) for f in feats.values()] == [(64, 32, 32), (64, 16, 16), (128, 8, 8),
+                                                            (256, 4, 4), (512, 2, 2)]
+    with torch.no_grad():
+        ref = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+    torch.testing.assert_close(feats["layer4"], ref)
+
+
+# --- coupling rate ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gap", [0, 5])
+def test_coupling_rate_is_one_for_pointwise_network(gap):
+    rng = np.random.default_rng(1)
+    crops = _objects(rng, 6)
+    i1, i2, ba, bb = zip(*[coupling.compose_pair(crops[k], crops[k + 3], 224, 96, gap) for k in range(3)])
+    cr = coupling.coupling_rate_images(pointwise_net(), probe.normalize_images(np.stack(i1)),
+                                       probe.normalize_images(np.stack(i2)), torch.as_tensor(np.stack(ba)),
+                                       torch.as_tensor(np.stack(bb)))
+    assert list(cr) == list(probe.LAYERS)
+    for name, value in cr.items():
+        np.testing.assert_allclose(value.numpy(), 1.0, atol=1e-6, err_msg=name)
+
+
+def test_coupling_rate_of_global_network_matches_formula():
+    rng = np.random.default_rng(2)
+    a, b = _objects(rng, 2)
+    im1, im2, box_a, box_b = coupling.compose_pair(a, b, 128, 48, 4)
+    net = _Layout(GlobalMean(), [nn.Identity()] * 4)
+    cr = coupling.coupling_rate_images(net, probe.normalize_images(im1[None]), probe.normalize_images(im2[None]),
+                                       torch.as_tensor(box_a[None]), torch.as_tensor(box_b[None]))
+    # f(A1) = f(B) = mean(image 1) + 3, f(A2) = mean(image 2) + 3  =>  CR = 1 / cos(m2, m1).
+    m1 = _normalize_ref(im1).mean((0, 1)) + 3.0
+    m2 = _normalize_ref(im2).mean((0, 1)) + 3.0
+    expected = 1.0 / (m1 @ m2 / np.linalg.norm(m1) / np.linalg.norm(m2))
+    assert expected > 1.0 + 1e-4  # the test can fail: B changes A's feature
+    for name, value in cr.items():
+        np.testing.assert_allclose(value.numpy(), [expected], rtol=1e-5, err_msg=name)
+
+
+def test_compose_pair_places_objects():
+    rng = np.random.default_rng(3)
+    a, b = _objects(rng, 2)
+    im1, im2, box_a, box_b = coupling.compose_pair(a, b, 224, 96, 6)
+    x1, y1, x2, y2 = box_a.astype(int)
+    np.testing.assert_array_equal(im1[y1:y2, x1:x2], im2[y1:y2, x1:x2])
+    assert max(y2 - y1, x2 - x1) == 96 and x2 <= 112 and box_b[0] == x2 + 6
+    mask = np.zeros(im1.shape[:2], bool)
+    mask[y1:y2, x1:x2] = True
+    assert not im2[~mask].any()  # image 2: A on black
+    bx1, by1, bx2, by2 = box_b.astype(int)
+    mask[by1:by2, bx1:bx2] = True
+    assert not im1[~mask].any()  # image 1: A and B on black
+    with pytest.raises(ValueError, match="object_size"):
+        coupling.compose_pair(a, b, 100, 60, 0)
+
+
+def test_sample_pairs_have_different_categories():
+    objs = [probe.GroundTruthObject("x", (0, 0, 1, 1), c) for c in [1, 1, 2, 3, 3]]
+    pairs = coupling.sample_pairs(objs, 50, seed=0)
+    assert len(pairs) == 50 and all(objs[a].category != objs[b].category for a, b in pairs)
+    assert pairs == coupling.sample_pairs(objs, 50, seed=0)
+    with pytest.raises(ValueError, match="two categories"):
+        coupling.sample_pairs(objs[:2], 3)
+
+
+# --- positional bias -------------------------------------------------------------------------------------
+
+def test_mcs_is_one_for_pointwise_network():
+    rng = np.random.default_rng(4)
+    grids = [positional.tile_grid(c, 64) for c in _objects(rng, 3)]
+    mcs = positional.grid_similarity(pointwise_net(), probe.normalize_images(np.stack([g[0] for g in grids])),
+                                     torch.as_tensor(np.stack([g[1] for g in grids])))
+    for name, value in mcs.items():
+        np.testing.assert_allclose(value.numpy(), 1.0, atol=1e-6, err_msg=name)
+
+
+def test_mcs_of_positional_network_matches_formula():
+    rng = np.random.default_rng(5)
+    image, boxes = positional.tile_grid(_objects(rng, 1)[0], 32)
+    net = _Layout(XCoordinate(), [nn.Identity()] * 4)
+    mcs = positional.grid_similarity(net, probe.normalize_images(image[None]), torch.as_tensor(boxes[None]))
+    # Tile in column c has feature (1, (c + 0.5) / 3); the centre is column 1.
+    feats = np.array([[1.0, (c + 0.5) / 3] for r in range(3) for c in range(3)])
+    cos = feats @ feats[4] / np.linalg.norm(feats, axis=1) / np.linalg.norm(feats[4])
+    expected = np.delete(cos, 4).mean()
+    assert expected < 0.99
+    for name, value in mcs.items():
+        np.testing.assert_allclose(value.numpy(), [expected], rtol=1e-6, err_msg=name)
+
+
+def test_tile_grid_repeats_the_tile():
+    image, boxes = positional.tile_grid(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(30, 20, 3), 16)
+    assert image.shape == (48, 48, 3) and boxes.shape == (9, 4)
+    centre = image[16:32, 16:32]
+    for x1, y1, x2, y2 in boxes.astype(int):
+        np.testing.assert_array_equal(image[y1:y2, x1:x2], centre)
+
+
+# --- on a tiny synthetic dataset ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from d3ssl.data.synthetic import ensure_synthetic
+    return ensure_synthetic(str(tmp_path_factory.mktemp("syn")), seed=0, num_train=8, num_val=6, workers=1)
+
+
+def test_random_network_mcs_close_to_one(synthetic_root):
+    objects = probe.load_objects(synthetic_root, "val", min_size=24)
+    mcs = positional.mean_cosine_similarity(torchvision.models.resnet18(), objects, num_objects=4, progress=False)
+    for name, values in mcs.items():
+        assert values.shape == (4,)
+        assert probe.summarize(values)["mean"] > 0.9, name
+
+
+def test_coupling_rate_on_dataset(synthetic_root):
+    objects = probe.load_objects(synthetic_root, "val", min_size=24)
+    net = pointwise_net().train()
+    cr = coupling.coupling_rate(net, objects, num_pairs=5, batch_size=2, progress=False)
+    for name, values in cr.items():
+        assert values.shape == (5,)
+        np.testing.assert_allclose(values, 1.0, atol=1e-6)
+    assert net.training  # mode restored
+    cr = coupling.coupling_rate(torchvision.models.resnet18(), objects, num_pairs=3, progress=False)
+    assert all(np.isfinite(v).all() for v in cr.values())
+
+
+def test_load_objects_errors(tmp_path, synthetic_root):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        probe.load_objects(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "val")
+    with pytest.raises(FileNotFoundError, match="instances_val.json"):
+        probe.load_objects(str(tmp_path))
+    os.makedirs(tmp_path / "annotations")
+    with open(tmp_path / "annotations" / "instances_val.json", "w") as f:
+        json.dump({"images": [], "annotations": []}, f)
+    with pytest.raises(ValueError, match="no non-crowd object"):
+        probe.load_objects(str(tmp_path))
+    objects = probe.load_objects(synthetic_root, "val", min_size=24)
+    assert all(o.box[2] - o.box[0] >= 24 and o.box[3] - o.box[1] >= 24 for o in objects)
+
+
+def test_summarize():
+    s = probe.summarize(np.array([1.0, 2.0, 3.0, 4.0, np.nan]))
+    assert s["n"] == 4 and s["mean"] == 2.5 and s["q25"] == 1.75 and s["q75"] == 3.25
+    assert s["std"] == pytest.approx(np.std([1, 2, 3, 4]))
+
+
+# --- disturbed O-KNN: the image replacement --------------------------------------------------------------
+
+def test_replace_background_pixelwise():
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    background = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)  # same size: no resampling
+    boxes = np.array([[2.5, 3.0, 10.2, 12.0], [20.0, 15.0, 40.0, 30.0], [8.0, 10.0, 12.0, 20.0]])
+    out = disturbed.replace_background(image, boxes, background)
+    for y in range(30):
+        for x in range(40):
+            # pixel square [x,x+1)×[y,y+1) meets a box with positive area?
+            inside = any(x + 1 > x1 and x < x2 and y + 1 > y1 and y < y2 for x1, y1, x2, y2 in boxes)
+            np.testing.assert_array_equal(out[y, x], image[y, x] if inside else background[y, x])
+    assert not np.array_equal(out, image) and not np.array_equal(out, background)
+
+
+def test_replace_background_resizes_other_image():
+    image = np.full((20, 30, 3), 7, np.uint8)
+    background = np.full((50, 10, 3), 200, np.uint8)
+    out = disturbed.replace_background(image, np.array([[0, 0, 5, 5]]), background)
+    assert out.shape == image.shape
+    assert (out[:5, :5] == 7).all() and (out[5:] == 200).all() and (out[:, 5:] == 200).all()
+
+
+def test_background_index_is_deterministic_and_never_self():
+    idx = disturbed.background_index(50, seed=3)
+    assert (idx != np.arange(50)).all() and ((0 <= idx) & (idx < 50)).all()
+    np.testing.assert_array_equal(idx, disturbed.background_index(50, seed=3))
+    assert not np.array_equal(idx, disturbed.background_index(50, seed=4))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        disturbed.background_index(1)
+
+
+def test_background_replacer_hook(tmp_path):
+    import cv2
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        cv2.imwrite(paths[-1], np.full((10, 10, 3), 10 * i, np.uint8))
+    records = [(p, None, None, None) for p in paths]
+    hook = disturbed.BackgroundReplacer(seed=0)
+    out = hook(records, 2, np.full((10, 10, 3), 20, np.uint8), np.array([[0, 0, 3, 3]]))
+    partner = disturbed.background_index(4, 0)[2]
+    assert (out[:3, :3] == 20).all() and (out[5:, 5:] == 10 * partner).all() and partner != 2
+
+
+def test_oknn_images_through_hook(synthetic_root):
+    """The hook sees each image with its selected boxes; ObjectImages then resizes what it returns."""
+    from d3ssl.eval import oknn
+    records = oknn.load_objects(synthetic_root, "val", max_objects_per_image=2)
+    seen = []
+
+    def hook(recs, i, image, boxes):
+        seen.append((i, image.shape, boxes.copy()))
+        return np.zeros_like(image)
+
+    plain = oknn.ObjectImages(records, 64)
+    hooked = oknn.ObjectImages(records, 64, image_hook=hook)
+    image, boxes, _ = hooked[1]
+    assert seen[0][0] == 1 and seen[0][1][:2] == (records[1][3][1], records[1][3][0])
+    np.testing.assert_array_equal(seen[0][2], records[1][1])
+    black = (0 - MEAN) / STD
+    np.testing.assert_allclose(image.numpy(), np.broadcast_to(black[:, None, None], (3, 64, 64)), rtol=1e-5)
+    torch.testing.assert_close(boxes, plain[1][1])
+
+
+def test_disturbed_oknn_runs_and_differs(synthetic_root):
+    from d3ssl.eval import oknn
+    from d3ssl.model import ResNetC4
+    backbone = ResNetC4("resnet18")
+    kw = dict(max_objects_per_image=2, image_size=64, batch_size=8, k=5)
+    clean_x, _ = oknn.extract_object_features(backbone, synthetic_root, "val", 2, 64)
+    dist_x, labels = oknn.extract_object_features(backbone, synthetic_root, "val", 2, 64,
+                                                  image_hook=disturbed.BackgroundReplacer(0))
+    assert clean_x.shape == dist_x.shape and not torch.allclose(clean_x, dist_x)
+    res = disturbed.evaluate_disturbed_oknn(backbone, synthetic_root, seed=0, **kw)
+    assert 0 <= res["top1"] <= res["top5"] <= 100 and res["num_queries"] > 0
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def _write_checkpoint(path, arch="resnet18"):
+    import dataclasses
+    from d3ssl.model import ModelConfig, build_method
+    cfg = ModelConfig(method="soco", arch=arch, proj_hidden=32, pred_hidden=32, proj_dim=16)
+    torch.save({"model": build_method(cfg).state_dict(), "config": {"model": dataclasses.asdict(cfg)}}, path)
+
+
+def test_report_on_tiny_dataset(tmp_path, synthetic_root):
+    from d3ssl.eval import report
+    run = tmp_path / "runs" / "tiny" / "checkpoints"
+    os.makedirs(run)
+    _write_checkpoint(str(run / "step_00000002.pt"))
+    out = tmp_path / "report"
+    results = report.main(["--ckpt", str(tmp_path / "runs" / "tiny"), "--data", synthetic_root, "--out", str(out),
+                           "--pairs", "3", "--objects", "3", "--image-size", "64", "--cr-image-size", "64",
+                           "--object-size", "24", "--tile-size", "32", "--k", "5", "--max-train-images", "4", "--no-progress"])
+    assert list(results) == ["tiny", "random-init"]
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny ") or line.startswith("| random-init ")]
+    assert len(rows) == 6  # one row per network in each of the three tables
+    assert all(len(r.strip("|").split("|")) in (6, 1 + len(probe.LAYERS)) for r in rows)
+    for png in ("cr.png", "mcs.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    saved = json.loads((out / "results.json").read_text())["results"]
+    for name in ("tiny", "random-init"):
+        assert saved[name]["arch"] == "resnet18"
+        assert set(saved[name]["cr"]) == set(probe.LAYERS) and saved[name]["mcs"]["layer4"]["n"] == 3
+        assert 0 <= saved[name]["disturbed_oknn"]["top1"] <= 100
+
+
+def test_report_errors(tmp_path, synthetic_root):
+    from d3ssl.eval import report
+    base = ["--out", str(tmp_path / "o"), "--no-progress"]
+    with pytest.raises(SystemExit, match="missing.pt"):
+        report.main(["--ckpt", str(tmp_path / "missing.pt"), "--data", synthetic_root] + base)
+    os.makedirs(tmp_path / "noann" / "val")
+    with pytest.raises(SystemExit, match="instances_val.json"):
+        report.main(["--data", str(tmp_path / "noann"), "--arch", "resnet18"] + base)
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        report.main(["--data", synthetic_root, "--no-random"] + base)
+    torch.save({"state_dict": {}}, str(tmp_path / "foreign.pt"))
+    with pytest.raises(SystemExit, match="not a d3ssl training checkpoint"):
+        report.main(["--ckpt", str(tmp_path / "foreign.pt"), "--data", synthetic_root] + base)
+
+
+def test_comparison_presets_differ_only_in_method():
+    from train.config import make_config, to_dict
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, prefix + k + ".") if isinstance(v, dict) else [(prefix + k, v)]
+
+    ours, soco = (dict(flat(to_dict(make_config(p)))) for p in ("compare-d3ssl", "compare-soco"))
+    assert {k for k in ours if ours[k] != soco[k]} == {"preset", "model.method"}
+    assert ours["model.method"] == "d3ssl" and soco["model.method"] == "soco"
+    from d3ssl.eval.compare import train_command
+    cmd = train_command("compare-soco", "o", "soco", ["run.epochs=2"], None)
+    assert cmd[1:] == ["-m", "train.run", "--preset", "compare-soco", "--out", "o", "--name", "soco", "--resume",
+                       "auto", "--set", "run.epochs=2"]
