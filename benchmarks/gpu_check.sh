@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with a GPU, torch already installed and no network, build the
+# extension, run the CUDA tests and the GPU benchmarks, and leave logs and JSON in OUTDIR.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Each step has its own time limit so that the whole check ends in under 8 minutes, and a failing
+# step does not stop the later ones; the exit status is non-zero if any step failed.
+# DALI is not on the GPU machine: benchmarks/gpu_check_dali.sh installs it from carried wheel parts.
+set -uo pipefail
+out=${1:?usage: gpu_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$out/$name.log"
+  [ $rc -eq 0 ] || failed+=("$name")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$out/torch.txt"
+
+step build 240 env MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps -e .
+# Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
+step tests_cuda 150 python -m pytest -q -m cuda tests/test_roi_align.py tests/test_region_ops.py tests/test_region_stage.py tests/test_samplers.py
+step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
+step bench_region 60 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
+step bench_train 120 python benchmarks/throughput.py --section train --device cuda --backend cpu --json "$out/train.json"
+
+echo "failed steps: ${failed[*]:-none}" | tee "$out/summary.txt"
+[ ${#failed[@]} -eq 0 ]
