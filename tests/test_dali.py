@@ -80,6 +80,26 @@ def _write_dataset(root, n=10, seed=0, extra=()):
     return ds, ProposalStore(path), truth
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _opencv_without_thread_pool():
+    # These tests run OpenCV in this process (the CPU loader with workers=0) and fork workers. OpenCV's
+    # thread pool does not survive a fork: a child that calls cv2.setNumThreads (as CPU loader
+    # workers do) waits forever for threads it does not have. One thread here means no pool to
+    # inherit; the old setting is restored after the module (the pool restarts only when used).
+    old = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(old)
+
+
+@pytest.fixture(autouse=True)
+def _stop_dali_after_each_test():
+    # DALI's threads must not outlive the test: later tests fork loader workers, and a fork taken
+    # while DALI threads run can deadlock the child
+    yield
+    dali_mod.close_all_loaders()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return _write_dataset(str(tmp_path_factory.mktemp("dali") / "images"))

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -376,6 +377,19 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
 # The loader: DALI outputs -> Batch
 # ---------------------------------------------------------------------------------------------------
 
+_LIVE_LOADERS: "weakref.WeakSet[DaliLoader]" = weakref.WeakSet()
+
+
+def close_all_loaders():
+    """Stops the pipeline (threads and source workers) of every DALI loader of this process.
+
+    Forking a process while DALI's threads run can deadlock the child (it inherits locks held by
+    threads that do not exist in it): call this before starting fork-based workers after DALI was
+    used in the same process. A closed loader rebuilds its pipeline when iterated again."""
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
 class DaliLoader:
     """Iterable of :class:`~d3ssl.data.batch.Batch` built by the DALI graph; see :func:`make_dali_loader`.
 
@@ -405,6 +419,7 @@ class DaliLoader:
         self.skipped_keys: list[str] = []
         self.failed_batches = 0
         self._pipe = None
+        _LIVE_LOADERS.add(self)
         self._pipe_epoch = None  # the epoch the built pipeline runs next without a rebuild
 
     @property
