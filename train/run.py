@@ -17,6 +17,7 @@ teacher EMA update.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import math
@@ -131,8 +132,8 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
     if cfg.data.backend not in ("cpu", "dali"):
         raise TrainingError(f"data.backend must be cpu or dali, got {cfg.data.backend!r}")
     if cfg.data.backend == "dali":
-        try:
-            import nvidia.dali  # noqa: F401
+        try:  # only d3ssl/data/dali.py imports DALI by name; this is an availability check
+            importlib.import_module("nvidia.dali")
         except ImportError:
             raise TrainingError("--dali: NVIDIA DALI is not installed. Install it with "
                                 "`pip install -e .[dali]` (or nvidia-dali-cuda130), or drop --dali to "

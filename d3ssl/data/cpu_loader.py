@@ -169,7 +169,9 @@ class EpochBatchSampler:
 
 
 def _init_worker(_):
-    cv2.setNumThreads(1)          # one image per worker at a time: OpenCV's own threads only contend
+    # One image per worker at a time: OpenCV's and torch's own threads would only contend. OpenCV's
+    # thread count is set in the parent before the fork (see CpuLoader): calling cv2.setNumThreads
+    # in a forked child whose parent had started OpenCV's thread pool can hang forever.
     torch.set_num_threads(1)
 
 
@@ -185,6 +187,10 @@ class CpuLoader:
         self.views = ViewDataset(dataset, store, view_cfg, colour_cfg, seed)
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
                   worker_init_fn=_init_worker) if workers > 0 else {}
+        if workers > 0:
+            # Forked workers inherit OpenCV's thread pool; a serial pool is the one state that is
+            # safe to inherit (see _init_worker). The parent decodes nothing in the hot path.
+            cv2.setNumThreads(1)
         self._loader = torch.utils.data.DataLoader(self.views, batch_sampler=self.sampler, num_workers=workers,
                                                    collate_fn=collate, pin_memory=pin, **kw)
         self.skipped_keys: list[str] = []
