@@ -20,14 +20,8 @@ def tiny_cfg(**kw):
     return ModelConfig(**base)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared
-    # (OpenMP threads spin-waiting on busy cores).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _BUILT = {}
