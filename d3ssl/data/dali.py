@@ -204,10 +204,14 @@ def colour_twist(p: ColourParams) -> np.ndarray | None:
 # The parallel source: runs in DALI's Python workers
 # ---------------------------------------------------------------------------------------------------
 
-_OUTPUTS = ("encoded", "crop_start", "crop_end", "flip1", "flip2",
-            "colour1", "twist1", "blur1", "kernel1", "solarize1",
-            "colour2", "twist2", "blur2", "kernel2", "solarize2",
-            "boxes1", "boxes2", "box_valid", "image_id")
+_OUTPUTS = ("encoded", "params", "kernel1", "kernel2", "meta")
+# Per-sample numbers travel packed: DALI's main thread spends tens of microseconds per array and sample
+# taking the source's batches in, which at 19 separate outputs cost as much as a resize.
+# params float32 [20]: where each number sits (crop window in HW order, image pixels; flags 0/1;
+# twist = colour_twist(), brightness/contrast/saturation factors and hue in degrees)
+_P = dict(crop_start=slice(0, 2), crop_end=slice(2, 4), flip1=4, flip2=5, colour1=6, blur1=7, solarize1=8,
+          colour2=9, blur2=10, solarize2=11, twist1=slice(12, 16), twist2=slice(16, 20))
+_NUM_PARAMS = 20
 _NO_TWIST = np.array([1.0, 1.0, 1.0, 0.0], np.float32)
 _NO_BLUR = np.ones((1, 1), np.float32)
 
@@ -286,20 +290,21 @@ class ViewSource:
         c1, c2 = sample_colour(rng, self.colour_cfg, 0), sample_colour(rng, self.colour_cfg, 1)
         twist1, twist2 = colour_twist(c1), colour_twist(c2)
         x0, y0, cw, ch = (float(v) for v in vp.crop)
-        f32, b = np.float32, np.bool_
 
         def kernel(sigma):
             return gaussian_kernel(sigma) if sigma > 0 else _NO_BLUR
 
-        return (np.frombuffer(data, np.uint8),
-                np.array([y0, x0], f32), np.array([y0 + ch, x0 + cw], f32),  # HW order, as the image
-                np.array(int(vp.flip1), np.int32), np.array(int(vp.flip2), np.int32),
-                np.array(twist1 is not None, b), _NO_TWIST if twist1 is None else twist1,
-                np.array(c1.blur_sigma > 0, b), kernel(c1.blur_sigma), np.array(c1.solarize, b),
-                np.array(twist2 is not None, b), _NO_TWIST if twist2 is None else twist2,
-                np.array(c2.blur_sigma > 0, b), kernel(c2.blur_sigma), np.array(c2.solarize, b),
-                np.ascontiguousarray(vp.boxes1, f32), np.ascontiguousarray(vp.boxes2, f32),
-                np.ascontiguousarray(vp.valid, b), np.array(index, np.int64))
+        params = np.zeros(_NUM_PARAMS, np.float32)
+        params[_P["crop_start"]] = y0, x0                       # HW order, as the image
+        params[_P["crop_end"]] = y0 + ch, x0 + cw
+        params[[_P["flip1"], _P["flip2"]]] = vp.flip1, vp.flip2
+        params[[_P["colour1"], _P["blur1"], _P["solarize1"]]] = twist1 is not None, c1.blur_sigma > 0, c1.solarize
+        params[[_P["colour2"], _P["blur2"], _P["solarize2"]]] = twist2 is not None, c2.blur_sigma > 0, c2.solarize
+        params[_P["twist1"]] = _NO_TWIST if twist1 is None else twist1
+        params[_P["twist2"]] = _NO_TWIST if twist2 is None else twist2
+        # what the graph passes through to the Batch: boxes1, boxes2 [K,4], valid [K], image index
+        meta = np.concatenate([vp.boxes1.ravel(), vp.boxes2.ravel(), vp.valid, [index]]).astype(np.float64)
+        return (np.frombuffer(data, np.uint8), params, kernel(c1.blur_sigma), kernel(c2.blur_sigma), meta)
 
     def __call__(self, info):
         epoch = self.start_epoch + info.epoch_idx
@@ -345,13 +350,34 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
     (the same graph in DALI's CPU-only mode; build the pipeline with device_id=None).
 
     Outputs (B = batch, S = `size`): view1 [B,S,S,3], view2 [B,S,S,3], view2_small [B,S/2,S/2,3]
-    (HWC, normalised, `out_dtype`), boxes1, boxes2 float32 [B,K,4], box_valid bool [B,K],
-    image_id int64 [B]."""
+    (HWC, normalised, `out_dtype`) and meta float64 [B,9K+1], the source's boxes1 [K,4], boxes2 [K,4],
+    box_valid [K] and image index per sample, packed (the loader unpacks them)."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    (encoded, crop_start, crop_end, flip1, flip2, colour1, twist1, blur1, kernel1, solarize1,
-     colour2, twist2, blur2, kernel2, solarize2, boxes1, boxes2, box_valid, image_id) = fn.external_source(
-        source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True, parallel=True)
+    outputs = fn.external_source(source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True,
+                                 parallel=True)
+    return _views_graph(dict(zip(_OUTPUTS, outputs)), device, size, antialias=antialias,
+                        solarize_threshold=solarize_threshold, out_dtype=out_dtype)
+
+
+def _views_graph(src: dict, device: str, size: int, antialias: bool = True, solarize_threshold: int = 128,
+                 out_dtype=None):
+    """The body of :func:`d3ssl_views` on the source's outputs (`src`: name in :data:`_OUTPUTS` ->
+    DataNode); returns the graph's outputs."""
+    encoded, params, kernel1, kernel2, meta = (src[k] for k in _OUTPUTS)
+
+    def flag(name):  # a 0/1 entry of params as the boolean a DALI conditional takes
+        return fn.cast(params[_P[name]], dtype=types.BOOL)
+
+    def twist(name):
+        t = _P[name].start
+        return [params[t + k] for k in range(4)]
+
+    crop_start, crop_end = params[_P["crop_start"]], params[_P["crop_end"]]
+    flip1, flip2 = (fn.cast(params[_P[k]], dtype=types.INT32) for k in ("flip1", "flip2"))
+    colour1, blur1, solarize1 = flag("colour1"), flag("blur1"), flag("solarize1")
+    colour2, blur2, solarize2 = flag("colour2"), flag("blur2"), flag("solarize2")
+    twist1, twist2 = twist("twist1"), twist("twist2")
     # Decode once; every view is a resize of this one image.
     image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     # View 1: the whole image, aspect not kept (SoCo). View 2: the sampler's crop window.
@@ -360,7 +386,9 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
                       antialias=antialias)
     view1 = _colour(view1, colour1, twist1, blur1, kernel1, solarize1, device, solarize_threshold)
     view2 = _colour(view2, colour2, twist2, blur2, kernel2, solarize2, device, solarize_threshold)
-    view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=antialias)
+    # Exactly half of view 2: DALI's linear filter without its antialiasing widening averages each
+    # 2x2 block, which is the CPU loader's INTER_AREA at this factor (and cheaper than antialiasing).
+    view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=False)
     out_dtype = types.FLOAT if out_dtype is None else out_dtype
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
@@ -369,8 +397,7 @@ def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = 
         return fn.crop_mirror_normalize(view, mirror=flip, mean=mean, std=std, dtype=out_dtype,
                                         output_layout="HWC")
 
-    return (finish(view1, flip1), finish(view2, flip2), finish(view2_small, flip2),
-            boxes1, boxes2, box_valid, image_id)
+    return finish(view1, flip1), finish(view2, flip2), finish(view2_small, flip2), meta
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,7 +479,7 @@ class DaliLoader:
                            out_dtype=out_dtype, batch_size=self.batch_size, num_threads=self.threads,
                            device_id=device_id, py_num_workers=max(1, self.workers),
                            py_start_method=self.start_method, prefetch_queue_depth=self.prefetch,
-                           seed=self.seed)
+                           seed=self.seed, exec_dynamic=True)  # outputs are not recycled: _to_batch
         pipe.build()
         self._pipe, self._pipe_epoch = pipe, self.epoch
 
@@ -506,33 +533,36 @@ class DaliLoader:
         self._pipe_epoch = epoch + 1
 
     def _to_batch(self, outputs, expected: list[int]) -> Batch:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        view1, view2, view2_small, boxes1, boxes2, box_valid, image_id = outputs
-        ids = torch.from_numpy(np.array(image_id.as_tensor()).reshape(-1).astype(np.int64))
+        view1, view2, view2_small, meta = outputs
+        meta = np.array(meta.as_tensor())                      # [B, 9K+1] float64, see ViewSource.sample
+        k = self.view_cfg.num_boxes
+        ids = torch.from_numpy(meta[:, -1].astype(np.int64))
         replaced = [i for i, got in zip(expected, ids.tolist()) if i != got]
         if replaced:
             keys = [self.dataset.key(i) for i in replaced]
             self.skipped_keys += keys
             warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({self.skipped} so far "
                           "this run); each was replaced by the next image", RuntimeWarning)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        dali_dtype = torch.float32 if self.dtype == torch.float32 else torch.float16
 
         def view(tl):
-            # DALI writes NHWC; the NCHW permutation of that memory is a channels_last tensor
-            t = tl.as_tensor()
-            nhwc = torch.empty(t.shape(), dtype=dali_dtype, device=self.device)
-            feed_ndarray(t, nhwc, cuda_stream=stream)
+            # Zero copy: DALI's dynamic executor (the default; see _build) hands each batch's output
+            # buffers over instead of recycling them, so torch can own them through DLPack, on the
+            # training device's current stream, as DALI's own PyTorch iterator does. DALI writes
+            # NHWC; the NCHW permutation of that memory is a channels_last tensor.
+            with self.device:
+                nhwc = torch.from_dlpack(tl.as_tensor())
             v = nhwc.permute(0, 3, 1, 2)
             return v if v.dtype == self.dtype else v.to(self.dtype)  # .to keeps channels_last
 
-        def small(tl, dtype):
-            return torch.from_numpy(np.array(tl.as_tensor())).to(dtype).to(self.device, non_blocking=True)
+        def small(a, dtype):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(self.device, non_blocking=True)
 
+        b = meta.shape[0]
         return Batch(view1=view(view1), view2=view(view2), view2_small=view(view2_small),
-                     boxes1=small(boxes1, torch.float32), boxes2=small(boxes2, torch.float32),
-                     box_valid=small(box_valid, torch.bool), image_id=ids.to(self.device, non_blocking=True))
+                     boxes1=small(meta[:, :4 * k].reshape(b, k, 4), torch.float32),
+                     boxes2=small(meta[:, 4 * k:8 * k].reshape(b, k, 4), torch.float32),
+                     box_valid=small(meta[:, 8 * k:9 * k] != 0, torch.bool),
+                     image_id=ids.to(self.device, non_blocking=True))
 
 
 def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4,
