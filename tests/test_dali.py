@@ -172,6 +172,37 @@ def test_batch_contract(data):
 
 
 @needs_dali
+def test_views_handed_over_without_copy_stay_valid(data):
+    """The views are DALI's own output buffers (no copy on the torch side): a batch kept by the caller
+    must not change while the loader runs on, through the rest of the epoch and the next one."""
+    ds, store, _ = data
+    loader = _dali(ds, store, drop_last=False, seed=4)
+    kept, copies = [], []
+    for b in loader:
+        kept.append(b)
+        copies.append([getattr(b, f).clone() for f in ("view1", "view2", "view2_small")])
+    later = _epoch(loader)                                   # the next epoch: other samples, other pixels
+    assert not torch.equal(later[0].view1, kept[0].view1)
+    for b, c in zip(kept, copies, strict=True):
+        for f, v in zip(("view1", "view2", "view2_small"), c):
+            assert torch.equal(getattr(b, f), v), f
+
+
+@needs_dali
+def test_view2_small_is_the_2x2_average_of_view2(data):
+    """view2_small is view2 halved by averaging 2x2 blocks, as the CPU loader's INTER_AREA does at
+    this factor: not a wider antialiasing filter. Reference: float64 block means of DALI's own view2,
+    in uint8 units; DALI rounds the halved image to uint8 before normalising, hence 0.5 + float slack."""
+    ds, store, _ = data
+    for colour in (NO_COLOUR, ColourConfig()):
+        for b in _epoch(_dali(ds, store, colour_cfg=colour, drop_last=False, seed=6)):
+            v2 = _pixels(b.view2)
+            blocks = v2.reshape(b.size, S // 2, 2, S // 2, 2, 3).mean(axis=(2, 4))
+            err = np.abs(_pixels(b.view2_small) - blocks)
+            assert err.max() <= 0.5 + 1e-3, err.max()
+
+
+@needs_dali
 def test_boxes_land_on_their_regions(data):
     """Colour augmentation off: inside every valid box, view 1, view 2 and view2_small show the
     colour of that box's proposal, and the boxes are the view sampler's for the sample's seed."""
