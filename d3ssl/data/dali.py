@@ -3,11 +3,12 @@
 Data flow (DESIGN.md §2)::
 
     parallel external_source  (Python workers: read bytes, check them, run the view sampler)
-      │  encoded bytes, crop window of view 2, flips, colour parameters, padded boxes, image ids
+      │  encoded bytes; crop window of view 2, flips, colour parameters (one packed vector);
+      │  blur taps; padded boxes and image ids (packed, passed through to the Batch)
       ▼
     decode once ─┬─ resize whole image to S×S ──────── colour ─ flip+normalise ─▶ view1
                  └─ resize crop window to S×S ─ colour ─┬────── flip+normalise ─▶ view2
-                                                         └ resize S/2 ─ flip+normalise ─▶ view2_small
+                                                         └ 2×2 mean ─ flip+normalise ─▶ view2_small
 
 The graph (:func:`d3ssl_views`) is one function under ``@pipeline_def`` whose ``device`` is a
 parameter: ``"gpu"`` decodes with ``device="mixed"`` and runs everything after on the GPU; ``"cpu"`` is
@@ -23,6 +24,17 @@ on workers, ranks or where a run was resumed. The colour operators are DALI's: b
 saturation, grayscale, blur and solarize give the CPU loader's pixels up to rounding; DALI's contrast
 pivots on mid-gray rather than the image mean, its hue turns in YIQ rather than HSV, and it applies
 the jitter in one fixed order, so those are the same augmentation, not the same pixels.
+
+The views reach torch without a copy: the pipeline runs DALI's dynamic executor, which hands each
+batch's output buffers over rather than recycling them, and torch takes them through DLPack (as
+DALI's own PyTorch iterator does), so a Batch stays valid however long it is kept.
+
+Speed of the CPU-only mode: it exists to test the graph and to run without a GPU, not to replace the
+CPU loader. Per 640x480 JPEG, one thread, DALI decodes as fast as OpenCV (~1.2 ms), but its
+antialiased resize costs ~1.4 ms per view against ~0.3 ms for the CPU loader's OpenCV halving, and
+its colour twist ~0.7 ms per view plus ~0.35 ms to convert the result back to uint8 (DALI's float to
+uint8 conversion is slow in every operator; the twist writing uint8 itself is slower still), so the
+graph costs 1.5 to 1.7 times the CPU loader's work per image (benchmarks/RESULTS.md).
 
 The last partial batch, epochs: a DALI epoch is one pass of the source, which raises StopIteration
 after this rank's last batch (which may be short without drop_last: DALI takes variable batch sizes).
