@@ -3,7 +3,10 @@ straightforward PyTorch version (per-rectangle slice assignment in a Python loop
 composite) timed in the same run on the same inputs. Batch 64 at 224 and at 112 (--quick: 16 at 64).
 
 On CUDA each op is also reported as a fraction of the card's copy bandwidth, counting one read and
-one write of the batch.
+one write of the batch. On the CPU, where a fresh batch-sized output is itself costly (page faults),
+the out= variants writing into a reused buffer and RegionStage (which reuses its outputs) get rows
+of their own, against the same straightforward version; for region_erase the loop writing into a
+reused buffer is timed too.
 """
 import math
 
@@ -137,18 +140,20 @@ def run(args):
             "composite (de-positioning)": (
                 lambda: composite(x, batch.view2, bg_index, t, crects, cerase, coffsets),
                 lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets)),
-            # The out= variants write into a buffer reused across calls, as RegionStage does.
-            "region_erase (out=, reused buffer)": (
-                lambda: region_erase(x, rects, erase, offsets, 0.0, out=reused),
-                lambda: plain_region_erase(x, rects, erase, offsets, 0.0)),
-            "composite (out=, reused buffer)": (
-                lambda: composite(x, batch.view2, bg_index, t, crects, cerase, coffsets, out=reused_c),
-                lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets)),
         }
+        if not on_cuda:  # (on CUDA the caching allocator already makes fresh outputs cheap)
+            # The out= variants write into a buffer reused across calls, as RegionStage does.
+            cases["region_erase (out=, reused buffer)"] = (
+                lambda: region_erase(x, rects, erase, offsets, 0.0, out=reused),
+                lambda: plain_region_erase(x, rects, erase, offsets, 0.0))
+            cases["composite (out=, reused buffer)"] = (
+                lambda: composite(x, batch.view2, bg_index, t, crects, cerase, coffsets, out=reused_c),
+                lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets))
         # The straightforward version given the same reused buffer (copy_ into it, then the loop).
         plain_into = lambda: plain_region_erase(x, rects, erase, offsets, 0.0, out=reused_plain)
-        # The floor of any out-of-place op: a fresh tensor and one copy of the batch. On the CPU it
-        # is dominated by first-touch page faults of the new memory at S=224 (the anchor pays it too).
+        # For scale: a fresh tensor and one copy of the batch. On the CPU at S=224 it is dominated
+        # by first-touch page faults of the new memory (the anchor's clone pays them too; our CPU
+        # kernels ask for huge pages on large fresh outputs, which removes most of them).
         floor = interleaved({"copy": lambda: torch.empty_like(x).copy_(x)}, device, **kw)["copy"]
         for name, (ours, plain) in cases.items():
             fns = {"ours": ours, "plain": plain}
@@ -170,6 +175,8 @@ def run(args):
                            "plain": lambda: plain_region_stage(batch, g2)}, device, **kw)
         rows.append(Row(SECTION, f"region stage {tag}", bsz / sec["ours"], bsz / sec["plain"],
                         "same samplers + loop ops", target=target))
+        if on_cuda:  # RegionStage allocates fresh outputs on CUDA: the row above measures it
+            continue
         # RegionStage: the same stage reusing its outputs across calls (a training loop's pattern:
         # the previous step's views are still bound while the next step's stage runs).
         stage, held = RegionStage(), {}

@@ -26,9 +26,10 @@
 namespace d3ssl {
 namespace region {
 
-// Outputs of at least this many bytes get huge pages (below it, a 2 MiB page would not fit in the
-// buffer's 2 MiB-aligned interior often enough to matter).
-constexpr int64_t kHugePageOutputBytes = int64_t(8) << 20;
+// Outputs of at least this many bytes get huge pages: glibc's largest mmap threshold, so such a
+// buffer is always a mapping of its own, fresh (smaller ones are often recycled heap memory, already
+// faulted in) and unmapped when freed, taking the advice with it.
+constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 // Outputs of at least this many bytes are written with streaming stores: about the size of a large
 // last-level cache, above which the output would not stay cached for its consumer anyway.
 constexpr int64_t kStreamingOutputBytes = int64_t(24) << 20;
@@ -44,7 +45,7 @@ inline at::Tensor empty_output(const at::Tensor& like, at::MemoryFormat format) 
     const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
     const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-    // Only whole 2 MiB pages inside the buffer: the advice never reaches memory of other tensors.
+    // Only whole 2 MiB pages inside the buffer: the advice never reaches other memory.
     if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
   }
 #endif
