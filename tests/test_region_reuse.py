@@ -197,3 +197,11 @@ def test_region_stage_new_shapes():
         batch = _batch(b, s, seed=b + s)
         views = stage(batch, torch.Generator().manual_seed(3))
         assert _same(views, region_stage(batch, torch.Generator().manual_seed(3)))
+
+
+def test_region_stage_one_buffer_and_bad_depth():
+    batch, stage = _batch(), RegionStage(buffers_per_output=1)
+    first = stage(batch, torch.Generator().manual_seed(0)).x1_hat.data_ptr()
+    assert stage(batch, torch.Generator().manual_seed(1)).x1_hat.data_ptr() == first  # dropped
+    with pytest.raises(ValueError, match="buffers_per_output"):
+        RegionStage(buffers_per_output=0)

@@ -198,9 +198,11 @@ class RegionStage:
     Lifetime: a buffer is written again only when the caller holds no reference to it any more: no
     name, no view, no numpy array, no autograd graph that saved it (checked with torch's reference
     counts on every call; a buffer still in use is left to its user and a fresh one takes its place).
-    A training step that drops the step's RegionViews after backward therefore reuses all three
-    buffers, and keeping a step's views (for a picture, a test) is always safe. On CUDA every call
-    allocates fresh outputs: the caching allocator already reuses memory there, in stream order.
+    A training loop that rebinds `views = stage(batch, generator)` on every step still holds the
+    previous step's views while the stage runs, so with buffers_per_output=2 two sets of buffers
+    alternate; keeping a step's views (for a picture, a test) is always safe, it only costs fresh
+    buffers. On CUDA every call allocates fresh outputs: the caching allocator already reuses
+    memory there, in stream order.
 
     Same draws and same results as region_stage(batch, generator, cfg). Not thread-safe: one
     object per loop.
@@ -210,9 +212,11 @@ class RegionStage:
             views = stage(batch, generator)
     """
 
-    def __init__(self, cfg: RegionConfig = RegionConfig()):
+    def __init__(self, cfg: RegionConfig = RegionConfig(), buffers_per_output: int = 2):
+        if buffers_per_output < 1:
+            raise ValueError(f"buffers_per_output must be >= 1, got {buffers_per_output}")
         self.cfg = cfg
-        self._workspace = _Workspace()
+        self._workspace = _Workspace(buffers_per_output)
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> RegionViews:
         return region_stage(batch, generator, self.cfg, _workspace=self._workspace)
