@@ -35,7 +35,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 # Without TORCH_CUDA_ARCH_LIST the build targets the visible GPU only, which halves compile time.
 step build 240 env MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e .
 # Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
-step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py tests/test_region_stage.py
+step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py tests/test_region_stage.py tests/test_region_reuse.py
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 60 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # The trainer's and DALI's parts need data and packages the GPU image lacks; see their scripts.

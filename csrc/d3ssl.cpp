@@ -34,6 +34,11 @@ TORCH_LIBRARY(d3ssl, m) {
   // In-place variant. It returns nothing (the Python wrapper returns `images`): torch can only
   // functionalise (torch.compile, opcheck) custom mutating ops whose outputs carry no alias.
   m.def("region_erase_(Tensor(a!) images, Tensor rects, Tensor erase, Tensor offsets, float fill) -> ()");
+  // Out variant: writes the result into `out` (images' shape, dtype, device and memory format;
+  // `out` may be `images` itself), so that a caller can reuse one output buffer across calls.
+  m.def(
+      "region_erase_out(Tensor images, Tensor rects, Tensor erase, Tensor offsets, float fill, "
+      "Tensor(a!) out) -> ()");
 
   // De-positioning composite: out[i] = fg[i] shifted by shift[i] where the mask is set, else
   // bg[bg_index[i]]. The mask of image i starts empty and replays rects[offsets[i]:offsets[i+1]] in
@@ -42,6 +47,11 @@ TORCH_LIBRARY(d3ssl, m) {
   m.def(
       "composite(Tensor fg, Tensor bg, Tensor bg_index, Tensor shift, Tensor rects, Tensor erase, "
       "Tensor offsets) -> Tensor");
+  // Out variant of composite: `out` has fg's shape, dtype, device and memory format and shares no
+  // memory with fg or bg.
+  m.def(
+      "composite_out(Tensor fg, Tensor bg, Tensor bg_index, Tensor shift, Tensor rects, Tensor erase, "
+      "Tensor offsets, Tensor(a!) out) -> ()");
 }
 
 }  // namespace d3ssl

@@ -3,7 +3,10 @@ straightforward PyTorch version (per-rectangle slice assignment in a Python loop
 composite) timed in the same run on the same inputs. Batch 64 at 224 and at 112 (--quick: 16 at 64).
 
 On CUDA each op is also reported as a fraction of the card's copy bandwidth, counting one read and
-one write of the batch.
+one write of the batch. On the CPU, where a fresh batch-sized output is itself costly (page faults),
+the out= variants writing into a reused buffer and RegionStage (which reuses its outputs) get rows
+of their own, against the same straightforward version; for region_erase the loop writing into a
+reused buffer is timed too.
 """
 import math
 
@@ -11,7 +14,7 @@ import torch
 
 from benchmarks.common import Row, copy_bandwidth, interleaved
 from d3ssl.augment import samplers as S
-from d3ssl.augment.stage import RegionConfig, region_stage
+from d3ssl.augment.stage import RegionConfig, RegionStage, region_stage
 from d3ssl.data.batch import Batch
 from d3ssl.ops.region import composite, region_erase
 
@@ -44,10 +47,11 @@ def _spans(rects, h, w):
     return s.long().tolist()
 
 
-def plain_region_erase(images, rects, erase, offsets, fill):
-    """Straightforward region_erase: copy, then one slice assignment per rectangle."""
+def plain_region_erase(images, rects, erase, offsets, fill, out=None):
+    """Straightforward region_erase: copy (into `out` when given), then one slice assignment per
+    rectangle."""
     h, w = images.shape[-2:]
-    out = images.clone()
+    out = images.clone() if out is None else out.copy_(images)
     spans, flags, off = _spans(rects, h, w), erase.tolist(), offsets.tolist()
     for b in range(images.shape[0]):
         for r in range(off[b], off[b + 1]):
@@ -124,6 +128,7 @@ def run(args):
                             S.sample_prc(boxes3, valid, gen, image_size=size).ops())
         crects, cerase, coffsets = cops.csr()
         scratch = x.clone()
+        reused, reused_plain, reused_c = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         tag = f"B={bsz} S={size} {str(dtype).replace('torch.', '')} channels_last"
         cases = {
             "region_erase (PRC+PRM)": (
@@ -136,12 +141,29 @@ def run(args):
                 lambda: composite(x, batch.view2, bg_index, t, crects, cerase, coffsets),
                 lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets)),
         }
-        # The floor of any out-of-place op: a fresh tensor and one copy of the batch. On the CPU it
-        # is dominated by first-touch page faults of the new memory at S=224 (the anchor pays it too).
+        if not on_cuda:  # (on CUDA the caching allocator already makes fresh outputs cheap)
+            # The out= variants write into a buffer reused across calls, as RegionStage does.
+            cases["region_erase (out=, reused buffer)"] = (
+                lambda: region_erase(x, rects, erase, offsets, 0.0, out=reused),
+                lambda: plain_region_erase(x, rects, erase, offsets, 0.0))
+            cases["composite (out=, reused buffer)"] = (
+                lambda: composite(x, batch.view2, bg_index, t, crects, cerase, coffsets, out=reused_c),
+                lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets))
+        # The straightforward version given the same reused buffer (copy_ into it, then the loop).
+        plain_into = lambda: plain_region_erase(x, rects, erase, offsets, 0.0, out=reused_plain)
+        # For scale: a fresh tensor and one copy of the batch. On the CPU at S=224 it is dominated
+        # by first-touch page faults of the new memory (the anchor's clone pays them too; our CPU
+        # kernels ask for huge pages on large fresh outputs, which removes most of them).
         floor = interleaved({"copy": lambda: torch.empty_like(x).copy_(x)}, device, **kw)["copy"]
         for name, (ours, plain) in cases.items():
-            sec = interleaved({"ours": ours, "plain": plain}, device, **kw)
+            fns = {"ours": ours, "plain": plain}
+            if name == "region_erase (out=, reused buffer)":
+                fns["plain_into"] = plain_into
+            sec = interleaved(fns, device, **kw)
             extra = {"speed relative to empty_like+copy_ of the batch": f"{floor / sec['ours']:.2f}"}
+            if "plain_into" in sec:
+                extra["ratio to the loop writing into a reused buffer"] = (
+                    f"{sec['plain_into'] / sec['ours']:.2f}")
             if on_cuda:
                 frac = 2 * x.numel() * x.element_size() / sec["ours"] / bandwidth
                 extra["fraction of copy bandwidth"] = f"{frac:.2f} (target {TARGET_BANDWIDTH})"
@@ -153,4 +175,19 @@ def run(args):
                            "plain": lambda: plain_region_stage(batch, g2)}, device, **kw)
         rows.append(Row(SECTION, f"region stage {tag}", bsz / sec["ours"], bsz / sec["plain"],
                         "same samplers + loop ops", target=target))
+        if on_cuda:  # RegionStage allocates fresh outputs on CUDA: the row above measures it
+            continue
+        # RegionStage: the same stage reusing its outputs across calls (a training loop's pattern:
+        # the previous step's views are still bound while the next step's stage runs).
+        stage, held = RegionStage(), {}
+        g3 = torch.Generator(device=device).manual_seed(1)
+        g4 = torch.Generator(device=device).manual_seed(1)
+
+        def stage_step():
+            held["views"] = stage(batch, g3)
+        sec = interleaved({"ours": stage_step,
+                           "plain": lambda: plain_region_stage(batch, g4)}, device, **kw)
+        rows.append(Row(SECTION, f"region stage (RegionStage, reused outputs) {tag}",
+                        bsz / sec["ours"], bsz / sec["plain"], "same samplers + loop ops",
+                        target=target))
     return rows

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <cstdint>
@@ -109,6 +110,30 @@ inline void check_composite(const at::Tensor& fg, const at::Tensor& bg, const at
                 fg.device(), ", got ", p->device());
   }
   check_ops(fg, rects, erase, offsets, "fg");
+}
+
+// `out` of an out variant: `like`'s shape, dtype and device, dense in `layout` (the memory format
+// the kernels write), no internal overlap.
+inline void check_out(const at::Tensor& out, const at::Tensor& like, Layout layout,
+                      const char* like_name) {
+  TORCH_CHECK(out.sizes() == like.sizes(), "out must have ", like_name, "'s shape ", like.sizes(),
+              ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == like.scalar_type(), "out must have ", like_name, "'s dtype ",
+              like.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == like.device(), "out must be on ", like_name, "'s device ",
+              like.device(), ", got ", out.device());
+  TORCH_CHECK(out.is_contiguous(memory_format(layout)), "out must be dense in ", like_name,
+              "'s memory format (", layout == Layout::NHWC ? "channels_last" : "contiguous",
+              "), e.g. torch.empty_like(", like_name, "); got strides ", out.strides());
+}
+
+// Whether `out` is `in` itself (the in-place case); any other sharing of memory is an error,
+// because the kernels read `in` while they write `out`.
+inline bool out_is_input(const at::Tensor& out, const at::Tensor& in, const char* in_name) {
+  const auto status = at::get_overlap_status(out, in);
+  TORCH_CHECK(status == at::MemOverlapStatus::No || status == at::MemOverlapStatus::Full,
+              "out must be ", in_name, " itself or share no memory with it");
+  return status == at::MemOverlapStatus::Full;
 }
 
 // Values of offsets (host memory only): 0 = offsets[0] <= ... <= offsets[B] = R.

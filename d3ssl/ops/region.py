@@ -39,16 +39,23 @@ def ops_to_csr(rects, erase, offsets=None):
     return rects, erase, offsets
 
 
-def region_erase(images, rects, erase, offsets=None, fill=0.0):
+def region_erase(images, rects, erase, offsets=None, fill=0.0, *, out=None):
     """Applies each image's ordered erase/restore rectangles; erased pixels take `fill`.
 
     images: [B,C,H,W] float32/float16/bfloat16/float64/uint8, NCHW or channels_last.
     rects, erase, offsets: the per-image operations (CSR, or padded with offsets=None; see module).
     fill: value of erased pixels in the images' units (0 = mean colour of normalised views).
-    Returns a new tensor like `images` (same memory format).
+    out: optional tensor to write the result into, e.g. the previous call's output, so that a caller
+      that repeats the call on same-shaped batches reuses one buffer: images' shape, dtype and device,
+      dense in images' memory format (``torch.empty_like(images)``); `images` itself or sharing no
+      memory with it. Every element of `out` is overwritten.
+    Returns a new tensor like `images` (same memory format), or `out`.
     """
     rects, erase, offsets = ops_to_csr(rects, erase, offsets)
-    return torch.ops.d3ssl.region_erase(images, rects, erase, offsets, float(fill))
+    if out is None:
+        return torch.ops.d3ssl.region_erase(images, rects, erase, offsets, float(fill))
+    torch.ops.d3ssl.region_erase_out(images, rects, erase, offsets, float(fill), out)
+    return out
 
 
 def region_erase_(images, rects, erase, offsets=None, fill=0.0):
@@ -58,7 +65,7 @@ def region_erase_(images, rects, erase, offsets=None, fill=0.0):
     return images
 
 
-def composite(fg, bg, bg_index, shift, rects, erase, offsets=None):
+def composite(fg, bg, bg_index, shift, rects, erase, offsets=None, *, out=None):
     """De-positioning composite: out[i] = shift(fg[i], shift[i]) where mask_i is set, else bg[bg_index[i]].
 
     fg: [B,C,H,W]; bg: [N,C,H,W], same dtype and device; bg_index: int64 [B] in [0, N);
@@ -68,9 +75,14 @@ def composite(fg, bg, bg_index, shift, rects, erase, offsets=None):
     pixel lies outside fg, the background shows. Output: like fg (fg's memory format).
     On the CPU an out-of-range bg_index raises an error; on CUDA, as in torch's own indexing ops, it
     triggers a device-side assertion (checking on the host would stall the stream).
+    out: optional tensor to write the result into (as in :func:`region_erase`): fg's shape, dtype and
+    device, dense in fg's memory format, sharing no memory with fg or bg. Returns it when given.
     """
     rects, erase, offsets = ops_to_csr(rects, erase, offsets)
-    return torch.ops.d3ssl.composite(fg, bg, bg_index, shift, rects, erase, offsets)
+    if out is None:
+        return torch.ops.d3ssl.composite(fg, bg, bg_index, shift, rects, erase, offsets)
+    torch.ops.d3ssl.composite_out(fg, bg, bg_index, shift, rects, erase, offsets, out)
+    return out
 
 
 def _layout(t):
@@ -88,6 +100,16 @@ def _region_erase_fake(images, rects, erase, offsets, fill):
 
 @torch.library.register_fake("d3ssl::region_erase_")
 def _region_erase_inplace_fake(images, rects, erase, offsets, fill):
+    return None
+
+
+@torch.library.register_fake("d3ssl::region_erase_out")
+def _region_erase_out_fake(images, rects, erase, offsets, fill, out):
+    return None
+
+
+@torch.library.register_fake("d3ssl::composite_out")
+def _composite_out_fake(fg, bg, bg_index, shift, rects, erase, offsets, out):
     return None
 
 

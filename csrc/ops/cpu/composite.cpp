@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "ops/cpu/region_cpu.h"
 #include "ops/region.h"
 
 namespace d3ssl {
@@ -22,9 +23,13 @@ void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int6
   const int64_t row = W * cw;
   const int64_t image = C * H * W;
   const int64_t planes = layout == Layout::NHWC ? 1 : C;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(word_t);
+  const bool streaming = region::use_streaming(B * image * int64_t(sizeof(word_t)));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> hole(static_cast<size_t>(H * row));
     std::vector<uint8_t> touched(static_cast<size_t>(H));
+    // With streaming stores a row with foreground is assembled here (in L1), then streamed out.
+    std::vector<word_t> staged(streaming ? static_cast<size_t>(row) : 0);
     for (int64_t b = begin; b < end; ++b) {
       // A shift of a whole image or more leaves no foreground; clamping keeps the sums small.
       const int64_t dx = std::min(std::max(shift[2 * b], -W), W);
@@ -45,32 +50,35 @@ void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int6
           word_t* dst = out + b * image + at;
           const word_t* back = bg_image + at;
           if (!touched[y]) {
-            std::memcpy(dst, back, static_cast<size_t>(row) * sizeof(word_t));
+            region::copy_bytes(dst, back, row_bytes, streaming);
             continue;
           }
+          word_t* row_out = streaming ? staged.data() : dst;
           // Elements [i_lo, i_hi) of the row come from source row y - dy, moved by dx pixels.
           const int64_t i_lo = x_lo * cw, i_hi = x_hi * cw, n = i_hi - i_lo;
           const word_t* front = fg + b * image + at - (dy * W + dx) * cw + i_lo;
           const uint8_t* m = hole.data() + y * row + i_lo;
-          std::memcpy(dst, back, static_cast<size_t>(i_lo) * sizeof(word_t));
-          word_t* d = dst + i_lo;
+          std::memcpy(row_out, back, static_cast<size_t>(i_lo) * sizeof(word_t));
+          word_t* d = row_out + i_lo;
           const word_t* k = back + i_lo;
           // Branch-free select (vectorises): mask bytes are 0 or 1, 1 = hole = background.
           for (int64_t i = 0; i < n; ++i) {
             const word_t front_keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
             d[i] = static_cast<word_t>((front[i] & front_keep) | (k[i] & ~front_keep));
           }
-          std::memcpy(dst + i_hi, back + i_hi, static_cast<size_t>(row - i_hi) * sizeof(word_t));
+          std::memcpy(row_out + i_hi, back + i_hi,
+                      static_cast<size_t>(row - i_hi) * sizeof(word_t));
+          if (streaming) region::copy_bytes(dst, row_out, row_bytes, true);
         }
       }
     }
+    if (streaming) region::stream_fence();
   });
 }
 
-at::Tensor composite_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
-                         const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
-                         const at::Tensor& offsets) {
-  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
+// Checks the arguments' values (shapes, dtypes and devices are checked by check_composite).
+void check_values(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                  const at::Tensor& rects, const at::Tensor& offsets) {
   const int64_t B = fg.size(0);
   const auto offsets_c = offsets.contiguous();
   region::check_offsets_values(offsets_c.const_data_ptr<int64_t>(), B, rects.size(0));
@@ -80,29 +88,66 @@ at::Tensor composite_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::T
     TORCH_CHECK(bi[b] >= 0 && bi[b] < bg.size(0), "bg_index[", b, "] = ", bi[b],
                 " is out of range for bg with ", bg.size(0), " images");
   }
+}
 
+// Writes the composite of the dense fg_c, bg_c (layout `layout`) into out.
+void composite_into(const at::Tensor& fg_c, const at::Tensor& bg_c, const at::Tensor& bg_index,
+                    const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                    const at::Tensor& offsets, const at::Tensor& out, Layout layout) {
+  if (out.numel() == 0) return;
+  const auto bg_index_c = bg_index.contiguous();
+  const auto shift_c = shift.contiguous();
+  const auto rects_c = rects.contiguous();
+  const auto erase_c = erase.contiguous();
+  const auto offsets_c = offsets.contiguous();
+  D3SSL_DISPATCH_WORD(fg_c, "composite", [&] {
+    composite_batch<word_t>(static_cast<const word_t*>(fg_c.const_data_ptr()),
+                            static_cast<const word_t*>(bg_c.const_data_ptr()),
+                            static_cast<word_t*>(out.data_ptr()),
+                            bg_index_c.const_data_ptr<int64_t>(),
+                            shift_c.const_data_ptr<int64_t>(), layout, fg_c.size(0), fg_c.size(1),
+                            fg_c.size(2), fg_c.size(3), rects_c.const_data_ptr<float>(),
+                            erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>());
+  });
+}
+
+at::Tensor composite_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                         const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                         const at::Tensor& offsets) {
+  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
+  check_values(fg, bg, bg_index, rects, offsets);
   const Layout layout = region::layout_of(fg);
   const auto format = region::memory_format(layout);
   const auto fg_c = fg.contiguous(format);  // copies only for odd strides
   const auto bg_c = bg.contiguous(format);  // copies when bg's layout differs from fg's
-  auto out = at::empty_like(fg_c, format);
-  if (out.numel() == 0) return out;
-  const auto shift_c = shift.contiguous();
-  const auto rects_c = rects.contiguous();
-  const auto erase_c = erase.contiguous();
-  D3SSL_DISPATCH_WORD(fg, "composite", [&] {
-    composite_batch<word_t>(static_cast<const word_t*>(fg_c.const_data_ptr()),
-                            static_cast<const word_t*>(bg_c.const_data_ptr()),
-                            static_cast<word_t*>(out.data_ptr()), bi,
-                            shift_c.const_data_ptr<int64_t>(), layout, B, fg.size(1), fg.size(2),
-                            fg.size(3), rects_c.const_data_ptr<float>(),
-                            erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>());
-  });
+  auto out = region::empty_output(fg_c, format);
+  composite_into(fg_c, bg_c, bg_index, shift, rects, erase, offsets, out, layout);
   return out;
+}
+
+void composite_out_cpu(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                       const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                       const at::Tensor& offsets, const at::Tensor& out) {
+  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
+  check_values(fg, bg, bg_index, rects, offsets);
+  const Layout layout = region::layout_of(fg);
+  region::check_out(out, fg, layout, "fg");
+  const auto format = region::memory_format(layout);
+  const auto fg_c = fg.contiguous(format);
+  const auto bg_c = bg.contiguous(format);
+  // Each output image is assembled from another image of bg: out must not alias either input.
+  for (const auto* in : {&fg_c, &bg_c}) {
+    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No,
+                "out must share no memory with fg or bg");
+  }
+  composite_into(fg_c, bg_c, bg_index, shift, rects, erase, offsets, out, layout);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d3ssl, CPU, m) { m.impl("composite", &composite_cpu); }
+TORCH_LIBRARY_IMPL(d3ssl, CPU, m) {
+  m.impl("composite", &composite_cpu);
+  m.impl("composite_out", &composite_out_cpu);
+}
 
 }  // namespace d3ssl

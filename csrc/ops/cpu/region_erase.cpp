@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "ops/cpu/region_cpu.h"
 #include "ops/region.h"
 
 namespace d3ssl {
@@ -20,9 +21,13 @@ void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layou
   const int64_t cw = layout == Layout::NHWC ? C : 1;  // mask bytes per pixel
   const int64_t row = W * cw;                         // elements per mask row
   const int64_t image = C * H * W;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(word_t);
+  const bool streaming = !inplace && region::use_streaming(B * image * int64_t(sizeof(word_t)));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> mask(static_cast<size_t>(H * row));
     std::vector<uint8_t> touched(static_cast<size_t>(H));
+    // With streaming stores a touched row is assembled here (in L1) and then streamed out.
+    std::vector<word_t> staged(streaming ? static_cast<size_t>(row) : 0);
     for (int64_t b = begin; b < end; ++b) {
       region::replay_ops(rects, erase, offsets[b], offsets[b + 1], H, W, cw, 0, W, 0, H,
                          /*init=*/0, mask.data(), touched.data());
@@ -33,33 +38,36 @@ void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layou
           const int64_t at = b * image + (c * H + y) * row;
           word_t* dst = out + at;
           if (!touched[y]) {
-            if (!inplace) std::memcpy(dst, in + at, static_cast<size_t>(row) * sizeof(word_t));
+            if (!inplace) region::copy_bytes(dst, in + at, row_bytes, streaming);
             continue;
           }
           // Branch-free select so that the loop vectorises: mask bytes are 0 or 1, and
           // keep = m - 1 is all ones where the element stays, zero where it is erased.
           const uint8_t* m = mask.data() + y * row;
           const word_t* src = inplace ? dst : in + at;
+          word_t* sel = streaming ? staged.data() : dst;
           for (int64_t i = 0; i < row; ++i) {
             const word_t keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
-            dst[i] = static_cast<word_t>((src[i] & keep) | (fill & ~keep));
+            sel[i] = static_cast<word_t>((src[i] & keep) | (fill & ~keep));
           }
+          if (streaming) region::copy_bytes(dst, sel, row_bytes, true);
         }
       }
     }
+    if (streaming) region::stream_fence();
   });
 }
 
 // Writes the result into `out` (which may be `images` itself).
+// `inplace`: out is images itself, only the erased elements are written.
 void region_erase_into(const at::Tensor& images, const at::Tensor& out, const at::Tensor& rects,
                        const at::Tensor& erase, const at::Tensor& offsets, double fill,
-                       Layout layout) {
+                       Layout layout, bool inplace) {
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   if (images.numel() == 0) return;
   const auto rects_c = rects.contiguous();
   const auto erase_c = erase.contiguous();
   const auto offsets_c = offsets.contiguous();
-  const bool inplace = images.is_same(out);
   D3SSL_DISPATCH_WORD(images, "region_erase", [&] {
     erase_batch<word_t>(static_cast<const word_t*>(images.const_data_ptr()),
                         static_cast<word_t*>(out.data_ptr()), inplace,
@@ -82,8 +90,8 @@ at::Tensor region_erase_cpu(const at::Tensor& images, const at::Tensor& rects,
   check(images, rects, erase, offsets);
   const Layout layout = region::layout_of(images);
   const auto in = images.contiguous(region::memory_format(layout));  // a copy only for odd strides
-  auto out = at::empty_like(in, region::memory_format(layout));
-  region_erase_into(in, out, rects, erase, offsets, fill, layout);
+  auto out = region::empty_output(in, region::memory_format(layout));
+  region_erase_into(in, out, rects, erase, offsets, fill, layout, /*inplace=*/false);
   return out;
 }
 
@@ -93,12 +101,26 @@ void region_erase_inplace_cpu(const at::Tensor& images, const at::Tensor& rects,
   check(images, rects, erase, offsets);
   const Layout layout = region::layout_of(images);
   if (images.is_contiguous(region::memory_format(layout))) {
-    region_erase_into(images, images, rects, erase, offsets, fill, layout);
+    region_erase_into(images, images, rects, erase, offsets, fill, layout, true);
   } else {  // odd strides: work on a dense copy and write it back
     auto dense = images.contiguous(region::memory_format(layout));
-    region_erase_into(dense, dense, rects, erase, offsets, fill, layout);
+    region_erase_into(dense, dense, rects, erase, offsets, fill, layout, true);
     images.copy_(dense);
   }
+}
+
+void region_erase_out_cpu(const at::Tensor& images, const at::Tensor& rects,
+                          const at::Tensor& erase, const at::Tensor& offsets, double fill,
+                          const at::Tensor& out) {
+  check(images, rects, erase, offsets);
+  const Layout layout = region::layout_of(images);
+  region::check_out(out, images, layout, "images");
+  if (region::out_is_input(out, images, "images")) {
+    region_erase_inplace_cpu(images, rects, erase, offsets, fill);
+    return;
+  }
+  const auto in = images.contiguous(region::memory_format(layout));  // a copy only for odd strides
+  region_erase_into(in, out, rects, erase, offsets, fill, layout, /*inplace=*/false);
 }
 
 }  // namespace
@@ -106,6 +128,7 @@ void region_erase_inplace_cpu(const at::Tensor& images, const at::Tensor& rects,
 TORCH_LIBRARY_IMPL(d3ssl, CPU, m) {
   m.impl("region_erase", &region_erase_cpu);
   m.impl("region_erase_", &region_erase_inplace_cpu);
+  m.impl("region_erase_out", &region_erase_out_cpu);
 }
 
 }  // namespace d3ssl

@@ -66,6 +66,33 @@ __global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __
   }
 }
 
+// Writes the composite of the dense fg_c, bg_c (layout `layout`) into out.
+void launch(const at::Tensor& fg_c, const at::Tensor& bg_c, const at::Tensor& bg_index,
+            const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+            const at::Tensor& offsets, const at::Tensor& out, Layout layout) {
+  const int64_t B = fg_c.size(0);
+  const int64_t image = fg_c.size(1) * fg_c.size(2) * fg_c.size(3);
+  if (B == 0 || image == 0) return;
+  TORCH_CHECK(B <= 65535, "composite: at most 65535 images per call on CUDA, got ", B);
+  const auto bg_index_c = bg_index.contiguous();
+  const auto shift_c = shift.contiguous();
+  const auto rects_c = rects.contiguous();
+  const auto erase_c = erase.contiguous();
+  const auto offsets_c = offsets.contiguous();
+  const dim3 grid(static_cast<unsigned>((image + kThreads * kPerThread - 1) / (kThreads * kPerThread)),
+                  static_cast<unsigned>(B));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  D3SSL_DISPATCH_WORD(fg_c, "composite", [&] {
+    composite_kernel<word_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const word_t*>(fg_c.const_data_ptr()),
+        static_cast<const word_t*>(bg_c.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
+        bg_index_c.const_data_ptr<int64_t>(), bg_c.size(0), shift_c.const_data_ptr<int64_t>(),
+        region::make_geometry(fg_c, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
+        erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor composite_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
                           const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
                           const at::Tensor& offsets) {
@@ -76,32 +103,33 @@ at::Tensor composite_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::
   const auto fg_c = fg.contiguous(format);  // copies only for odd strides
   const auto bg_c = bg.contiguous(format);  // copies when bg's layout differs from fg's
   auto out = at::empty_like(fg_c, format);
-  const int64_t B = fg.size(0);
-  const int64_t image = fg.size(1) * fg.size(2) * fg.size(3);
-  if (B == 0 || image == 0) return out;
-  TORCH_CHECK(B <= 65535, "composite: at most 65535 images per call on CUDA, got ", B);
-  const auto bg_index_c = bg_index.contiguous();
-  const auto shift_c = shift.contiguous();
-  const auto rects_c = rects.contiguous();
-  const auto erase_c = erase.contiguous();
-  const auto offsets_c = offsets.contiguous();
-  const dim3 grid(static_cast<unsigned>((image + kThreads * kPerThread - 1) / (kThreads * kPerThread)),
-                  static_cast<unsigned>(B));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  D3SSL_DISPATCH_WORD(fg, "composite", [&] {
-    composite_kernel<word_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const word_t*>(fg_c.const_data_ptr()),
-        static_cast<const word_t*>(bg_c.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
-        bg_index_c.const_data_ptr<int64_t>(), bg.size(0), shift_c.const_data_ptr<int64_t>(),
-        region::make_geometry(fg, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
-        erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch(fg_c, bg_c, bg_index, shift, rects, erase, offsets, out, layout);
   return out;
+}
+
+void composite_out_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::Tensor& bg_index,
+                        const at::Tensor& shift, const at::Tensor& rects, const at::Tensor& erase,
+                        const at::Tensor& offsets, const at::Tensor& out) {
+  region::check_composite(fg, bg, bg_index, shift, rects, erase, offsets);
+  const Layout layout = region::layout_of(fg);
+  region::check_out(out, fg, layout, "fg");
+  c10::cuda::CUDAGuard guard(fg.device());
+  const auto format = region::memory_format(layout);
+  const auto fg_c = fg.contiguous(format);
+  const auto bg_c = bg.contiguous(format);
+  // Each output image is assembled from another image of bg: out must not alias either input.
+  for (const auto* in : {&fg_c, &bg_c}) {
+    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No,
+                "out must share no memory with fg or bg");
+  }
+  launch(fg_c, bg_c, bg_index, shift, rects, erase, offsets, out, layout);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d3ssl, CUDA, m) { m.impl("composite", &composite_cuda); }
+TORCH_LIBRARY_IMPL(d3ssl, CUDA, m) {
+  m.impl("composite", &composite_cuda);
+  m.impl("composite_out", &composite_out_cuda);
+}
 
 }  // namespace d3ssl

@@ -106,11 +106,28 @@ void region_erase_inplace_cuda(const at::Tensor& images, const at::Tensor& rects
   }
 }
 
+void region_erase_out_cuda(const at::Tensor& images, const at::Tensor& rects,
+                           const at::Tensor& erase, const at::Tensor& offsets, double fill,
+                           const at::Tensor& out) {
+  region::check_images(images, "images");
+  region::check_ops(images, rects, erase, offsets, "images");
+  const Layout layout = region::layout_of(images);
+  region::check_out(out, images, layout, "images");
+  if (region::out_is_input(out, images, "images")) {
+    region_erase_inplace_cuda(images, rects, erase, offsets, fill);
+    return;
+  }
+  c10::cuda::CUDAGuard guard(images.device());
+  const auto in = images.contiguous(region::memory_format(layout));  // a copy only for odd strides
+  launch(in, out, rects, erase, offsets, fill, layout);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(d3ssl, CUDA, m) {
   m.impl("region_erase", &region_erase_cuda);
   m.impl("region_erase_", &region_erase_inplace_cuda);
+  m.impl("region_erase_out", &region_erase_out_cuda);
 }
 
 }  // namespace d3ssl

@@ -1,0 +1,207 @@
+"""The out= variants of region_erase and composite, and RegionStage's reuse of its outputs."""
+import pytest
+import torch
+
+from d3ssl.augment.stage import RegionStage, region_stage
+from d3ssl.data.batch import Batch
+from d3ssl.ops.region import (composite, composite_reference, region_erase,
+                              region_erase_reference)
+from tests.conftest import DEVICES
+from tests.test_region_ops import DTYPES, _composite_args, _images, _ops
+
+
+def _garbage(like):
+    """A buffer like `like` full of a value no result contains, so an unwritten element shows."""
+    out = torch.empty_like(like)
+    out.fill_(77 if like.dtype == torch.uint8 else float("nan"))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_region_erase_out_matches_reference(device, dtype, layout):
+    x = _images(3, 3, 9, 11, dtype, device, layout)
+    rects, erase, offsets = (t.to(device) for t in _ops(3, 9, 11, [5, 0, 7]))
+    out = _garbage(x)
+    got = region_erase(x, rects, erase, offsets, 3.0, out=out)
+    assert got is out
+    assert torch.equal(out.cpu(), region_erase_reference(x, rects, erase, offsets, 3.0).cpu())
+    assert torch.equal(out, region_erase(x, rects, erase, offsets, 3.0))  # = the fresh-output path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_region_erase_out_is_images(device):
+    x = _images(2, 3, 8, 8, torch.float32, device, "channels_last")
+    rects, erase, offsets = (t.to(device) for t in _ops(2, 8, 8, [4, 3]))
+    ref = region_erase_reference(x, rects, erase, offsets, 0.5)
+    assert region_erase(x, rects, erase, offsets, 0.5, out=x) is x
+    assert torch.equal(x.cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_composite_out_matches_reference(device, dtype, layout):
+    args = _composite_args(device, dtype, layout)
+    out = _garbage(args[0])
+    assert composite(*args, out=out) is out
+    assert torch.equal(out.cpu(), composite_reference(*args).cpu())
+    assert torch.equal(out, composite(*args))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_batch_paths(layout):
+    """Outputs of more than 32 MiB take the huge-page and streaming-store paths; a row of 517
+    float32 starts at every alignment, so the unaligned heads and tails are exercised."""
+    b, h, w = 11, 512, 517
+    x = _images(b, 3, h, w, torch.float32, "cpu", layout, seed=5)
+    assert x.numel() * 4 > 32 << 20
+    rects, erase, offsets = _ops(b, h, w, [3, 0, 5, 2, 4, 1, 6, 2, 3, 1, 4], seed=6)
+    ref = region_erase_reference(x, rects, erase, offsets, -1.0)
+    assert torch.equal(region_erase(x, rects, erase, offsets, -1.0), ref)
+    assert torch.equal(region_erase(x, rects, erase, offsets, -1.0, out=_garbage(x)), ref)
+    bg_index = torch.tensor([3, 0, 1, 7, 2, 6, 5, 4, 8, 10, 9])
+    shift = torch.tensor([[5, -3], [-40, 2], [0, 0], [600, 0], [1, 1], [-2, 9], [7, -7], [0, 3],
+                          [-1, -1], [3, 0], [0, -300]])
+    cargs = (x, x, bg_index, shift, rects, ~erase, offsets)
+    ref = composite_reference(*cargs)
+    assert torch.equal(composite(*cargs), ref)
+    assert torch.equal(composite(*cargs, out=_garbage(x)), ref)
+
+
+def test_bad_out():
+    x = _images(2, 3, 6, 7, torch.float32, "cpu", "channels_last")
+    rects, erase, offsets = _ops(2, 6, 7, [3, 2])
+    cases = [
+        (torch.empty(2, 3, 6, 8).to(memory_format=torch.channels_last), "shape"),
+        (torch.empty_like(x, dtype=torch.float16), "dtype"),
+        (torch.empty_like(x, memory_format=torch.contiguous_format), "memory format"),
+        (torch.empty(2, 3, 6, 14).to(memory_format=torch.channels_last)[..., :7], "dense"),
+    ]
+    for out, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            region_erase(x, rects, erase, offsets, 0.0, out=out)
+    # out overlapping the input without being it
+    big = torch.zeros(3, 6, 7, 3).permute(0, 3, 1, 2)  # channels_last [3,3,6,7]
+    with pytest.raises(RuntimeError, match="share no memory"):
+        region_erase(big[:2], rects, erase, offsets, 0.0, out=big[1:])
+    args = _composite_args("cpu", torch.float32, "contiguous", b=2, nbg=3)
+    with pytest.raises(RuntimeError, match="shape"):
+        composite(*args, out=torch.empty(3, 3, 12, 14))
+    with pytest.raises(RuntimeError, match="share no memory"):
+        composite(*args, out=args[0])
+    with pytest.raises(RuntimeError, match="share no memory"):
+        composite(*args, out=args[1][:2])
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device"):
+            region_erase(x, rects, erase, offsets, 0.0, out=torch.empty_like(x, device="cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_out(device):
+    x = _images(2, 3, 6, 7, torch.float32, device, "channels_last")
+    rects, erase, offsets = (t.to(device) for t in _ops(2, 6, 7, [3, 2]))
+    torch.library.opcheck(torch.ops.d3ssl.region_erase_out.default,
+                          (x, rects, erase, offsets, 0.5, torch.empty_like(x)))
+    args = _composite_args(device, torch.float32, "contiguous", b=2, nbg=3)
+    torch.library.opcheck(torch.ops.d3ssl.composite_out.default, (*args, torch.empty_like(args[0])))
+
+
+def test_torch_compile_out():
+    x = _images(2, 3, 6, 7, torch.float32, "cpu", "channels_last")
+    rects, erase, offsets = _ops(2, 6, 7, [3, 2])
+    cargs = _composite_args("cpu", torch.float32, "contiguous", b=2, nbg=3)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, rects, erase, offsets, cargs, out1, out2):
+        torch.ops.d3ssl.region_erase_out(x * 2, rects, erase, offsets, 0.0, out1)
+        torch.ops.d3ssl.composite_out(*cargs, out2)
+        return out1 + 1
+
+    out1, out2 = torch.empty_like(x), torch.empty_like(cargs[0])
+    y = f(x, rects, erase, offsets, cargs, out1, out2)
+    ref = region_erase_reference(x * 2, rects, erase, offsets, 0.0)
+    assert torch.equal(out1, ref) and torch.equal(y, ref + 1)
+    assert torch.equal(out2, composite_reference(*cargs))
+
+
+# --- RegionStage ---
+
+def _batch(b=4, s=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = 3
+    wh = s * (0.2 + 0.5 * torch.rand(b, k, 2, generator=g))
+    xy = torch.rand(b, k, 2, generator=g) * (s - wh)
+    boxes = torch.cat([xy, xy + wh], -1)
+    views = [torch.randn(b, 3, n, n, generator=g) for n in (s, s, s // 2)]
+    valid = torch.ones(b, k, dtype=torch.bool)
+    return Batch(*views, boxes, boxes.flip(0), valid, torch.arange(b)).to("cpu", dtype=torch.float32)
+
+
+NAMES = ("x1_hat", "x2s_hat", "x3", "boxes_x1_hat", "boxes_x2s_hat", "boxes_x3", "boxes_x1",
+         "boxes_x2")
+
+
+def _same(a, b):
+    return all(torch.equal(getattr(a, n), getattr(b, n)) for n in NAMES)
+
+
+def test_region_stage_object_matches_function_and_reuses():
+    batch, stage = _batch(), RegionStage()
+    ptrs = set()
+    views = None
+    for step in range(5):  # a training loop's pattern: `views` is rebound after the call
+        views = stage(batch, torch.Generator().manual_seed(step))
+        assert _same(views, region_stage(batch, torch.Generator().manual_seed(step)))
+        ptrs.add((views.x1_hat.data_ptr(), views.x2s_hat.data_ptr(), views.x3.data_ptr()))
+        assert views.x1_hat.is_contiguous(memory_format=torch.channels_last)
+    assert len(ptrs) == 2  # two buffer sets alternate: reused, never the one still bound
+    del views
+    v = stage(batch, torch.Generator().manual_seed(9))
+    assert (v.x1_hat.data_ptr(), v.x2s_hat.data_ptr(), v.x3.data_ptr()) in ptrs
+
+
+def test_region_stage_never_overwrites_what_the_caller_holds():
+    batch, stage = _batch(), RegionStage()
+    kept = [stage(batch, torch.Generator().manual_seed(s)) for s in range(4)]  # all held
+    copies = [{n: getattr(v, n).clone() for n in ("x1_hat", "x2s_hat", "x3")} for v in kept]
+    view_only = stage(batch, torch.Generator().manual_seed(10)).x1_hat[:, :1]  # a view survives
+    view_copy = view_only.clone()
+    for s in range(3):
+        stage(batch, torch.Generator().manual_seed(20 + s))
+    for v, c in zip(kept, copies):
+        assert all(torch.equal(getattr(v, n), c[n]) for n in c)
+    assert torch.equal(view_only, view_copy)
+
+
+def test_region_stage_buffer_saved_by_autograd_is_not_reused():
+    batch, stage = _batch(), RegionStage()
+    conv = torch.nn.Conv2d(3, 2, 3)
+    views = stage(batch, torch.Generator().manual_seed(0))
+    x1_hat = views.x1_hat.clone()
+    loss = conv(views.x1_hat).square().sum()  # the graph saves x1_hat for the weight gradient
+    del views
+    stage(batch, torch.Generator().manual_seed(1))
+    stage(batch, torch.Generator().manual_seed(2))
+    loss.backward()
+    grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    conv(x1_hat).square().sum().backward()
+    assert torch.equal(grad, conv.weight.grad)
+
+
+def test_region_stage_new_shapes():
+    stage = RegionStage()
+    for b, s in [(4, 32), (2, 32), (4, 48), (4, 32)]:
+        batch = _batch(b, s, seed=b + s)
+        views = stage(batch, torch.Generator().manual_seed(3))
+        assert _same(views, region_stage(batch, torch.Generator().manual_seed(3)))
+
+
+def test_region_stage_one_buffer_and_bad_depth():
+    batch, stage = _batch(), RegionStage(buffers_per_output=1)
+    first = stage(batch, torch.Generator().manual_seed(0)).x1_hat.data_ptr()
+    assert stage(batch, torch.Generator().manual_seed(1)).x1_hat.data_ptr() == first  # dropped
+    with pytest.raises(ValueError, match="buffers_per_output"):
+        RegionStage(buffers_per_output=0)
