@@ -105,3 +105,29 @@ def test_colour_does_not_give_the_class_away(tmp_path):
     np.fill_diagonal(d, np.inf)
     acc = (labels[d.argmin(1)] == labels).mean()
     assert acc < 3.0 / len(CLASSES), acc
+
+
+def test_object_count_and_size_follow_the_arguments(tmp_path):
+    """objects=(1,2), object_frac=(0.4,0.6): at most two objects per image, each box (the visible part,
+    so it may be smaller than the drawn square) no larger than 0.6 of the shorter side, and the data
+    land in their own cache folder, apart from the default scenes."""
+    kw = dict(num_train=12, num_val=1, image_size=(96, 112), workers=1)
+    root = ensure_synthetic(str(tmp_path), seed=2, objects=(1, 2), object_frac=(0.4, 0.6), **kw)
+    default = ensure_synthetic(str(tmp_path), seed=2, **kw)
+    assert root != default
+    with open(os.path.join(root, "annotations", "instances_train.json")) as f:
+        ann = json.load(f)
+    short = {im["id"]: min(im["width"], im["height"]) for im in ann["images"]}
+    counts = np.bincount([a["image_id"] for a in ann["annotations"]], minlength=len(short) + 1)[1:]
+    assert counts.min() >= 1 and counts.max() <= 2
+    sides = [max(a["bbox"][2], a["bbox"][3]) / short[a["image_id"]] for a in ann["annotations"]]
+    assert max(sides) <= 0.6 + 1e-6 and np.median(sides) >= 0.3
+    with open(os.path.join(default, "annotations", "instances_train.json")) as f:
+        assert len(json.load(f)["annotations"]) > len(ann["annotations"])
+
+
+@pytest.mark.parametrize("kw", [dict(objects=(0, 2)), dict(objects=(3, 2)), dict(object_frac=(0.0, 0.5)),
+                                dict(object_frac=(0.5, 1.2))])
+def test_bad_scene_arguments(tmp_path, kw):
+    with pytest.raises(ValueError, match="objects|object_frac"):
+        ensure_synthetic(str(tmp_path), num_train=1, num_val=0, workers=1, **kw)

@@ -41,6 +41,10 @@ class DataConfig:
     synthetic_val: int = field(default=300, metadata={"help": "synthetic set: val images (O-KNN queries)"})
     synthetic_size: tuple[int, int] = field(default=(160, 224), metadata={"help": (
         "synthetic set: min,max image side in pixels")})
+    synthetic_objects: tuple[int, int] = field(default=(3, 10), metadata={"help": (
+        "synthetic set: min,max objects per image")})
+    synthetic_object_frac: tuple[float, float] = field(default=(0.14, 0.5), metadata={"help": (
+        "synthetic set: min,max object side / shorter image side")})
     synthetic_root: str | None = field(default=None, metadata={"help": (
         "cache folder of the synthetic set (default: $D3SSL_CACHE or ~/.cache/d3ssl)")})
 

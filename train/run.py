@@ -106,7 +106,9 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
                 print("data: embedded synthetic set (generated on first use) ...", flush=True)
             root = ensure_synthetic(root=cfg.data.synthetic_root, seed=cfg.data.synthetic_seed,
                                     num_train=cfg.data.synthetic_train, num_val=cfg.data.synthetic_val,
-                                    image_size=tuple(cfg.data.synthetic_size))
+                                    image_size=tuple(cfg.data.synthetic_size),
+                                    objects=tuple(cfg.data.synthetic_objects),
+                                    object_frac=tuple(cfg.data.synthetic_object_frac))
         dataset = open_dataset(root, "train")
         store_path = cfg.data.proposals or default_store_path(dataset)
         if not os.path.isfile(store_path):

@@ -1,6 +1,6 @@
 """The embedded synthetic dataset: multi-object scenes with COCO-format ground truth.
 
-Each image shows 3-10 objects of different sizes on a textured background, some touching or
+Each image shows 3-10 objects (by default; `objects` and `object_frac` set the count and size) of different sizes on a textured background, some touching or
 overlapping. There are 12 object classes; a class is a fixed pair (shape, texture), e.g. a star
 filled with stripes or a ring filled with dots. Colours, orientation, texture frequency and phase are
 drawn per instance, so colour never gives the class away: a network has to see both the outline and
@@ -46,8 +46,8 @@ CLASSES = [
 ]
 NUM_CLASSES = len(CLASSES)
 
-MIN_OBJECTS, MAX_OBJECTS = 3, 10
-MIN_OBJECT_FRAC, MAX_OBJECT_FRAC = 0.14, 0.5   # object side / shorter image side
+MIN_OBJECTS, MAX_OBJECTS = 3, 10             # default objects per image
+MIN_OBJECT_FRAC, MAX_OBJECT_FRAC = 0.14, 0.5   # default object side / shorter image side
 MAX_HIDDEN = 0.5                               # most of an earlier object a new one may cover
 JPEG_QUALITY = 90
 
@@ -192,18 +192,22 @@ def _background(h, w, rng):
     return bg
 
 
-def render_image(rng: np.random.Generator, width: int, height: int):
-    """One scene. Returns (uint8 BGR [H,W,3], list of (class_id, x, y, w, h, visible_area))."""
+def render_image(rng: np.random.Generator, width: int, height: int,
+                 objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+                 object_frac: tuple[float, float] = (MIN_OBJECT_FRAC, MAX_OBJECT_FRAC)):
+    """One scene with objects[0]..objects[1] objects (fewer when they do not fit), each of side
+    object_frac * the shorter image side. Returns (uint8 BGR [H,W,3], list of
+    (class_id, x, y, w, h, visible_area))."""
     img = _background(height, width, rng)
     owner = np.zeros((height, width), np.int16)     # which object (1-based) owns each pixel
     full_areas, visible, classes, placed = [], [], [], []
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    n = int(rng.integers(objects[0], objects[1] + 1))
     short = min(width, height)
     for _ in range(n):
         cls = int(rng.integers(NUM_CLASSES))
         _, shape, tex = CLASSES[cls]
         for _attempt in range(10):
-            s = int(short * rng.uniform(MIN_OBJECT_FRAC, MAX_OBJECT_FRAC))
+            s = int(short * rng.uniform(*object_frac))
             s = max(s, 12)
             x0 = int(rng.integers(-s // 6, width - s + s // 6 + 1))
             y0 = int(rng.integers(-s // 6, height - s + s // 6 + 1))
@@ -254,11 +258,11 @@ def render_image(rng: np.random.Generator, width: int, height: int):
 
 
 def _render_to_file(job):
-    seed, split_id, index, size_range, out_path = job
+    seed, split_id, index, size_range, objects, object_frac, out_path = job
     rng = np.random.default_rng([seed, split_id, index])
     w = int(rng.integers(size_range[0], size_range[1] + 1))
     h = int(rng.integers(size_range[0], size_range[1] + 1))
-    img, objects = render_image(rng, w, h)
+    img, objects = render_image(rng, w, h, objects, object_frac)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"could not encode {out_path}")
@@ -276,9 +280,9 @@ def _size_range(image_size):
     return (int(lo), int(hi))
 
 
-def _generate_split(tmp_root, split, split_id, seed, count, size_range, pool):
+def _generate_split(tmp_root, split, split_id, seed, count, size_range, objects, object_frac, pool):
     os.makedirs(os.path.join(tmp_root, split))
-    jobs = [(seed, split_id, i, size_range, os.path.join(tmp_root, split, f"{i:06d}.jpg"))
+    jobs = [(seed, split_id, i, size_range, objects, object_frac, os.path.join(tmp_root, split, f"{i:06d}.jpg"))
             for i in range(count)]
     results = pool.map(_render_to_file, jobs, chunksize=32) if pool else map(_render_to_file, jobs)
     images, annotations = [], []
@@ -299,7 +303,10 @@ def _generate_split(tmp_root, split, split_id, seed, count, size_range, pool):
 
 
 def ensure_synthetic(root: str | None = None, seed: int = 0, num_train: int = 2000, num_val: int = 300,
-                     image_size: int | tuple[int, int] = (160, 224), workers: int | None = None) -> str:
+                     image_size: int | tuple[int, int] = (160, 224),
+                     objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+                     object_frac: tuple[float, float] = (MIN_OBJECT_FRAC, MAX_OBJECT_FRAC),
+                     workers: int | None = None) -> str:
     """Generates the synthetic dataset once and returns its folder.
 
     Args:
@@ -308,6 +315,8 @@ def ensure_synthetic(root: str | None = None, seed: int = 0, num_train: int = 20
         seed: everything (layouts, colours, textures) is a function of it.
         num_train, num_val: number of images per split.
         image_size: side length in pixels, or (min, max): width and height are drawn per image.
+        objects: (min, max) objects per image; fewer are placed when they do not fit.
+        object_frac: (min, max) object side as a fraction of the shorter image side.
         workers: processes used to render (default: all cores).
 
     Returns the dataset root (``root/train``, ``root/val``, ``root/annotations``). Safe when
@@ -316,8 +325,15 @@ def ensure_synthetic(root: str | None = None, seed: int = 0, num_train: int = 20
     if num_train < 1 or num_val < 0:
         raise ValueError(f"num_train must be >= 1 and num_val >= 0, got {num_train}, {num_val}")
     size_range = _size_range(image_size)
+    objects, object_frac = (int(objects[0]), int(objects[1])), (float(object_frac[0]), float(object_frac[1]))
+    if not 1 <= objects[0] <= objects[1]:
+        raise ValueError(f"objects must be (min, max) with 1 <= min <= max, got {objects}")
+    if not 0 < object_frac[0] <= object_frac[1] <= 1:
+        raise ValueError(f"object_frac must be (min, max) with 0 < min <= max <= 1, got {object_frac}")
     parent = root or default_cache_root()
     name = f"synthetic-v{VERSION}-seed{seed}-n{num_train}-{num_val}-s{size_range[0]}-{size_range[1]}"
+    if (objects, object_frac) != ((MIN_OBJECTS, MAX_OBJECTS), (MIN_OBJECT_FRAC, MAX_OBJECT_FRAC)):
+        name += f"-o{objects[0]}-{objects[1]}-f{object_frac[0]:g}-{object_frac[1]:g}"
     final = os.path.join(parent, name)
     if os.path.isfile(os.path.join(final, "annotations", "instances_val.json")):
         return final
@@ -328,8 +344,8 @@ def ensure_synthetic(root: str | None = None, seed: int = 0, num_train: int = 20
         workers = workers or os.cpu_count() or 1
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
-            _generate_split(tmp, "train", 0, seed, num_train, size_range, pool)
-            _generate_split(tmp, "val", 1, seed, num_val, size_range, pool)
+            _generate_split(tmp, "train", 0, seed, num_train, size_range, objects, object_frac, pool)
+            _generate_split(tmp, "val", 1, seed, num_val, size_range, objects, object_frac, pool)
         finally:
             if pool:
                 pool.shutdown()
