@@ -384,3 +384,19 @@ def test_comparison_presets_differ_only_in_method():
     cmd = train_command("compare-soco", "o", "soco", ["run.epochs=2"], None)
     assert cmd[1:] == ["-m", "train.run", "--preset", "compare-soco", "--out", "o", "--name", "soco", "--resume",
                        "auto", "--set", "run.epochs=2"]
+
+
+def test_compare_reports_on_the_data_the_runs_trained_on(tmp_path):
+    """The report's synthetic set is the trainer's: same scene settings (objects, sizes), same folder."""
+    from d3ssl.data.synthetic import ensure_synthetic
+    from d3ssl.eval.compare import eval_data_root
+    from train.config import make_config
+
+    sets = [f"data.synthetic_root={tmp_path}", "data.synthetic_train=3", "data.synthetic_val=2",
+            "data.synthetic_objects=1,2", "data.synthetic_object_frac=0.4,0.5"]
+    d = make_config("compare-d3ssl", dict(s.split("=", 1) for s in sets)).data
+    trained_on = ensure_synthetic(d.synthetic_root, seed=d.synthetic_seed, num_train=d.synthetic_train,
+                                  num_val=d.synthetic_val, image_size=d.synthetic_size,
+                                  objects=d.synthetic_objects, object_frac=d.synthetic_object_frac, workers=1)
+    assert eval_data_root("compare-d3ssl", sets, None) == trained_on
+    assert eval_data_root("compare-d3ssl", sets, "/some/coco") == "/some/coco"
