@@ -50,6 +50,15 @@ class DataConfig:
         "cache folder of the synthetic set (default: $D3SSL_CACHE or ~/.cache/d3ssl)")})
 
 
+    def ensure_synthetic(self, workers: int | None = None) -> str:
+        """The embedded synthetic set these fields describe, generated on first use; its root."""
+        from d3ssl.data.synthetic import ensure_synthetic
+        return ensure_synthetic(root=self.synthetic_root, seed=self.synthetic_seed,
+                                num_train=self.synthetic_train, num_val=self.synthetic_val,
+                                image_size=tuple(self.synthetic_size), objects=tuple(self.synthetic_objects),
+                                object_frac=tuple(self.synthetic_object_frac), workers=workers)
+
+
 @dataclass
 class OptimConfig:
     lr_per_256: float = field(default=1.0, metadata={"help": (

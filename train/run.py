@@ -101,14 +101,9 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
                 raise TrainingError(f"--data {root!r} does not exist (expected a COCO-format dataset "
                                     "root or an image folder)")
         else:
-            from d3ssl.data.synthetic import ensure_synthetic
             if rank == 0:
                 print("data: embedded synthetic set (generated on first use) ...", flush=True)
-            root = ensure_synthetic(root=cfg.data.synthetic_root, seed=cfg.data.synthetic_seed,
-                                    num_train=cfg.data.synthetic_train, num_val=cfg.data.synthetic_val,
-                                    image_size=tuple(cfg.data.synthetic_size),
-                                    objects=tuple(cfg.data.synthetic_objects),
-                                    object_frac=tuple(cfg.data.synthetic_object_frac))
+            root = cfg.data.ensure_synthetic()
         dataset = open_dataset(root, "train")
         store_path = cfg.data.proposals or default_store_path(dataset)
         if not os.path.isfile(store_path):

@@ -136,6 +136,15 @@ inline bool out_is_input(const at::Tensor& out, const at::Tensor& in, const char
   return status == at::MemOverlapStatus::Full;
 }
 
+// composite's `out`: each output image is assembled from another image of bg, so out must share
+// no memory with fg or bg (given as the kernels read them).
+inline void check_out_apart(const at::Tensor& out, const at::Tensor& fg, const at::Tensor& bg) {
+  for (const auto* in : {&fg, &bg}) {
+    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No,
+                "out must share no memory with fg or bg");
+  }
+}
+
 // Values of offsets (host memory only): 0 = offsets[0] <= ... <= offsets[B] = R.
 inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_rects) {
   TORCH_CHECK(off[0] == 0, "offsets[0] must be 0, got ", off[0]);

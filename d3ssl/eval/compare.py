@@ -39,13 +39,8 @@ def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
     """The COCO-format folder the runs trained on (the synthetic set's folder unless --data)."""
     if data:
         return data
-    from d3ssl.data.synthetic import ensure_synthetic
     from train.config import make_config
-    cfg = make_config(preset, dict(item.split("=", 1) for item in overrides))
-    d = cfg.data
-    return ensure_synthetic(d.synthetic_root, seed=d.synthetic_seed, num_train=d.synthetic_train,
-                            num_val=d.synthetic_val, image_size=d.synthetic_size,
-                            objects=d.synthetic_objects, object_frac=d.synthetic_object_frac)
+    return make_config(preset, dict(item.split("=", 1) for item in overrides)).data.ensure_synthetic()
 
 
 def main(argv=None) -> int:

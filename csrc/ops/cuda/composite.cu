@@ -117,11 +117,7 @@ void composite_out_cuda(const at::Tensor& fg, const at::Tensor& bg, const at::Te
   const auto format = region::memory_format(layout);
   const auto fg_c = fg.contiguous(format);
   const auto bg_c = bg.contiguous(format);
-  // Each output image is assembled from another image of bg: out must not alias either input.
-  for (const auto* in : {&fg_c, &bg_c}) {
-    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No,
-                "out must share no memory with fg or bg");
-  }
+  region::check_out_apart(out, fg_c, bg_c);
   launch(fg_c, bg_c, bg_index, shift, rects, erase, offsets, out, layout);
 }
 
