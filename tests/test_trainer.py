@@ -258,3 +258,28 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
     assert saved and saved[-1][0] == last < 400
     events = [json.loads(line) for line in open(log_path)]
     assert events[-1]["kind"] == "stop" and events[-1]["step"] == last
+
+
+@pytest.mark.parametrize("method", ["d3ssl", "soco"])
+def test_trainer_region_stage_gives_the_functions_views(method):
+    """The loop's stage (a RegionStage for D3SSL, reusing its buffers) draws and returns exactly
+    what the plain functions do, step after step."""
+    from d3ssl.augment.stage import RegionStage, region_stage, soco_stage
+    from tests.test_region_stage import make_batch
+    cfg = trainer.TrainConfig()
+    cfg.model.method = method
+    stage = trainer.make_region_stage(cfg)
+    assert isinstance(stage, RegionStage) == (method == "d3ssl")
+    plain = (lambda b, g: soco_stage(b, g, cfg.soco_aug)) if method == "soco" else \
+        (lambda b, g: region_stage(b, g, cfg.region))
+    kept = []
+    for step in range(4):
+        batch = make_batch(seed=step)
+        got = stage(batch, torch.Generator().manual_seed(step))
+        want = plain(batch, torch.Generator().manual_seed(step))
+        for name in want.__dataclass_fields__:
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), (step, name)
+        kept.append(got)   # views kept by the caller are never overwritten by later steps
+    again = [plain(make_batch(seed=s), torch.Generator().manual_seed(s)) for s in range(4)]
+    assert all(torch.equal(k.x1_hat, a.x1_hat) for k, a in zip(kept, again))

@@ -17,6 +17,7 @@ teacher EMA update.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -194,11 +195,16 @@ def build_model(cfg: TrainConfig, num_images: int, device, world: int):
     return model
 
 
-def region_views(cfg: TrainConfig, batch, generator):
-    from d3ssl.augment.stage import region_stage, soco_stage
+def make_region_stage(cfg: TrainConfig):
+    """The method's region stage as `stage(batch, generator) -> RegionViews`, made once per loop.
+
+    D3SSL's is a `RegionStage`: on the CPU it writes each step's views into the buffers of two
+    steps ago once nothing refers to them any more, instead of page-faulting fresh batch-sized
+    memory on every step (same draws and same views as `region_stage`)."""
+    from d3ssl.augment.stage import RegionStage, soco_stage
     if cfg.model.method == "soco":
-        return soco_stage(batch, generator, cfg.soco_aug)
-    return region_stage(batch, generator, cfg.region)
+        return functools.partial(soco_stage, cfg=cfg.soco_aug)
+    return RegionStage(cfg.region)
 
 
 def state_checksum(model) -> dict:
@@ -273,6 +279,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                      trust_coefficient=cfg.optim.trust_coefficient)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device=device)
+    stage = make_region_stage(cfg)
 
     step, skipped_total = 0, 0
     if resume_path:
@@ -345,7 +352,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             epoch, batch = next(data)
             batch = batch.to(device, dtype=view_dtype, non_blocking=True)
             generator.manual_seed(step_seed(cfg.run.seed, rank, step, micro))
-            views = region_views(cfg, batch, generator)
+            views = stage(batch, generator)
             if not checked_layout and cfg.run.channels_last:
                 check_channels_last(views)
                 checked_layout = True

@@ -63,12 +63,13 @@ class _Stepper:
                         weight_decay=cfg.optim.weight_decay,
                         trust_coefficient=cfg.optim.trust_coefficient)
         self.gen = torch.Generator(device=self.device).manual_seed(0)
+        from train.run import make_region_stage
+        self.stage = make_region_stage(cfg)
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
 
     def __call__(self, batch):
-        from train.run import region_views
         batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
-        views = region_views(self.cfg, batch, self.gen)
+        views = self.stage(batch, self.gen)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss = self.model(views)["loss"]
         loss.backward()
