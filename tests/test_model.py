@@ -323,3 +323,28 @@ def test_bf16_autocast_step_is_finite_and_loss_float32():
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["loss"] > 0
     assert m.queue.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in m.predictor.parameters())
+
+
+def test_depositioning_loss_covers_only_the_boxes_of_x3():
+    """With a subset of boxes in x3 (region.dp_boxes), L_dp averages over that subset and L_dc over
+    every valid box; moving a box that is not in x3 changes neither."""
+    m = fresh_method().eval()
+    g = torch.Generator().manual_seed(5)
+    q = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    m.queue.copy_(q)
+    m.queue_filled.fill_(64)
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    valid3 = torch.tensor([[False, True, False], [True, False, False]])
+    v = dataclasses.replace(make_views(valid=valid), valid_x3=valid3)
+    out = m(v)
+    feats = [t.double().numpy() for t in _eval_reference(m, v)]
+    want_dc, _ = ref_d3ssl(*feats, q.double().numpy(), valid.reshape(-1).numpy(), 0.2)
+    _, want_dp = ref_d3ssl(*feats, q.double().numpy(), valid3.reshape(-1).numpy(), 0.2)
+    _, all_dp = ref_d3ssl(*feats, q.double().numpy(), valid.reshape(-1).numpy(), 0.2)
+    assert out["l_dc"].item() == pytest.approx(want_dc, rel=1e-4)
+    assert out["l_dp"].item() == pytest.approx(want_dp, rel=1e-4)
+    assert abs(want_dp - all_dp) > 1e-3           # the subset is what made the difference
+    boxes3 = v.boxes_x3.clone()
+    boxes3[~valid3] = torch.tensor([1.0, 2.0, 30.0, 40.0])
+    moved = m(dataclasses.replace(v, boxes_x3=boxes3))
+    assert moved["l_dp"].item() == out["l_dp"].item()

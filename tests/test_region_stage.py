@@ -87,6 +87,42 @@ def test_depositioning_view_without_prc():
         assert len(others) == 1  # the background is one other image of the batch
 
 
+def test_depositioning_with_a_subset_of_boxes():
+    """dp_boxes=1: x3 pastes one drawn box per image, the shift keeps that box (not the union of all)
+    inside the view, and valid_x3 says which box it was; dp_boxes=0 pastes them all."""
+    batch = make_batch(b=6, seed=4)
+    out = region_stage(batch, torch.Generator().manual_seed(1), RegionConfig(prc=False, prm=False, rbj=False))
+    assert torch.equal(out.valid_x3, batch.box_valid)
+    cfg = RegionConfig(prc=False, prm=False, rbj=False, dp_boxes=1)
+    out = region_stage(batch, torch.Generator().manual_seed(1), cfg)
+    assert torch.equal(out.valid_x3.sum(1), batch.box_valid.any(1).long())
+    assert not (out.valid_x3 & ~batch.box_valid).any()
+    t = (out.boxes_x3 - batch.boxes2)[:, 0, :2].round().long()
+    for i in range(6):
+        j = int(out.valid_x3[i].nonzero()[0, 0])
+        box = out.boxes_x3[i, j]
+        assert (box >= 0).all() and (box <= 32).all()
+        mask = covered(box, 32, 32)
+        moved = torch.roll(batch.view2[i], shifts=(int(t[i, 1]), int(t[i, 0])), dims=(1, 2))
+        assert torch.equal(out.x3[i][:, mask], moved[:, mask])
+        others = [k for k in range(6) if k != i and torch.equal(out.x3[i][:, ~mask], batch.view2[k][:, ~mask])]
+        assert len(others) == 1            # everything outside the one box is another image
+    # a box in a corner and one in the opposite corner: together they leave no room to move, alone
+    # each can move by most of the view
+    batch.boxes2[:, 0] = torch.tensor([0.0, 0.0, 8.0, 8.0])
+    batch.boxes2[:, 1] = torch.tensor([24.0, 24.0, 32.0, 32.0])
+    batch.box_valid[:] = False
+    batch.box_valid[:, :2] = True
+    shifts = {}
+    for n in (0, 1):
+        cfg = RegionConfig(prc=False, prm=False, rbj=False, dp_boxes=n)
+        outs = [region_stage(batch, torch.Generator().manual_seed(s), cfg) for s in range(10)]
+        shifts[n] = torch.stack([(o.boxes_x3 - batch.boxes2)[:, 0, :2] for o in outs]).abs()
+    assert shifts[0].max() == 0 and shifts[1].mean() > 5
+    with pytest.raises(ValueError, match="dp_boxes"):
+        region_stage(batch, torch.Generator(), RegionConfig(dp_boxes=-1))
+
+
 def test_switches():
     batch = make_batch(seed=3)
     out = region_stage(batch, torch.Generator().manual_seed(0), RegionConfig(depositioning=False, rbj=False))

@@ -202,6 +202,24 @@ def test_shift_keeps_boxes_inside_and_covers_the_range():
     assert counts.min() > 40  # roughly uniform over the 23 values
 
 
+def test_subset_takes_n_of_the_valid_boxes_uniformly():
+    valid = torch.tensor([[True, True, True, True], [True, False, True, False],
+                          [False, False, False, False], [False, True, False, False]]).repeat(1000, 1)
+    for n in (1, 2, 5):
+        chosen = S.sample_subset(valid, n, gen(n))
+        assert chosen.dtype == torch.bool and chosen.shape == valid.shape
+        assert not (chosen & ~valid).any()                              # never a padded box
+        assert torch.equal(chosen.sum(1), valid.sum(1).clamp(max=n))    # min(n, valid) per image
+    chosen = S.sample_subset(valid, 1, gen(3))
+    freq = chosen[0::4].float().mean(0)                                 # four valid boxes, one taken
+    assert ((freq - 0.25).abs() < 0.05).all(), freq
+    assert torch.equal(chosen[3::4].sum(0), torch.tensor([0, 1000, 0, 0]))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        S.sample_subset(valid, 0, gen())
+    with pytest.raises(ValueError, match="valid must be bool"):
+        S.sample_subset(valid.int(), 1, gen())
+
+
 def test_background_is_a_derangement():
     for b in (2, 3, 7):
         for seed in range(5):

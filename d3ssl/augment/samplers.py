@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RegionOps", "PRC", "PRM", "RBJ", "Shift", "sample_prc", "sample_prm", "sample_rbj",
-           "sample_shift", "sample_background", "sample_soco_jitter", "sample_soco_cutout",
+           "sample_shift", "sample_subset", "sample_background", "sample_soco_jitter", "sample_soco_cutout",
            "box_ops", "concat_ops", "pixel_spans"]
 
 # PRM's sides, in the order of the `side` codes.
@@ -321,6 +321,19 @@ def sample_shift(boxes, valid, image_size, generator) -> Shift:
     hi = torch.where(room, hi, torch.zeros_like(hi))
     t = lo + torch.minimum(torch.floor(u * (hi - lo + 1)), hi - lo)
     return Shift(t.long())
+
+
+def sample_subset(valid, n, generator) -> torch.Tensor:
+    """bool [B,K]: per image, min(n, its valid count) of its valid boxes, chosen uniformly without
+    replacement (the boxes of the de-positioning view when it takes a subset). Draws B*K uniforms."""
+    if valid.dim() != 2 or valid.dtype != torch.bool:
+        raise ValueError(f"sample_subset: valid must be bool [B,K], got {valid.dtype} {tuple(valid.shape)}")
+    if n < 1:
+        raise ValueError(f"sample_subset: n must be >= 1, got {n}")
+    u = _uniform(tuple(valid.shape), generator, valid.device)
+    keys = torch.where(valid, u, torch.full_like(u, 2.0))           # invalid boxes sort last
+    rank = keys.argsort(dim=1, stable=True).argsort(dim=1)
+    return valid & (rank < n)
 
 
 def sample_background(batch_size, generator, device):

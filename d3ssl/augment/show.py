@@ -119,8 +119,9 @@ def draw(views, out, path):
             ax = axes[i][j]
             img = getattr(views, name)[i]
             ax.imshow(to_rgb(img), extent=(0, img.shape[-1], img.shape[-2], 0))
+            valid = views.valid_x3 if name == "x3" and views.valid_x3 is not None else views.valid
             for k, box in enumerate(getattr(views, boxes_name)[i].tolist()):
-                if views.valid[i, k]:
+                if valid[i, k]:
                     ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1],
                                            fill=False, lw=1.5, ec=COLOURS[k % len(COLOURS)]))
             ax.set_xticks([])

@@ -5,8 +5,9 @@ one fused composite builds the de-positioning view.
 
 Random numbers are drawn from `generator` in a fixed order (below), so a seed reproduces a step.
 A CPU generator with a GPU batch reproduces the CPU result exactly (see d3ssl.augment.samplers).
-Draw order of region_stage: PRC x1, PRM x1, PRC x2s, PRM x2s, shift, background, PRC x3,
-RBJ of x1_hat, x2s_hat, x3, x1, x2 (disabled parts draw nothing).
+Draw order of region_stage: PRC x1, PRM x1, PRC x2s, PRM x2s, x3's subset of boxes (only with
+dp_boxes > 0), shift, background, PRC x3, RBJ of x1_hat, x2s_hat, x3, x1, x2 (disabled parts draw
+nothing).
 """
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ class RegionConfig:
     prm: bool = True                 # proposal-based random mask on x̂1, x̂2s
     rbj: bool = True                 # restricted box jitter, per view
     depositioning: bool = True       # build x3 (the de-positioning view)
+    # Boxes pasted into x3, per image: 0 = all valid boxes (our reading of the paper); n > 0 = n of
+    # them drawn at random. The shift keeps the union of x3's boxes inside the view, so with many
+    # large proposals whose union covers nearly the whole view the shift is a few pixels and x3
+    # hardly moves anything; a subset leaves room to move it (see the `default` preset).
+    dp_boxes: int = 0
     prc_scale: tuple = (0.2, 0.5)    # PRC target erased fraction of a proposal
     max_cover: float = 0.5           # PRC: more than this erased before a proposal's turn restores it
     prm_scale: tuple = (0.2, 0.6)    # PRM mask area as a fraction of the proposal
@@ -65,6 +71,7 @@ class RegionViews:
     boxes_x1: Tensor
     boxes_x2: Tensor
     valid: Tensor            # bool [B,K]
+    valid_x3: Tensor | None = None  # bool [B,K]: the boxes of x3 (a subset of valid); None = valid
 
 
 def _ref_counts(items: list, i: int) -> tuple:
@@ -144,10 +151,11 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
     """D3SSL's region stage: x̂1 = PRM∘PRC(x1), x̂2s = PRM∘PRC(x2s) with independent draws, x3 = the
     de-positioning composite, and every view's boxes (RBJ drawn independently per view).
 
-    x3: shift t per image keeping the union of view 2's valid boxes inside the view; mask = union of
-    the shifted boxes minus PRC holes cut with the shifted boxes; where the mask is set x3 shows
-    view2 moved by t, elsewhere view2 of another image of the batch (a derangement; with B = 1 the
-    image itself). Boxes of x3 = boxes2 + t.
+    x3: shift t per image keeping the union of x3's boxes inside the view; mask = union of the
+    shifted boxes minus PRC holes cut with the shifted boxes; where the mask is set x3 shows view2
+    moved by t, elsewhere view2 of another image of the batch (a derangement; with B = 1 the image
+    itself). x3's boxes are view 2's valid boxes, or `cfg.dp_boxes` of them drawn per image
+    (``valid_x3``). Boxes of x3 = boxes2 + t (for every box; only those of valid_x3 are in x3).
 
     Every call returns fresh tensors; :class:`RegionStage` is the same stage reusing its outputs.
     """
@@ -165,14 +173,17 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
     ops2s = _prc_prm_ops(boxes2s, valid, s2, generator, cfg)
     x2s_hat = _erase(small, ops2s, cfg.fill, out("x2s_hat", small) if ops2s is not None else None)
 
-    x3 = boxes3 = None
+    x3 = boxes3 = valid3 = None
     if cfg.depositioning:
-        t = S.sample_shift(boxes2, valid, view2.shape[-2:], generator).shift
+        if cfg.dp_boxes < 0:
+            raise ValueError(f"RegionConfig.dp_boxes must be >= 0 (0 = all boxes), got {cfg.dp_boxes}")
+        valid3 = S.sample_subset(valid, cfg.dp_boxes, generator) if cfg.dp_boxes > 0 else valid
+        t = S.sample_shift(boxes2, valid3, view2.shape[-2:], generator).shift
         bg_index = S.sample_background(view2.shape[0], generator, view2.device)
         boxes3 = boxes2 + t[:, None, :].repeat(1, 1, 2).float()
-        ops = S.box_ops(boxes3, valid, erase=False)  # the mask: union of the shifted boxes
+        ops = S.box_ops(boxes3, valid3, erase=False)  # the mask: union of the shifted boxes
         if cfg.prc:  # holes cut into it; a restore sets the proposal again
-            prc = S.sample_prc(boxes3, valid, generator, cfg.prc_scale, cfg.max_cover, view2.shape[-2:])
+            prc = S.sample_prc(boxes3, valid3, generator, cfg.prc_scale, cfg.max_cover, view2.shape[-2:])
             ops = S.concat_ops(ops, prc.ops())
         x3 = composite(view2, view2, bg_index, t, *ops.csr(), out=out("x3", view2))
 
@@ -185,7 +196,7 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
         x1_hat=x1_hat, x2s_hat=x2s_hat, x3=x3, x1=view1, x2=view2,
         boxes_x1_hat=rbj(boxes1), boxes_x2s_hat=rbj(boxes2s),
         boxes_x3=rbj(boxes3) if boxes3 is not None else None,
-        boxes_x1=rbj(boxes1), boxes_x2=rbj(boxes2), valid=valid)
+        boxes_x1=rbj(boxes1), boxes_x2=rbj(boxes2), valid=valid, valid_x3=valid3)
 
 
 class RegionStage:

@@ -102,9 +102,10 @@ class D3SSL(StudentTeacher):
         queue, queue_valid = self.queue.clone(), self.queue_valid
         l_dc = (self.nce(z_s1, z_t2, queue, valid, queue_valid)
                 + self.nce(z_s2, z_t1, queue, valid, queue_valid))
-        if use_dp:
-            l_dp = (self.nce(z_s3, z_t2, queue, valid, queue_valid)
-                    + self.nce(z_s3, z_t1, queue, valid, queue_valid))
+        if use_dp:  # over x3's boxes only (a subset of the valid ones with region.dp_boxes > 0)
+            valid3 = valid if views.valid_x3 is None else views.valid_x3.reshape(-1)
+            l_dp = (self.nce(z_s3, z_t2, queue, valid3, queue_valid)
+                    + self.nce(z_s3, z_t1, queue, valid3, queue_valid))
         else:
             l_dp = torch.zeros((), device=l_dc.device)
         if self.training:
