@@ -154,10 +154,33 @@ def test_extract_object_features_matches_direct_computation(tiny_coco):
     torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5)
 
 
+def test_position_share():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(500, 2, generator=g, dtype=torch.float64)
+    mix = torch.randn(2, 32, generator=g, dtype=torch.float64)
+    noise = torch.randn(500, 32, generator=g, dtype=torch.float64)
+    pos = (centres - 0.5) @ mix
+    assert oknn.position_share(pos + 3.0, centres) == pytest.approx(1.0, abs=1e-9)   # all position
+    assert oknn.position_share(noise, centres) < 0.02                                  # none
+    # half of the variance from position, half independent of it
+    half = pos / pos.std() + noise / noise.std()
+    assert oknn.position_share(half, centres) == pytest.approx(0.5, abs=0.05)
+    assert oknn.position_share(torch.ones(5, 3), torch.rand(5, 2)) == 0.0
+    with pytest.raises(ValueError, match="centres"):
+        oknn.position_share(noise, centres[:10])
+    # centres follow the records: fractions of each image's own width and height
+    recs = [("a", np.array([[0, 0, 10, 20]], np.float32), None, (20, 40)),
+            ("b", np.array([[5, 5, 15, 15], [0, 10, 40, 30]], np.float32), None, (40, 40))]
+    assert oknn.object_centres(recs).tolist() == [[0.25, 0.25], [0.25, 0.25], [0.5, 0.5]]
+
+
 def test_evaluate_and_cli(tiny_coco, tmp_path, capsys):
     net = ResNetC4("resnet18")
     res = oknn.evaluate_oknn(net, str(tiny_coco), max_objects_per_image=2, image_size=64, k=3)
     assert res["bank_size"] == 5 and res["num_queries"] == 3 and 0 <= res["top1"] <= res["top5"] <= 100
+    val_x, _ = oknn.extract_object_features(net, str(tiny_coco), "val", None, image_size=64)
+    centres = torch.tensor([[17.5 / 60, 17.5 / 60], [42.5 / 60, 35 / 60], [20 / 70, 20 / 50]])
+    assert res["position_share"] == pytest.approx(oknn.position_share(val_x, centres), rel=1e-6)
 
     cfg = ModelConfig(arch="resnet18", proj_hidden=16, proj_dim=8, pred_hidden=16, queue_size=4)
     method = build_method(cfg)

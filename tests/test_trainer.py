@@ -85,6 +85,9 @@ def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
     assert oknn["diff_top1"] == pytest.approx(oknn["trained"]["top1"] - oknn["random_init"]["top1"])
     out = capsys.readouterr().out
     assert "O-KNN top-1: trained" in out and "random init" in out and "difference" in out
+    for key in ("trained", "random_init"):
+        assert 0 <= oknn[key]["position_share"] <= 1
+    assert "explained by the object's position" in out
 
     # The checkpoint loads with weights_only and holds everything a resume needs.
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(run)))

@@ -486,6 +486,10 @@ def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, 
           f"difference {result['diff_top1']:+.2f}")
     print(f"O-KNN top-5: trained {trained['top5']:.2f}  random init {random_init['top5']:.2f}  "
           f"difference {result['diff_top5']:+.2f}")
+    if "position_share" in trained and "position_share" in random_init:
+        print(f"Share of the val object features' variance explained by the object's position: "
+              f"trained {100 * trained['position_share']:.0f}%  random init "
+              f"{100 * random_init['position_share']:.0f}%")
     logger.event("oknn", step=step, trained_top1=trained["top1"], trained_top5=trained["top5"],
                  random_top1=random_init["top1"], random_top5=random_init["top5"])
     with open(os.path.join(run_dir, "oknn.json"), "w") as f:

@@ -5,7 +5,8 @@ S x S (aspect not kept, as the training views), the backbone's C5 map (stride 32
 on the box, average pool, L2 normalisation. A memory bank is built from the train split (at most N
 objects per image, picked so that the classes stay balanced); every val object is classified by a
 weighted vote of its k nearest bank objects (cosine similarity, weight exp(sim / T)); top-1 and
-top-5 accuracy are reported in percent.
+top-5 accuracy are reported in percent, with the share of the val features' variance that the
+objects' centres explain (:func:`position_share`): how much the features say where an object is.
 
     python -m d3ssl.eval.oknn --ckpt RUN_DIR_OR_FILE --data COCO_DIR [--arch resnet50]
     python -m d3ssl.eval.oknn --random-init --arch resnet18 --data COCO_DIR
@@ -239,6 +240,36 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
 
 
+def position_share(features: torch.Tensor, centres: torch.Tensor) -> float:
+    """Fraction of the variance of `features` [N,D] that a linear function of the object centres
+    `centres` [N,2] (x, y as fractions of the image side) explains: ||P X||^2 / ||X||^2 for the
+    centred features X and P the projection onto the centred centres' span. 0 when the features do
+    not depend on where the object is, 1 when they are a linear function of it. A network whose
+    object features are mostly position classifies objects by where they are, not what they are."""
+    if features.dim() != 2 or centres.shape != (len(features), 2):
+        raise ValueError(f"features [N,D] and centres [N,2] expected, got {tuple(features.shape)} and "
+                         f"{tuple(centres.shape)}")
+    if len(features) < 3:
+        raise ValueError("position_share needs at least 3 objects")
+    x = features.double() - features.double().mean(0)
+    c = centres.double() - centres.double().mean(0)
+    total = x.pow(2).sum()
+    if total == 0:
+        return 0.0
+    coef = torch.linalg.lstsq(c, x).solution          # least squares: x ~ c @ coef
+    return float((c @ coef).pow(2).sum() / total)
+
+
+def object_centres(records) -> torch.Tensor:
+    """float64 [N,2]: box centres of load_objects() records as fractions of their image's width and
+    height, in the order extract_object_features returns the objects."""
+    out = []
+    for _, boxes, _, (w, h) in records:
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        out.append(np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h], 1))
+    return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, 2, dtype=torch.float64)
+
+
 def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_split: str = "val",
                   max_objects_per_image: int = DEFAULT_OBJECTS_PER_IMAGE, k: int = 20,
                   temperature: float = 0.07, image_size: int = 224, device="cpu", batch_size: int = 32,
@@ -248,7 +279,8 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
     max_objects_per_image per image), every object of `val_split` as a query.
 
     image_hook (see ObjectImages) edits the images of both splits.
-    Returns {"top1", "top5" (percent), "bank_size", "num_queries"}.
+    Returns {"top1", "top5" (percent), "bank_size", "num_queries", "position_share" (of the val
+    features, see :func:`position_share`; left out with fewer than 3 queries)}.
     """
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
@@ -257,6 +289,9 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
                                            batch_size, num_workers, max_val_images, image_hook)
     out = o_knn(bank_x, bank_y, val_x, val_y, k=k, temperature=temperature)
     out.update(bank_size=len(bank_x), num_queries=len(val_x))
+    if len(val_x) >= 3:
+        centres = object_centres(load_objects(data_root, val_split, None, max_images=max_val_images))
+        out["position_share"] = position_share(val_x, centres)
     return out
 
 
@@ -344,7 +379,9 @@ def main(argv=None):
         print(json.dumps(res))
     else:
         print(f"O-KNN {res['checkpoint']} ({arch}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-              f"(bank {res['bank_size']}, queries {res['num_queries']})")
+              f"(bank {res['bank_size']}, queries {res['num_queries']})"
+              + (f"; position explains {100 * res['position_share']:.0f}% of the object features' variance"
+                 if "position_share" in res else ""))
     return res
 
 
