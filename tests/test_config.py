@@ -16,6 +16,31 @@ def test_every_leaf_field_has_a_command_line_option():
     assert not missing, missing
 
 
+def test_every_field_option_says_what_it_does():
+    """--help explains each field: its metadata help or, for the method configs, its source comment."""
+    parser = C.build_parser()
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    undocumented = [n for n, _, tp in C.leaf_fields(C.TrainConfig())
+                    if n != "preset" and helps[f"--{n}"].startswith(C._type_name(tp))]
+    assert not undocumented, undocumented
+    assert helps["--colour.hue"].startswith("shift ~ U(-h, h) of the hue circle; float")
+    assert helps["--region.dp_boxes"].startswith("Boxes pasted into x3, per image")    # comment block above
+    assert helps["--run.epochs"].startswith("training length in epochs")             # metadata help
+
+
+def test_source_comments():
+    @dataclasses.dataclass
+    class Demo:
+        a: int = 1              # trailing comment
+        # a block of
+        # two lines
+        b: float = 2.0
+        c: str = "x#y"
+        d: tuple = (1, 2)       # tuple; with = inside: x = y
+    assert C.source_comments(Demo) == {"a": "trailing comment", "b": "a block of two lines",
+                                       "d": "tuple; with = inside: x = y"}
+
+
 def test_help_documents_presets_and_fields(capsys):
     with pytest.raises(SystemExit) as e:
         C.parse_args(["--help"])

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import re
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,6 +170,45 @@ PRESET_HELP = {
     "compare-d3ssl": "D3SSL side of the comparison with SoCo (same budget; 64-px views, 1 epoch)",
     "compare-soco": "SoCo side of the comparison (identical to compare-d3ssl but the method)",
 }
+
+
+# ----------------------------------------------------------------------------- field help
+
+_FIELD_LINE = re.compile(r"^(\s+)(\w+)\s*:[^=]*=")
+
+
+@functools.lru_cache(maxsize=None)
+def source_comments(cls) -> dict[str, str]:
+    """{field name: its comment} for a dataclass whose fields are documented by comments in its
+    source (the method configs): the comment at the end of the field's line, else the block of
+    comment lines right above it. Fields without either are left out."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments = {}       # line index -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0] - 1] = tok.string.lstrip("#").strip()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out, block = {}, []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            block.append(comments.get(i, ""))
+            continue
+        m = _FIELD_LINE.match(line)
+        if m and m.group(2) in fields and m.group(2) not in out:
+            text = comments.get(i) or " ".join(block)
+            if text:
+                out[m.group(2)] = text
+        block = []
+    return out
+
+
+def field_help(owner, f: dataclasses.Field) -> str:
+    """The documentation of field `f` of dataclass `owner`: its metadata help, else its source comment."""
+    return f.metadata.get("help") or source_comments(owner if isinstance(owner, type) else type(owner)).get(f.name, "")
 
 
 # ----------------------------------------------------------------------------- dotted access
@@ -346,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         section = name.split(".")[0]
         if section not in groups:
             groups[section] = p.add_argument_group(f"{section} fields")
-        doc = f.metadata.get("help", "")
+        doc = field_help(_resolve(defaults, name)[0], f).rstrip(".")
         default = get_field(defaults, name)
         helptext = f"{doc + '; ' if doc else ''}{_type_name(tp)}, default preset: {default!r}"
         groups[section].add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="V",

@@ -32,7 +32,7 @@ class RegionConfig:
     # Boxes pasted into x3, per image: 0 = all valid boxes (our reading of the paper); n > 0 = n of
     # them drawn at random. The shift keeps the union of x3's boxes inside the view, so with many
     # large proposals whose union covers nearly the whole view the shift is a few pixels and x3
-    # hardly moves anything; a subset leaves room to move it (see the `default` preset).
+    # hardly moves anything; a subset leaves room to move it (README, Status).
     dp_boxes: int = 0
     prc_scale: tuple = (0.2, 0.5)    # PRC target erased fraction of a proposal
     max_cover: float = 0.5           # PRC: more than this erased before a proposal's turn restores it
@@ -47,10 +47,10 @@ class RegionConfig:
 class SocoAugConfig:
     """The baseline's (SoCo's) region-level augmentation: box jitter on the student views' boxes and
     one in-box cutout per proposal; no de-positioning view. Defaults as in SoCo."""
-    jitter: bool = True
+    jitter: bool = True              # box jitter on the student views' boxes
     jitter_p: float = 0.5            # probability per box
     jitter_ratio: float = 0.1        # centre shift U(-r,r)*(w,h), scale 1+U(-r,r); clipped to the view
-    cutout: bool = True
+    cutout: bool = True              # one cutout inside each proposal of the student views
     cutout_scale: tuple = (0.2, 0.5)  # cutout area as a fraction of the box
     cutout_ratio: tuple = (3 / 4, 4 / 3)  # cutout aspect ratio w/h
     fill: float = 0.0                # value of cut-out pixels (0 = mean colour of normalised views)

@@ -21,16 +21,16 @@ from .batch import IMAGENET_MEAN, IMAGENET_STD
 @dataclass
 class ColourConfig:
     enabled: bool = True                 # False: views keep their colours (tests, debugging)
-    jitter_p: float = 0.8
+    jitter_p: float = 0.8                # probability of the colour jitter, per view
     brightness: float = 0.4              # factor ~ U(1-b, 1+b)
-    contrast: float = 0.4
-    saturation: float = 0.2
+    contrast: float = 0.4                # factor ~ U(1-c, 1+c)
+    saturation: float = 0.2              # factor ~ U(1-s, 1+s)
     hue: float = 0.1                     # shift ~ U(-h, h) of the hue circle
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float] = (1.0, 0.1)       # (view 1, view 2)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)   # pixels of the S x S view
-    solarize_p: tuple[float, float] = (0.0, 0.2)   # (view 1, view 2)
-    solarize_threshold: int = 128
+    grayscale_p: float = 0.2             # probability of converting to gray, per view
+    blur_p: tuple[float, float] = (1.0, 0.1)       # Gaussian blur probability (view 1, view 2)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # blur sigma ~ U(lo, hi), pixels of the S x S view
+    solarize_p: tuple[float, float] = (0.0, 0.2)   # solarize probability (view 1, view 2)
+    solarize_threshold: int = 128        # solarize inverts pixels at or above this level
 
 
 @dataclass

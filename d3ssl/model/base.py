@@ -25,7 +25,7 @@ class ModelConfig:
     method: str = "d3ssl"          # "d3ssl" | "soco" (the baseline)
     arch: str = "resnet50"         # "resnet50" | "resnet18"
     proj_hidden: int = 4096        # projector C5 -> proj_hidden -> proj_dim
-    proj_dim: int = 256
+    proj_dim: int = 256            # output side of projector and predictor (the InfoNCE features)
     pred_hidden: int = 4096        # predictor proj_dim -> pred_hidden -> proj_dim (student only)
     queue_size: int = 65536        # negatives (teacher region features of earlier steps); d3ssl only
     temperature: float = 0.2       # tau of the InfoNCE
