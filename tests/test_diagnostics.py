@@ -344,7 +344,7 @@ def test_report_on_tiny_dataset(tmp_path, synthetic_root):
     text = (out / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny ") or line.startswith("| random-init ")]
     assert len(rows) == 6  # one row per network in each of the three tables
-    assert all(len(r.strip("|").split("|")) in (6, 1 + len(probe.LAYERS)) for r in rows)
+    assert all(len(r.strip("|").split("|")) in (7, 1 + len(probe.LAYERS)) for r in rows)
     for png in ("cr.png", "mcs.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -353,6 +353,8 @@ def test_report_on_tiny_dataset(tmp_path, synthetic_root):
         assert saved[name]["arch"] == "resnet18"
         assert set(saved[name]["cr"]) == set(probe.LAYERS) and saved[name]["mcs"]["layer4"]["n"] == 3
         assert 0 <= saved[name]["disturbed_oknn"]["top1"] <= 100
+        share = saved[name]["oknn"]["position_share"]
+        assert 0 <= share <= 1 and f"| {100 * share:.0f} % |" in text
 
 
 def test_report_errors(tmp_path, synthetic_root):

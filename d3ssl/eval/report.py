@@ -87,12 +87,17 @@ def markdown(results: dict, settings: dict) -> str:
              f"{settings['val_split']}). CR over {settings['pairs']} object pairs, MCS over up to "
              f"{settings['objects']} objects; mean ± std (quartiles in results.json).", "",
              "## O-KNN (%)", "",
-             "| network | arch | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| network | arch | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 "
+             "| position share |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for n in names:
         r = results[n]
+        share = r["oknn"].get("position_share")
         lines.append(f"| {n} | {r['arch']} | {r['oknn']['top1']:.2f} | {r['oknn']['top5']:.2f} | "
-                     f"{r['disturbed_oknn']['top1']:.2f} | {r['disturbed_oknn']['top5']:.2f} |")
+                     f"{r['disturbed_oknn']['top1']:.2f} | {r['disturbed_oknn']['top5']:.2f} | "
+                     f"{'-' if share is None else f'{100 * share:.0f} %'} |")
+    lines += ["", "Position share: the part of the O-KNN object features' variance that the objects' "
+              "centres explain linearly (0 = none; where an object is, not what it is)."]
     for key, title, ideal in (("cr", "Coupling rate (CR)", "ideal 1; higher = more coupling"),
                               ("mcs", "Positional bias: mean cosine similarity of a 3×3 grid (MCS)",
                                "ideal 1; lower = more position encoded")):
