@@ -327,7 +327,8 @@ def test_bf16_autocast_step_is_finite_and_loss_float32():
 
 def test_depositioning_loss_covers_only_the_boxes_of_x3():
     """With a subset of boxes in x3 (region.dp_boxes), L_dp averages over that subset and L_dc over
-    every valid box; moving a box that is not in x3 changes neither."""
+    every valid box; moving a box that is not in x3 leaves L_dp as it is; a padded box marked as in x3
+    does not count; a valid_x3 of the wrong shape is refused."""
     m = fresh_method().eval()
     g = torch.Generator().manual_seed(5)
     q = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
@@ -348,3 +349,7 @@ def test_depositioning_loss_covers_only_the_boxes_of_x3():
     boxes3[~valid3] = torch.tensor([1.0, 2.0, 30.0, 40.0])
     moved = m(dataclasses.replace(v, boxes_x3=boxes3))
     assert moved["l_dp"].item() == out["l_dp"].item()
+    padded_too = m(dataclasses.replace(v, valid_x3=valid3 | ~valid))
+    assert padded_too["l_dp"].item() == out["l_dp"].item()
+    with pytest.raises(ValueError, match="valid_x3 must be bool"):
+        m(dataclasses.replace(v, valid_x3=valid3[:, :2]))

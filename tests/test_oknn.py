@@ -166,6 +166,13 @@ def test_position_share():
     half = pos / pos.std() + noise / noise.std()
     assert oknn.position_share(half, centres) == pytest.approx(0.5, abs=0.05)
     assert oknn.position_share(torch.ones(5, 3), torch.rand(5, 2)) == 0.0
+    same_x = centres.clone()
+    same_x[:, 0] = 0.5                                   # rank-deficient centres: y alone explains
+    only_y = (same_x[:, 1:] - 0.5) @ mix[1:]
+    assert oknn.position_share(only_y, same_x) == pytest.approx(1.0, abs=1e-9)
+    bad = noise.clone()
+    bad[3, 1] = float("nan")
+    assert math.isnan(oknn.position_share(bad, centres))
     with pytest.raises(ValueError, match="centres"):
         oknn.position_share(noise, centres[:10])
     # centres follow the records: fractions of each image's own width and height

@@ -97,13 +97,14 @@ def test_depositioning_with_a_subset_of_boxes():
     out = region_stage(batch, torch.Generator().manual_seed(1), cfg)
     assert torch.equal(out.valid_x3.sum(1), batch.box_valid.any(1).long())
     assert not (out.valid_x3 & ~batch.box_valid).any()
-    t = (out.boxes_x3 - batch.boxes2)[:, 0, :2].round().long()
     for i in range(6):
         j = int(out.valid_x3[i].nonzero()[0, 0])
+        t = (out.boxes_x3[i, j] - batch.boxes2[i, j])[:2].round().long()
         box = out.boxes_x3[i, j]
+        assert torch.equal(out.boxes_x3[i], box.expand(4, 4))   # rows left out repeat x3's box
         assert (box >= 0).all() and (box <= 32).all()
         mask = covered(box, 32, 32)
-        moved = torch.roll(batch.view2[i], shifts=(int(t[i, 1]), int(t[i, 0])), dims=(1, 2))
+        moved = torch.roll(batch.view2[i], shifts=(int(t[1]), int(t[0])), dims=(1, 2))
         assert torch.equal(out.x3[i][:, mask], moved[:, mask])
         others = [k for k in range(6) if k != i and torch.equal(out.x3[i][:, ~mask], batch.view2[k][:, ~mask])]
         assert len(others) == 1            # everything outside the one box is another image
@@ -117,10 +118,13 @@ def test_depositioning_with_a_subset_of_boxes():
     for n in (0, 1):
         cfg = RegionConfig(prc=False, prm=False, rbj=False, dp_boxes=n)
         outs = [region_stage(batch, torch.Generator().manual_seed(s), cfg) for s in range(10)]
-        shifts[n] = torch.stack([(o.boxes_x3 - batch.boxes2)[:, 0, :2] for o in outs]).abs()
+        # every row of x3 moved by the image's one shift (left-out rows repeat a box of x3)
+        shifts[n] = torch.stack([(o.boxes_x3[o.valid_x3] - batch.boxes2[o.valid_x3])[:, :2] for o in outs]).abs()
     assert shifts[0].max() == 0 and shifts[1].mean() > 5
     with pytest.raises(ValueError, match="dp_boxes"):
-        region_stage(batch, torch.Generator(), RegionConfig(dp_boxes=-1))
+        RegionConfig(dp_boxes=-1)
+    with pytest.raises(ValueError, match="dp_boxes"):
+        RegionConfig(dp_boxes=1.5)
 
 
 def test_switches():

@@ -214,7 +214,7 @@ def test_subset_takes_n_of_the_valid_boxes_uniformly():
     freq = chosen[0::4].float().mean(0)                                 # four valid boxes, one taken
     assert ((freq - 0.25).abs() < 0.05).all(), freq
     assert torch.equal(chosen[3::4].sum(0), torch.tensor([0, 1000, 0, 0]))
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         S.sample_subset(valid, 0, gen())
     with pytest.raises(ValueError, match="valid must be bool"):
         S.sample_subset(valid.int(), 1, gen())

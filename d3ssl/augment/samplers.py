@@ -328,8 +328,8 @@ def sample_subset(valid, n, generator) -> torch.Tensor:
     replacement (the boxes of the de-positioning view when it takes a subset). Draws B*K uniforms."""
     if valid.dim() != 2 or valid.dtype != torch.bool:
         raise ValueError(f"sample_subset: valid must be bool [B,K], got {valid.dtype} {tuple(valid.shape)}")
-    if n < 1:
-        raise ValueError(f"sample_subset: n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sample_subset: n must be an int >= 1, got {n!r}")
     u = _uniform(tuple(valid.shape), generator, valid.device)
     keys = torch.where(valid, u, torch.full_like(u, 2.0))           # invalid boxes sort last
     rank = keys.argsort(dim=1, stable=True).argsort(dim=1)

@@ -42,6 +42,10 @@ class RegionConfig:
     rbj_ratio: float = 0.1           # RBJ centre shift range (fraction of w, h) and shrink range
     fill: float = 0.0                # value written into erased pixels (0 = mean colour of normalised views)
 
+    def __post_init__(self):
+        if isinstance(self.dp_boxes, bool) or not isinstance(self.dp_boxes, int) or self.dp_boxes < 0:
+            raise ValueError(f"RegionConfig.dp_boxes must be an int >= 0 (0 = all boxes), got {self.dp_boxes!r}")
+
 
 @dataclass
 class SocoAugConfig:
@@ -155,7 +159,8 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
     shifted boxes minus PRC holes cut with the shifted boxes; where the mask is set x3 shows view2
     moved by t, elsewhere view2 of another image of the batch (a derangement; with B = 1 the image
     itself). x3's boxes are view 2's valid boxes, or `cfg.dp_boxes` of them drawn per image
-    (``valid_x3``). Boxes of x3 = boxes2 + t (for every box; only those of valid_x3 are in x3).
+    (``valid_x3``). Boxes of x3 = boxes2 + t; with dp_boxes > 0 the rows left out of x3 repeat one
+    of its boxes.
 
     Every call returns fresh tensors; :class:`RegionStage` is the same stage reusing its outputs.
     """
@@ -175,12 +180,17 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
 
     x3 = boxes3 = valid3 = None
     if cfg.depositioning:
-        if cfg.dp_boxes < 0:
-            raise ValueError(f"RegionConfig.dp_boxes must be >= 0 (0 = all boxes), got {cfg.dp_boxes}")
         valid3 = S.sample_subset(valid, cfg.dp_boxes, generator) if cfg.dp_boxes > 0 else valid
         t = S.sample_shift(boxes2, valid3, view2.shape[-2:], generator).shift
         bg_index = S.sample_background(view2.shape[0], generator, view2.device)
         boxes3 = boxes2 + t[:, None, :].repeat(1, 1, 2).float()
+        if cfg.dp_boxes > 0:
+            # Boxes left out of x3 repeat one that is in it (as the loaders pad): the student still
+            # pools every row, and rows of moved-away boxes would feed BatchNorm with regions that are
+            # partly outside the view or show only another image.
+            first = valid3.int().argmax(dim=1)
+            kept = boxes3[torch.arange(len(first), device=first.device), first][:, None]
+            boxes3 = torch.where(valid3[..., None], boxes3, kept)
         ops = S.box_ops(boxes3, valid3, erase=False)  # the mask: union of the shifted boxes
         if cfg.prc:  # holes cut into it; a restore sets the proposal again
             prc = S.sample_prc(boxes3, valid3, generator, cfg.prc_scale, cfg.max_cover, view2.shape[-2:])

@@ -160,7 +160,8 @@ def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -
 
 def extract_object_features(backbone, dataset: str, split: str, max_objects_per_image: int | None = None,
                             image_size: int = 224, device="cpu", batch_size: int = 32,
-                            num_workers: int = 0, max_images: int | None = None, image_hook=None):
+                            num_workers: int = 0, max_images: int | None = None, image_hook=None,
+                            records=None):
     """Object features of a COCO-format split.
 
     Args:
@@ -171,10 +172,14 @@ def extract_object_features(backbone, dataset: str, split: str, max_objects_per_
         image_size: side S the images are resized to (pixels).
         device: where the backbone runs; bf16 autocast on CUDA.
         image_hook: optional image edit applied before the resize (see ObjectImages).
+        records: the split's load_objects() output when the caller already has it (then
+            `dataset`, `split`, `max_objects_per_image` and `max_images` only name it); the features
+            follow its order, image by image and box by box.
     Returns:
         (features float32 [N,C5] unit rows on the CPU, labels int64 [N] category ids).
     """
-    records = load_objects(dataset, split, max_objects_per_image, max_images=max_images)
+    if records is None:
+        records = load_objects(dataset, split, max_objects_per_image, max_images=max_images)
     if not records:
         raise ValueError(f"split {split!r} of {dataset!r} has no usable objects")
     loader = torch.utils.data.DataLoader(ObjectImages(records, image_size, image_hook), batch_size=batch_size,
@@ -251,13 +256,19 @@ def position_share(features: torch.Tensor, centres: torch.Tensor) -> float:
                          f"{tuple(centres.shape)}")
     if len(features) < 3:
         raise ValueError("position_share needs at least 3 objects")
-    x = features.double() - features.double().mean(0)
-    c = centres.double() - centres.double().mean(0)
+    x = features.detach().double().cpu()
+    if not torch.isfinite(x).all():
+        return float("nan")                 # non-finite features: no share to report
+    x = x - x.mean(0)
+    c = centres.detach().double().cpu()
+    c = c - c.mean(0)
     total = x.pow(2).sum()
     if total == 0:
         return 0.0
-    coef = torch.linalg.lstsq(c, x).solution          # least squares: x ~ c @ coef
-    return float((c @ coef).pow(2).sum() / total)
+    # least squares x ~ c @ coef through the pseudo-inverse: defined also when all centres share
+    # an x or a y (rank-deficient c)
+    fitted = c @ (torch.linalg.pinv(c) @ x)
+    return float(fitted.pow(2).sum() / total)
 
 
 def object_centres(records) -> torch.Tensor:
@@ -285,13 +296,14 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
                                              image_hook)
+    val_records = load_objects(data_root, val_split, None, max_images=max_val_images)
     val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
-                                           batch_size, num_workers, max_val_images, image_hook)
+                                           batch_size, num_workers, max_val_images, image_hook,
+                                           records=val_records)
     out = o_knn(bank_x, bank_y, val_x, val_y, k=k, temperature=temperature)
     out.update(bank_size=len(bank_x), num_queries=len(val_x))
     if len(val_x) >= 3:
-        centres = object_centres(load_objects(data_root, val_split, None, max_images=max_val_images))
-        out["position_share"] = position_share(val_x, centres)
+        out["position_share"] = position_share(val_x, object_centres(val_records))
     return out
 
 

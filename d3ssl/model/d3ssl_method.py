@@ -13,7 +13,8 @@ every rank) are enqueued. The queue starts empty (its first step has no negative
 
 Padding: the loss and its gradient ignore padded boxes exactly. In train mode the BatchNorm layers of
 res5 and of the heads still see the padded RoIs in their batch statistics (the loader pads by
-repeating real proposals, so they are ordinary regions); in eval mode nothing depends on them.
+repeating real proposals, and the region stage fills the rows that region.dp_boxes leaves out of x3
+with one of x3's boxes, so they are ordinary regions); in eval mode nothing depends on them.
 """
 from __future__ import annotations
 
@@ -103,7 +104,12 @@ class D3SSL(StudentTeacher):
         l_dc = (self.nce(z_s1, z_t2, queue, valid, queue_valid)
                 + self.nce(z_s2, z_t1, queue, valid, queue_valid))
         if use_dp:  # over x3's boxes only (a subset of the valid ones with region.dp_boxes > 0)
-            valid3 = valid if views.valid_x3 is None else views.valid_x3.reshape(-1)
+            valid3 = valid
+            if views.valid_x3 is not None:
+                if views.valid_x3.shape != views.valid.shape or views.valid_x3.dtype != torch.bool:
+                    raise ValueError(f"valid_x3 must be bool {tuple(views.valid.shape)} like valid, got "
+                                     f"{views.valid_x3.dtype} {tuple(views.valid_x3.shape)}")
+                valid3 = valid & views.valid_x3.reshape(-1)
             l_dp = (self.nce(z_s3, z_t2, queue, valid3, queue_valid)
                     + self.nce(z_s3, z_t1, queue, valid3, queue_valid))
         else:
