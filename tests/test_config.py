@@ -99,11 +99,22 @@ def test_presets_are_small_overrides_of_the_dataclass():
     (["--optim.accum_steps", "two"], "optim.accum_steps: cannot read 'two' as int"),
     (["--run.compile", "maybe"], "run.compile: cannot read 'maybe' as bool"),
     (["--data.synthetic_size", "1,2,3"], "data.synthetic_size: cannot read"),
+    # values of the right type that a section's own checks refuse, caught when the config is made
+    (["--view.size", "3"], "ViewConfig.size must be an even number"),
+    (["--set", "model.arch=vgg16"], "ModelConfig.arch must be one of"),
+    (["--region.dp_boxes", "-1"], "RegionConfig.dp_boxes must be an int >= 0"),
 ])
 def test_bad_overrides_name_the_field(argv, match):
     preset, overrides, _ = C.parse_args(argv)
     with pytest.raises(ValueError, match=match):
         C.make_config(preset or "default", overrides)
+
+
+def test_json_with_a_bad_value_is_refused(tmp_path):
+    d = C.to_dict(C.make_config("default"))
+    d["view"]["crop_scale"] = [0.9, 0.2]
+    with pytest.raises(ValueError, match="ViewConfig.crop_scale"):
+        C.from_dict(d)
 
 
 def test_unknown_preset_is_refused(capsys):

@@ -379,10 +379,17 @@ def test_comparison_presets_differ_only_in_method():
         for k, v in d.items():
             yield from flat(v, prefix + k + ".") if isinstance(v, dict) else [(prefix + k, v)]
 
-    ours, soco = (dict(flat(to_dict(make_config(p)))) for p in ("compare-d3ssl", "compare-soco"))
+    ours, soco, no_dp = (dict(flat(to_dict(make_config(p))))
+                         for p in ("compare-d3ssl", "compare-soco", "compare-no_dp"))
     assert {k for k in ours if ours[k] != soco[k]} == {"preset", "model.method"}
     assert ours["model.method"] == "d3ssl" and soco["model.method"] == "soco"
-    from d3ssl.eval.compare import train_command
+    assert {k for k in ours if ours[k] != no_dp[k]} == {"preset", "model.use_dp", "region.depositioning"}
+    assert not no_dp["model.use_dp"] and not no_dp["region.depositioning"]
+    from d3ssl.eval.compare import METHODS, parse_methods, train_command
+    assert parse_methods("no_dp, d3ssl") == ["no_dp", "d3ssl"] and list(METHODS) == ["d3ssl", "soco", "no_dp"]
+    for bad in ("d3ssl,byol", "", "soco,soco"):
+        with pytest.raises(ValueError, match="--methods"):
+            parse_methods(bad)
     cmd = train_command("compare-soco", "o", "soco", ["run.epochs=2"], None)
     assert cmd[1:] == ["-m", "train.run", "--preset", "compare-soco", "--out", "o", "--name", "soco", "--resume",
                        "auto", "--set", "run.epochs=2"]

@@ -158,6 +158,8 @@ PRESETS["no_dp"] = {**PRESETS["default"], "model.use_dp": False, "region.deposit
 PRESETS["compare-d3ssl"] = {**PRESETS["default"], "view.size": 64, "run.epochs": 1.0,
                             "optim.warmup_epochs": 0.2, "run.oknn": False}
 PRESETS["compare-soco"] = {**PRESETS["compare-d3ssl"], "model.method": "soco"}
+# The paper's table 7 on the same budget: D3SSL without the de-positioning view and loss.
+PRESETS["compare-no_dp"] = {**PRESETS["compare-d3ssl"], "model.use_dp": False, "region.depositioning": False}
 
 PRESET_HELP = {
     "default": "the main job: synthetic set, ResNet-18-C4, small views, a few epochs (minutes on a CPU)",
@@ -169,6 +171,7 @@ PRESET_HELP = {
     "no_dp": "default without the de-positioning loss L_dp (ablation)",
     "compare-d3ssl": "D3SSL side of the comparison with SoCo (same budget; 64-px views, 1 epoch)",
     "compare-soco": "SoCo side of the comparison (identical to compare-d3ssl but the method)",
+    "compare-no_dp": "D3SSL without L_dp and x3, the comparison's ablation (paper's table 7)",
 }
 
 
@@ -314,9 +317,10 @@ def get_field(cfg, dotted: str):
 
 
 def apply_overrides(cfg, overrides: dict):
+    """Sets each {dotted name: value or string}, then checks the whole tree (validate)."""
     for k, v in overrides.items():
         set_field(cfg, k, v)
-    return cfg
+    return validate(cfg)
 
 
 def make_config(preset: str = "default", overrides: dict | None = None) -> TrainConfig:
@@ -325,7 +329,19 @@ def make_config(preset: str = "default", overrides: dict | None = None) -> Train
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = TrainConfig(preset=preset)
     apply_overrides(cfg, PRESETS[preset])
-    apply_overrides(cfg, overrides or {})
+    return apply_overrides(cfg, overrides or {})
+
+
+def validate(cfg):
+    """Runs the checks of every section of a config tree (their __post_init__) again, after fields
+    were set one by one; raises ValueError naming the bad field. Returns cfg."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    check = getattr(cfg, "__post_init__", None)
+    if check is not None:
+        check()
     return cfg
 
 
@@ -344,7 +360,7 @@ def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
             else:
                 set_field(cfg, prefix + k, v)
     walk("", d)
-    return cfg
+    return validate(cfg)
 
 
 def save_json(cfg, path):

@@ -235,10 +235,13 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         run_dir, resume_path = shared
     if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
         # Continue with the run's own config; only what was given on this command line changes it.
-        saved = from_dict(ckpt.load_checkpoint(resume_path)["config"]) if resume_path else \
-            load_json(os.path.join(run_dir, "config.json"))
-        cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
-                                      if k not in ("run.name", "run.out")})
+        try:
+            saved = from_dict(ckpt.load_checkpoint(resume_path)["config"]) if resume_path else \
+                load_json(os.path.join(run_dir, "config.json"))
+            cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
+                                          if k not in ("run.name", "run.out")})
+        except ValueError as e:
+            raise TrainingError(f"--resume: {e}") from None
     if master:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         save_json(cfg, os.path.join(run_dir, "config.json"))

@@ -1,17 +1,22 @@
-"""The comparison of D3SSL with the SoCo baseline: train both with the same budget, then report.
+"""The comparison of D3SSL with the SoCo baseline and with D3SSL without L_dp: train each with the
+same budget, then report.
 
-    python -m d3ssl.eval.compare --out compare/                       # presets compare-d3ssl, compare-soco
-    python -m d3ssl.eval.compare --out compare/ --set run.epochs=10   # any trainer override, for both
+    python -m d3ssl.eval.compare --out compare/                       # d3ssl, soco and no_dp
+    python -m d3ssl.eval.compare --out compare/ --set run.epochs=10   # any trainer override, for all
+    python -m d3ssl.eval.compare --out compare/ --methods d3ssl,soco  # a subset
 
-is the same as the three commands
+is the same as the commands
 
     python -m train.run --preset compare-d3ssl --out compare/runs --name d3ssl
     python -m train.run --preset compare-soco  --out compare/runs --name soco
+    python -m train.run --preset compare-no_dp --out compare/runs --name no_dp
     python -m d3ssl.eval.report --ckpt compare/runs/d3ssl --ckpt compare/runs/soco \\
-        --data <the synthetic set> --out compare/report --image-size 128 --label d3ssl --label soco
+        --ckpt compare/runs/no_dp --data <the synthetic set> --out compare/report --image-size 128 \\
+        --label d3ssl --label soco --label no_dp
 
-Both runs use the embedded synthetic set (or --data), the same seed, backbone, views, batch and
-schedule; only the method differs. The report (O-KNN, disturbed O-KNN, CR, MCS for both and for the
+The runs use the embedded synthetic set (or --data), the same seed, backbone, views, batch and
+schedule; only the method differs (no_dp: D3SSL without the de-positioning view x3 and its loss,
+the paper's table 7). The report (O-KNN, disturbed O-KNN, CR, MCS for each and for the
 random-init network) lands in ``OUT/report``. Runs are started with ``--resume auto``: an interrupted
 one continues, a finished one is not trained again.
 """
@@ -22,7 +27,16 @@ import os
 import subprocess
 import sys
 
-METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco"}
+METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco", "no_dp": "compare-no_dp"}
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated names of METHODS, in the given order, each once."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"--methods: expected distinct names among {', '.join(METHODS)}, got {text!r}")
+    return names
 
 
 def train_command(preset: str, out: str, name: str, overrides: list[str], data: str | None) -> list[str]:
@@ -46,26 +60,32 @@ def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", required=True, help="folder for the two runs (OUT/runs) and the report (OUT/report)")
+    p.add_argument("--out", required=True, help="folder for the runs (OUT/runs/<method>) and the report (OUT/report)")
     p.add_argument("--data", default=None, help="COCO-format dataset (default: the embedded synthetic set)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="trainer override applied to both runs (repeatable), e.g. run.epochs=10")
+                   help="trainer override applied to every run (repeatable), e.g. run.epochs=10")
     p.add_argument("--image-size", type=int, default=128, help="report: O-KNN image side, px (the synthetic "
                    "images are 128-160 px)")
     p.add_argument("--pairs", type=int, default=200, help="report: CR object pairs")
     p.add_argument("--objects", type=int, default=200, help="report: MCS objects")
     p.add_argument("--max-train-images", type=int, default=None, help="report: O-KNN bank from the first train images")
     p.add_argument("--device", default=None, help="report device (default: cuda if available)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated runs to train and report, "
+                   f"among {', '.join(METHODS)}")
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
+    try:
+        methods = parse_methods(a.methods)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     for item in a.set:
         if "=" not in item:
             raise SystemExit(f"error: --set expects NAME=VALUE, got {item!r}")
     runs = os.path.join(a.out, "runs")
-    for name, preset in METHODS.items():
+    for name in methods:
         if a.skip_train:
             continue
-        cmd = train_command(preset, runs, name, a.set, a.data)
+        cmd = train_command(METHODS[name], runs, name, a.set, a.data)
         print("+ " + " ".join(cmd), flush=True)
         rc = subprocess.call(cmd)
         if rc != 0:
@@ -74,7 +94,7 @@ def main(argv=None) -> int:
     from .report import main as report
     argv = ["--data", data, "--out", os.path.join(a.out, "report"), "--image-size", str(a.image_size),
             "--pairs", str(a.pairs), "--objects", str(a.objects)]
-    for name in METHODS:
+    for name in methods:
         argv += ["--ckpt", os.path.join(runs, name), "--label", name]
     if a.max_train_images:
         argv += ["--max-train-images", str(a.max_train_images)]
