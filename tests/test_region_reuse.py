@@ -162,6 +162,17 @@ def test_region_stage_object_matches_function_and_reuses():
     assert (v.x1_hat.data_ptr(), v.x2s_hat.data_ptr(), v.x3.data_ptr()) in ptrs
 
 
+def test_region_stage_object_with_a_subset_of_boxes_in_x3():
+    from d3ssl.augment.stage import RegionConfig
+    batch, cfg = _batch(seed=3), RegionConfig(dp_boxes=1)
+    stage = RegionStage(cfg)
+    for step in range(3):
+        views = stage(batch, torch.Generator().manual_seed(step))
+        want = region_stage(batch, torch.Generator().manual_seed(step), cfg)
+        assert _same(views, want) and torch.equal(views.valid_x3, want.valid_x3)
+        assert torch.equal(views.valid_x3.sum(1), torch.ones(4, dtype=torch.long))
+
+
 def test_region_stage_never_overwrites_what_the_caller_holds():
     batch, stage = _batch(), RegionStage()
     kept = [stage(batch, torch.Generator().manual_seed(s)) for s in range(4)]  # all held
