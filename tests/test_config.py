@@ -103,6 +103,7 @@ def test_presets_are_small_overrides_of_the_dataclass():
     (["--view.size", "3"], "ViewConfig.size must be an even number"),
     (["--set", "model.arch=vgg16"], "ModelConfig.arch must be one of"),
     (["--region.dp_boxes", "-1"], "RegionConfig.dp_boxes must be an int >= 0"),
+    (["--run.oknn_random_draws", "0"], "run.oknn_random_draws must be >= 1"),
 ])
 def test_bad_overrides_name_the_field(argv, match):
     preset, overrides, _ = C.parse_args(argv)

@@ -59,7 +59,8 @@ def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
     tiny_data = _synthetic(tmp_path / "data")
     store = default_store_path(open_dataset(tiny_data, "train"))
     assert not os.path.exists(store)
-    summary = trainer.main(tiny_args(tiny_data, tmp_path, "job", "--run.oknn", "true"))
+    summary = trainer.main(tiny_args(tiny_data, tmp_path, "job", "--run.oknn", "true",
+                                     "--run.oknn_random_draws", "2"))
     assert os.path.isfile(store)
     run = tmp_path / "job"
     assert summary["step"] == 4  # 16 images / batch 4, one epoch
@@ -88,6 +89,14 @@ def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
     for key in ("trained", "random_init"):
         assert 0 <= oknn[key]["position_share"] <= 1
     assert "explained by the object's position" in out
+    # two random initialisations: the run's seed (the trained network's start) and the next one
+    draws = oknn["random_draws"]
+    assert [d["seed"] for d in draws] == [cfg["run"]["seed"], cfg["run"]["seed"] + 1]
+    assert draws[0] == oknn["random_init"]
+    top1 = [d["top1"] for d in draws]
+    assert oknn["random_top1_mean"] == pytest.approx(sum(top1) / 2)
+    assert oknn["random_top1_std"] == pytest.approx(abs(top1[0] - top1[1]) / 2 ** 0.5)
+    assert "O-KNN top-1 of 2 random initialisations" in out
 
     # The checkpoint loads with weights_only and holds everything a resume needs.
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(run)))

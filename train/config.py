@@ -100,6 +100,9 @@ class RunConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     oknn: bool = field(default=True, metadata={"help": (
         "evaluate O-KNN at the end for the trained and the randomly initialised network")})
+    oknn_random_draws: int = field(default=3, metadata={"help": (
+        "O-KNN: random initialisations evaluated (seeds run.seed, run.seed+1, ...); their spread is "
+        "printed next to the trained network's result")})
     oknn_k: int = field(default=20, metadata={"help": "O-KNN neighbours"})
     oknn_temperature: float = field(default=0.07, metadata={"help": "O-KNN vote weights exp(sim / t)"})
     oknn_max_per_image: int = field(default=3, metadata={"help": "O-KNN: bank objects per train image"})
@@ -107,6 +110,11 @@ class RunConfig:
     oknn_batch_size: int = field(default=32, metadata={"help": "O-KNN: images per feature batch"})
     debug_checksum: bool = field(default=False, metadata={"help": (
         "debug: each rank writes a checksum of its parameters to the run folder at the end")})
+
+
+    def __post_init__(self):
+        if self.oknn_random_draws < 1:
+            raise ValueError(f"run.oknn_random_draws must be >= 1, got {self.oknn_random_draws}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import zlib
@@ -180,10 +181,11 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | No
     return run_dir, None
 
 
-def build_model(cfg: TrainConfig, num_images: int, device, world: int):
-    """The method (student, teacher, queue) on `device`, in channels_last, SyncBN under DDP."""
+def build_model(cfg: TrainConfig, num_images: int, device, world: int, seed: int | None = None):
+    """The method (student, teacher, queue) on `device`, in channels_last, SyncBN under DDP; its
+    initial weights are a function of `seed` (default: cfg.run.seed, as training's)."""
     from d3ssl.model import build_method
-    torch.manual_seed(cfg.run.seed)  # the same initial weights for training and the random baseline
+    torch.manual_seed(cfg.run.seed if seed is None else seed)
     # The queue never holds more region features than one pass over the data produces.
     model = build_method(cfg.model, max_queue=num_images * cfg.view.num_boxes)
     if world > 1 and cfg.model.sync_bn and device.type == "cuda":
@@ -478,17 +480,30 @@ def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, 
                   batch_size=cfg.run.oknn_batch_size, device=device)
     print("O-KNN: trained network ...", flush=True)
     trained = evaluate_oknn(raw.online_backbone, eval_root, **kwargs)
-    print("O-KNN: same network at random initialisation (same seed) ...", flush=True)
-    random_model = build_model(cfg, num_images, device, world=1)
-    random_init = evaluate_oknn(random_model.online_backbone, eval_root, **kwargs)
-    del random_model
-    result = {"trained": trained, "random_init": random_init,
+    draws = []
+    for i in range(cfg.run.oknn_random_draws):
+        seed = cfg.run.seed + i
+        print(f"O-KNN: the network at random initialisation, seed {seed}"
+              f"{' (the trained one started here)' if i == 0 else ''} ...", flush=True)
+        random_model = build_model(cfg, num_images, device, world=1, seed=seed)
+        draws.append({"seed": seed, **evaluate_oknn(random_model.online_backbone, eval_root, **kwargs)})
+        del random_model
+    random_init = draws[0]
+    result = {"trained": trained, "random_init": random_init, "random_draws": draws,
               "diff_top1": trained["top1"] - random_init["top1"],
               "diff_top5": trained["top5"] - random_init["top5"]}
     print(f"O-KNN top-1: trained {trained['top1']:.2f}  random init {random_init['top1']:.2f}  "
           f"difference {result['diff_top1']:+.2f}")
     print(f"O-KNN top-5: trained {trained['top5']:.2f}  random init {random_init['top5']:.2f}  "
           f"difference {result['diff_top5']:+.2f}")
+    if len(draws) > 1:
+        top1 = [d["top1"] for d in draws]
+        mean, std = statistics.mean(top1), statistics.stdev(top1)
+        result.update(random_top1_mean=mean, random_top1_std=std)
+        above = (f"{(trained['top1'] - mean) / std:+.1f} of their standard deviations from their mean"
+                 if std > 0 else "their standard deviation is 0")
+        print(f"O-KNN top-1 of {len(draws)} random initialisations: {mean:.2f} ± {std:.2f} "
+              f"({min(top1):.2f}-{max(top1):.2f}); the trained network is {above}")
     if "position_share" in trained and "position_share" in random_init:
         print(f"Share of the val object features' variance explained by the object's position: "
               f"trained {100 * trained['position_share']:.0f}%  random init "
