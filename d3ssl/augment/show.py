@@ -1,15 +1,20 @@
 """Draws what the region stage does: for a few images, x1, x̂1, x2, x̂2s and x3 with their boxes.
 
-  python -m d3ssl.augment.show IMAGE_OR_FOLDER --out grid.png [--num 4] [--seed 0] [--size 224]
+  python -m d3ssl.augment.show IMAGE_OR_DATASET --out grid.png [--num 4] [--seed 0] [--size 224]
+  python -m d3ssl.augment.show DATASET --set dp_boxes=1 --set prm=false      # region stage settings
 
-The views are built here simply, in the Batch contract's geometry: view1 = the whole image resized
-to S x S, view2 = a random resized crop (area scale [0.4, 1], ratio [3/4, 4/3]) at S, view2_small =
-view2 at S/2. Proposals come from OpenCV's selective search (fast mode, on a downscaled copy) when
-cv2.ximgproc is available, else from random rectangles; K of them that overlap the crop are kept.
-A dataset path is meant to go through the data pipeline (d3ssl.data) once it exists; until then
-the argument is an image file or a folder of images.
+A dataset (a COCO root or an image folder) whose proposals store exists at its default place
+(``<images>.proposals``, as training leaves it) goes through the training data pipeline: the CPU
+loader's views and proposals, colour augmentation off so that only the region stage changes pixels.
+Anything else (an image file, a folder without a store) is shown with views built here in the Batch
+contract's geometry: view1 = the whole image resized to S x S, view2 = a random resized crop (area
+scale [0.4, 1], ratio [3/4, 4/3]) at S, view2_small = view2 at S/2; proposals from OpenCV's
+selective search (fast mode, on a downscaled copy) when cv2.ximgproc is available, else random
+rectangles; K of them that overlap the crop are kept.
 """
 import argparse
+import ast
+import dataclasses
 import os
 
 import numpy as np
@@ -96,6 +101,55 @@ def make_sample(img, rng, size, k):
             torch.from_numpy(valid))
 
 
+def region_config(items) -> RegionConfig:
+    """RegionConfig from NAME=VALUE strings (booleans true/false, numbers, tuples as a,b)."""
+    defaults = RegionConfig()
+    names = [f.name for f in dataclasses.fields(RegionConfig)]
+    kw = {}
+    for item in items:
+        name, sep, text = (s.strip() for s in item.partition("="))
+        if not sep or name not in names:
+            raise SystemExit(f"error: --set expects NAME=VALUE with NAME one of {', '.join(names)}, got {item!r}")
+        default = getattr(defaults, name)
+        try:
+            if isinstance(default, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+            else:
+                value = ast.literal_eval(text)
+                value = tuple(value) if isinstance(default, tuple) else type(default)(value)
+        except (KeyError, ValueError, SyntaxError, TypeError):
+            raise SystemExit(f"error: --set {name}: cannot read {text!r} as {type(default).__name__}") from None
+        kw[name] = value
+    try:
+        return RegionConfig(**kw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def pipeline_batch(path, num, size, k, seed):
+    """The first Batch of the CPU loader for a dataset with a proposals store at its default place,
+    colour augmentation off; None when `path` is not such a dataset."""
+    from ..data.colour import ColourConfig
+    from ..data.datasets import open_dataset
+    from ..data.loader import make_loader
+    from ..data.proposals import default_store_path
+    from ..data.views import ViewConfig
+    if not os.path.isdir(path):
+        return None
+    try:
+        dataset = open_dataset(path)
+        store = default_store_path(dataset)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(store) or len(dataset) == 0:
+        return None
+    loader = make_loader(dataset, store, backend="cpu", batch_size=min(num, len(dataset)), workers=0,
+                         view_cfg=ViewConfig(size=size, num_boxes=k), colour_cfg=ColourConfig(enabled=False),
+                         seed=seed, drop_last=False)
+    loader.set_epoch(0)
+    return next(iter(loader))
+
+
 def to_rgb(view):
     """float [3,H,W] normalised -> uint8 [H,W,3]."""
     x = view.float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -136,25 +190,36 @@ def draw(views, out, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="an image file or a folder of images")
+    p.add_argument("path", help="a dataset (COCO root or image folder) with its proposals store, an image "
+                               "folder, or an image file")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
     p.add_argument("--num", type=int, default=4, help="images to show (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of views, proposals and augmentations")
     p.add_argument("--size", type=int, default=224, help="view size S (default 224)")
     p.add_argument("--k", type=int, default=4, help="proposals per image (default 4)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a region stage setting (a RegionConfig field), e.g. dp_boxes=1 or prc=false; repeatable")
     args = p.parse_args(argv)
+    if args.num < 1 or args.k < 1 or args.size < 2 or args.size % 2:
+        raise SystemExit("error: --num and --k must be >= 1 and --size an even number >= 2")
+    cfg = region_config(args.set)
     import d3ssl  # noqa: F401  (loads the operator library)
 
-    files = list_images(args.path)
-    rng = np.random.default_rng(args.seed)
-    samples = [make_sample(read_rgb(files[i % len(files)]), rng, args.size, args.k)
-               for i in range(args.num)]
-    parts = [torch.stack([s[j] for s in samples]) for j in range(6)]
-    views = [v.contiguous(memory_format=torch.channels_last) for v in parts[:3]]
-    batch = Batch(*views, parts[3], parts[4], parts[5], torch.arange(args.num)).validate()
-    out = region_stage(batch, torch.Generator().manual_seed(args.seed), RegionConfig())
+    batch = pipeline_batch(args.path, args.num, args.size, args.k, args.seed)
+    source = "the data pipeline"
+    if batch is None:
+        files = list_images(args.path)
+        rng = np.random.default_rng(args.seed)
+        samples = [make_sample(read_rgb(files[i % len(files)]), rng, args.size, args.k)
+                   for i in range(args.num)]
+        parts = [torch.stack([s[j] for s in samples]) for j in range(6)]
+        views = [v.contiguous(memory_format=torch.channels_last) for v in parts[:3]]
+        batch = Batch(*views, parts[3], parts[4], parts[5], torch.arange(args.num)).validate()
+        source = "views and proposals built here"
+    out = region_stage(batch, torch.Generator().manual_seed(args.seed), cfg)
     draw(out, args.out, args.path)
-    print(f"wrote {args.out} ({args.num} images from {args.path})")
+    print(f"wrote {args.out} ({len(batch.image_id)} images from {args.path}; {source})")
+    return out
 
 
 if __name__ == "__main__":
