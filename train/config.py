@@ -218,8 +218,9 @@ def source_comments(cls) -> dict[str, str]:
 
 
 def field_help(owner, f: dataclasses.Field) -> str:
-    """The documentation of field `f` of dataclass `owner`: its metadata help, else its source comment."""
-    return f.metadata.get("help") or source_comments(owner if isinstance(owner, type) else type(owner)).get(f.name, "")
+    """The documentation of field `f` of the dataclass instance `owner`: its metadata help, else its
+    source comment."""
+    return f.metadata.get("help") or source_comments(type(owner)).get(f.name, "")
 
 
 # ----------------------------------------------------------------------------- dotted access

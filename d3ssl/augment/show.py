@@ -13,7 +13,6 @@ selective search (fast mode, on a downscaled copy) when cv2.ximgproc is availabl
 rectangles; K of them that overlap the crop are kept.
 """
 import argparse
-import ast
 import dataclasses
 import os
 
@@ -102,26 +101,20 @@ def make_sample(img, rng, size, k):
 
 
 def region_config(items) -> RegionConfig:
-    """RegionConfig from NAME=VALUE strings (booleans true/false, numbers, tuples as a,b)."""
-    defaults = RegionConfig()
+    """RegionConfig from NAME=VALUE strings, read as the trainer reads its --set (train.config)."""
+    from train.config import set_field, validate
+    cfg = RegionConfig()
     names = [f.name for f in dataclasses.fields(RegionConfig)]
-    kw = {}
     for item in items:
         name, sep, text = (s.strip() for s in item.partition("="))
         if not sep or name not in names:
             raise SystemExit(f"error: --set expects NAME=VALUE with NAME one of {', '.join(names)}, got {item!r}")
-        default = getattr(defaults, name)
         try:
-            if isinstance(default, bool):
-                value = {"true": True, "1": True, "false": False, "0": False}[text.lower()]
-            else:
-                value = ast.literal_eval(text)
-                value = tuple(value) if isinstance(default, tuple) else type(default)(value)
-        except (KeyError, ValueError, SyntaxError, TypeError):
-            raise SystemExit(f"error: --set {name}: cannot read {text!r} as {type(default).__name__}") from None
-        kw[name] = value
+            set_field(cfg, name, text)
+        except ValueError as e:
+            raise SystemExit(f"error: --set {e}") from None
     try:
-        return RegionConfig(**kw)
+        return validate(cfg)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
