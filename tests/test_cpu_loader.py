@@ -235,8 +235,8 @@ def test_colour_draw_probabilities():
     cfg = ColourConfig()
     rng = np.random.default_rng(0)
     n = 4000
-    v1 = [sample_colour(rng, cfg, 0) for _ in range(n)]
-    v2 = [sample_colour(rng, cfg, 1) for _ in range(n)]
+    v1 = [sample_colour(rng, cfg, 0, 224) for _ in range(n)]
+    v2 = [sample_colour(rng, cfg, 1, 224) for _ in range(n)]
     assert abs(np.mean([p.jitter for p in v1]) - 0.8) < 0.03
     assert abs(np.mean([p.grayscale for p in v2]) - 0.2) < 0.03
     assert all(p.blur_sigma > 0 for p in v1) and abs(np.mean([p.blur_sigma > 0 for p in v2]) - 0.1) < 0.02
@@ -244,4 +244,26 @@ def test_colour_draw_probabilities():
     j = [p for p in v1 if p.jitter]
     assert min(p.brightness for p in j) >= 0.6 and max(p.brightness for p in j) <= 1.4
     assert min(p.hue for p in j) >= -0.1 and max(p.hue for p in j) <= 0.1
-    assert all(sample_colour(rng, ColourConfig(enabled=False), 1) == ColourParams() for _ in range(10))
+    assert min(p.blur_sigma for p in v1) >= 0.1 and max(p.blur_sigma for p in v1) <= 2.0
+    assert max(p.blur_sigma for p in v1) > 1.9
+    assert all(sample_colour(rng, ColourConfig(enabled=False), 1, 224) == ColourParams() for _ in range(10))
+
+
+def test_blur_sigma_scales_with_the_view_size():
+    """The recipe's sigmas are for 224-pixel views: a 64-pixel view gets 64/224 of them, and
+    nothing else of the draw changes."""
+    cfg = ColourConfig()
+    for view in (0, 1):
+        for seed in range(50):
+            big = sample_colour(np.random.default_rng(seed), cfg, view, 224)
+            small = sample_colour(np.random.default_rng(seed), cfg, view, 64)
+            assert small.blur_sigma == pytest.approx(big.blur_sigma * 64 / 224)
+            assert (small.brightness, small.hue, small.grayscale, small.solarize) == \
+                   (big.brightness, big.hue, big.grayscale, big.solarize)
+    own = ColourConfig(blur_reference_size=64)
+    assert sample_colour(np.random.default_rng(3), own, 0, 64).blur_sigma == \
+           sample_colour(np.random.default_rng(3), cfg, 0, 224).blur_sigma
+    with pytest.raises(ValueError, match="blur_reference_size"):
+        ColourConfig(blur_reference_size=0)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        ColourConfig(blur_sigma=(2.0, 0.1))

@@ -287,7 +287,8 @@ _ONLY = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 
 @pytest.mark.parametrize("name,cfg,tol", [
     ("grayscale", ColourConfig(**{**_ONLY, "grayscale_p": 1.0}), 1.5),
     ("solarize", ColourConfig(**{**_ONLY, "solarize_p": (1.0, 1.0)}), 1.5),
-    ("blur", ColourConfig(**{**_ONLY, "blur_p": (1.0, 1.0)}), 1.5),
+    # sigmas in pixels of these small views (unscaled), so that the blur has a measurable effect
+    ("blur", ColourConfig(**{**_ONLY, "blur_p": (1.0, 1.0), "blur_reference_size": VIEW.size}), 1.5),
     ("brightness", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "contrast": 0.0, "saturation": 0.0,
                                    "hue": 0.0}), 1.5),
     ("saturation", ColourConfig(**{**_ONLY, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0,

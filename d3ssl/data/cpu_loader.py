@@ -94,8 +94,8 @@ class ViewDataset(torch.utils.data.Dataset):
             view1 = cv2.flip(view1, 1)
         if p.flip2:
             view2 = cv2.flip(view2, 1)
-        c1 = sample_colour(rng, self.colour_cfg, 0)
-        c2 = sample_colour(rng, self.colour_cfg, 1)
+        c1 = sample_colour(rng, self.colour_cfg, 0, s)
+        c2 = sample_colour(rng, self.colour_cfg, 1, s)
         view1 = apply_colour(np.ascontiguousarray(view1), c1, self.colour_cfg.solarize_threshold)
         view2 = apply_colour(np.ascontiguousarray(view2), c2, self.colour_cfg.solarize_threshold)
         view2_small = cv2.resize(view2, (s // 2, s // 2), interpolation=cv2.INTER_AREA)

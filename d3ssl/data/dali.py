@@ -299,7 +299,8 @@ class ViewSource:
         # the CPU loader's draws, in its order: geometry, then colour of view 1, then of view 2
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         vp = sample_views(w, h, props, rng, self.view_cfg)
-        c1, c2 = sample_colour(rng, self.colour_cfg, 0), sample_colour(rng, self.colour_cfg, 1)
+        size = self.view_cfg.size
+        c1, c2 = sample_colour(rng, self.colour_cfg, 0, size), sample_colour(rng, self.colour_cfg, 1, size)
         twist1, twist2 = colour_twist(c1), colour_twist(c2)
         x0, y0, cw, ch = (float(v) for v in vp.crop)
 
