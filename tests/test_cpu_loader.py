@@ -267,3 +267,5 @@ def test_blur_sigma_scales_with_the_view_size():
         ColourConfig(blur_reference_size=0)
     with pytest.raises(ValueError, match="blur_sigma"):
         ColourConfig(blur_sigma=(2.0, 0.1))
+    with pytest.raises(ValueError, match="hue"):
+        ColourConfig(hue=0.6)

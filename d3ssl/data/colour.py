@@ -3,11 +3,12 @@
 Per view: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order) with
 probability 0.8; grayscale with probability 0.2; Gaussian blur with sigma ~ U(0.1, 2.0) pixels of a
 224-pixel view (the recipe's size; scaled by S/224 for S-pixel views, so that a small view is blurred
-as much relative to its content as a 224-pixel one) with probability 1.0 on view 1 and 0.1 on view 2; solarize (invert pixels >= 128) with probability 0.2 on
-view 2 only. The operations follow torchvision's definitions (factors drawn the same way, grayscale
-with ITU-R 601 weights, hue as a rotation of the HSV hue circle), each done with a lookup table or
-one OpenCV call per image. The parameters are drawn first (:func:`sample_colour`) and applied after
-(:func:`apply_colour`), so the draw is independent of the pixels.
+as much relative to its content as a 224-pixel one) with probability 1.0 on view 1 and 0.1 on view 2;
+solarize (invert pixels >= 128) with probability 0.2 on view 2 only. The operations follow
+torchvision's definitions (factors drawn the same way, grayscale with ITU-R 601 weights, hue as a
+rotation of the HSV hue circle), each done with a lookup table or one OpenCV call per image. The
+parameters are drawn first (:func:`sample_colour`) and applied after (:func:`apply_colour`), so the
+draw is independent of the pixels.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class ColourConfig:
     hue: float = 0.1                     # shift ~ U(-h, h) of the hue circle
     grayscale_p: float = 0.2             # probability of converting to gray, per view
     blur_p: tuple[float, float] = (1.0, 0.1)       # Gaussian blur probability (view 1, view 2)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)   # blur sigma ~ U(lo, hi), pixels of a blur_reference_size view
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # sigma ~ U(lo, hi), pixels of a blur_reference_size view
     # The view size blur_sigma is measured in: an S-pixel view is blurred with sigma * S / this. The
     # recipe's sigmas are for 224-pixel views; unscaled, a 64-pixel view would be blurred 3.5x as much
     # relative to its content (enough to wipe out textures a few pixels across).
@@ -38,6 +39,8 @@ class ColourConfig:
     solarize_threshold: int = 128        # solarize inverts pixels at or above this level
 
     def __post_init__(self):
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"ColourConfig.hue must be in [0, 0.5] (half the hue circle), got {self.hue}")
         if self.blur_reference_size <= 0:
             raise ValueError(f"ColourConfig.blur_reference_size must be > 0, got {self.blur_reference_size}")
         lo, hi = self.blur_sigma
