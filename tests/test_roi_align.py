@@ -89,6 +89,36 @@ def test_forward_backward_match_reference(device, layout, aligned, sampling_rati
         assert_close(x.grad, x_ref.grad, torch.float32)
 
 
+def channels_last_at_offset(channels, dtype, device, offset):
+    """[N, channels, H, W] channels_last features whose data starts `offset` elements into its
+    storage, so that 16-byte packs of channels are aligned (offset 0) or not (offset 1)."""
+    flat = torch.randn(offset + N * H * W * channels, dtype=torch.float64).to(device=device, dtype=dtype)
+    x = flat[offset:].view(N, H, W, channels).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x
+
+
+# Channel counts and storage offsets that pick each width of the channels_last kernels' channel packs
+# (16 bytes, 8, 4, or one channel at a time): 16 and 24 channels take whole 16-byte packs, 6 takes
+# pairs, 5 single channels, and an offset of one element breaks the packs' alignment.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels, offset", [(16, 0), (24, 0), (6, 0), (5, 0), (16, 1)])
+def test_channel_packs_match_reference(device, dtype, channels, offset):
+    spatial_scale = 0.5
+    x = channels_last_at_offset(channels, dtype, device, offset).requires_grad_()
+    rois = make_rois(spatial_scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    out = roi_align(x, rois, OUT, spatial_scale, -1, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    ref = roi_align_reference(x_ref, rois.cpu(), OUT, spatial_scale, -1, True)
+    assert_close(out, ref, dtype)
+    grad = torch.randn(out.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    out.backward(grad)
+    ref.backward(grad.cpu().double())
+    assert_close(x.grad, x_ref.grad, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, rois_dtype", [(torch.float16, "same"), (torch.float16, "float32"),
                                                (torch.bfloat16, "same"), (torch.bfloat16, "float32"),

@@ -66,22 +66,23 @@ C10_HOST_DEVICE inline T sample_x(const RoiGeometry<T>& g, int64_t pw, int64_t i
          (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
 }
 
-// The four neighbours of a sample point, as pixel indices y * width + x, and their weights.
-template <typename T>
+// The four neighbours of a sample point, as pixel indices y * width + x, and their weights. The
+// GPU kernels use 32-bit indices when the tensors allow it (I = int32_t).
+template <typename T, typename I = int64_t>
 struct Bilinear {
-  int64_t p1, p2, p3, p4;  // (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high)
+  I p1, p2, p3, p4;  // (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high)
   T w1, w2, w3, w4;
 };
 
 // False when the sample lies outside [-1, H] x [-1, W]: it then contributes nothing.
-template <typename T>
-C10_HOST_DEVICE inline bool bilinear(T y, T x, int64_t height, int64_t width, Bilinear<T>& b) {
+template <typename T, typename I>
+C10_HOST_DEVICE inline bool bilinear(T y, T x, I height, I width, Bilinear<T, I>& b) {
   if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) return false;
   if (y <= T(0)) y = T(0);
   if (x <= T(0)) x = T(0);
-  int64_t y_low = static_cast<int64_t>(y);
-  int64_t x_low = static_cast<int64_t>(x);
-  int64_t y_high, x_high;
+  I y_low = static_cast<I>(y);
+  I x_low = static_cast<I>(x);
+  I y_high, x_high;
   if (y_low >= height - 1) {
     y_high = y_low = height - 1;
     y = static_cast<T>(y_low);

@@ -82,13 +82,8 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: Union[int, Tuple[int,
     if rois.dtype != input.dtype and not (low_precision and rois.dtype == torch.float32):
         raise TypeError(f"roi_align: boxes must have input's dtype ({input.dtype})"
                         f"{' or float32' if low_precision else ''}, got {rois.dtype}")
-    if input.is_cuda and rois.numel() > 0:
-        # The CPU kernel checks batch indices itself; on the GPU that would need a host sync, so the
-        # check is queued on the stream (a bad index fails the next synchronising call) and the kernel
-        # writes zeros for such boxes meanwhile.
-        batch_index = rois[:, 0].to(torch.int64)
-        torch._assert_async(((batch_index >= 0) & (batch_index < input.size(0))).all(),
-                            "roi_align: a batch index in boxes is outside the input's batch")
+    # Batch indices are checked by the kernels: the CPU one raises; the CUDA one fails a device-side
+    # assert (checking on the host would cost a synchronisation), like an out-of-range index in torch.
     return torch.ops.d3ssl.roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                      int(sampling_ratio), bool(aligned))
 
