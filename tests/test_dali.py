@@ -367,6 +367,25 @@ def test_sharding_covers_the_epoch_once(data, drop_last):
 
 
 @needs_dali
+def test_spawned_workers_give_the_same_batches(data, monkeypatch):
+    """The source workers start with spawn where fork is unsafe (the CUDA driver initialised in this
+    process, as on any machine with a GPU once torch has looked for it); the batches do not depend
+    on it."""
+    ds, store, _ = data
+    forked = _dali(ds, store, seed=5)
+    assert forked._start_method() == "fork"
+    monkeypatch.setattr(dali_mod, "cuda_driver_initialized", lambda: True)
+    spawned = _dali(ds, store, seed=5)
+    assert spawned._start_method() == "spawn"
+    assert _dali(ds, store, seed=5, start_method="fork")._start_method() == "fork"  # an explicit choice stays
+    a, b = _epoch(forked), _epoch(spawned)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        for f in ("view1", "view2", "view2_small", "boxes1", "boxes2", "box_valid", "image_id"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), f
+
+
+@needs_dali
 def test_same_seed_same_batches_and_resume(data):
     """Colour augmentation on. The same seed gives the same batches; epoch 1 of an uninterrupted run
     equals epoch 1 of a loader started there (resume); another seed or epoch gives others."""

@@ -92,6 +92,15 @@ def dali_available() -> bool:
     return _DALI_IMPORT_ERROR is None
 
 
+def cuda_driver_initialized() -> bool:
+    """Whether the CUDA driver is initialised in this process (DALI's own test before it forks)."""
+    try:
+        from nvidia.dali import backend
+        return bool(backend.IsDriverInitialized())
+    except (ImportError, AttributeError):
+        return torch.cuda.is_initialized()
+
+
 def require_dali():
     """Raises DaliUnavailable (with the fix) when NVIDIA DALI cannot be imported."""
     if _DALI_IMPORT_ERROR is not None:
@@ -454,8 +463,7 @@ class DaliLoader:
         self.dtype = dtype
         self.threads = threads or max(1, workers)
         self.prefetch, self.antialias = prefetch, antialias
-        # fork is cheap, but unsafe once CUDA is initialised in the parent; spawn re-imports this module
-        self.start_method = start_method or ("spawn" if self.dali_device == "gpu" else "fork")
+        self.start_method = start_method  # None: chosen when the pipeline is built (_start_method)
         self.skipped_keys: list[str] = []
         self.failed_batches = 0
         self._pipe = None
@@ -491,10 +499,18 @@ class DaliLoader:
                            antialias=self.antialias, solarize_threshold=self.colour_cfg.solarize_threshold,
                            out_dtype=out_dtype, batch_size=self.batch_size, num_threads=self.threads,
                            device_id=device_id, py_num_workers=max(1, self.workers),
-                           py_start_method=self.start_method, prefetch_queue_depth=self.prefetch,
+                           py_start_method=self._start_method(), prefetch_queue_depth=self.prefetch,
                            seed=self.seed, exec_dynamic=True)  # outputs are not recycled: _to_batch
         pipe.build()
         self._pipe, self._pipe_epoch = pipe, self.epoch
+
+    def _start_method(self) -> str:
+        """fork is cheap, but DALI refuses it (rightly) once the CUDA driver is initialised in this
+        process: by its own GPU graph, a CUDA tensor, or only a query of the devices, made before the
+        CPU graph is built. spawn then starts fresh interpreters that import this module."""
+        if self.start_method is not None:
+            return self.start_method
+        return "spawn" if self.dali_device == "gpu" or cuda_driver_initialized() else "fork"
 
     def close(self):
         """Stops the DALI pipeline and its Python workers."""
@@ -603,8 +619,9 @@ def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4,
     antialias       low-pass filter when shrinking (as the CPU loader's area resize); False is faster
     check           "header": files are checked from their header and end markers (microseconds);
                     "decode": also trial-decoded at 1/8 scale with OpenCV in the source workers
-    start_method    of the source workers: "fork" (default on the CPU) or "spawn" (default on the GPU,
-                    since forking a process that has initialised CUDA is unsafe)
+    start_method    of the source workers: "fork" or "spawn"; None (default): fork for the CPU graph
+                    in a process where CUDA is not initialised, else spawn (forking a process that
+                    has initialised CUDA is unsafe, and DALI refuses it)
 
     Raises DaliUnavailable, saying how to install DALI, when it is not installed."""
     require_dali()
