@@ -3,10 +3,16 @@
 Every figure is reported as a ratio against an anchor measured in the same run, on the same inputs:
 these machines are shared, so absolute numbers drift between runs, ratios much less.
 """
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
+
+# COCO-like JPEG sizes (height, width) for the loader and training benchmarks.
+COCO_SIZE = (480, 640)
 
 
 @dataclass
@@ -69,3 +75,37 @@ def copy_bandwidth(device, nbytes=256 << 20):
     dst = torch.empty_like(src)
     s = seconds_per_call(lambda: dst.copy_(src), device, warmup=3, min_time=0.5)
     return 2 * nbytes / s
+
+
+def bench_dataset(num_images: int, image_size=COCO_SIZE, cache: str | None = None):
+    """(dataset, store) of `num_images` synthetic JPEG scenes of `image_size` (height, width),
+    generated once into d3ssl's cache (or `cache`).
+
+    The images are read as a plain folder and the ground truth straight from its JSON, so the
+    benchmarks need no pycocotools (the GPU machines lack it). The proposals are the scenes'
+    ground-truth boxes: what a loader or a training step does with proposals does not depend on
+    where they came from, and selective search on every image would dominate the setup."""
+    from d3ssl.data.datasets import ImageFolder
+    from d3ssl.data.proposals import ProposalStore, write_store
+    from d3ssl.data.synthetic import default_cache_root, ensure_synthetic
+
+    cache = cache or os.path.join(default_cache_root(), "bench")
+    root = ensure_synthetic(cache, seed=0, num_train=num_images, num_val=0, image_size=tuple(image_size))
+    ds = ImageFolder(os.path.join(root, "train"))
+    path = os.path.join(root, "train-gt.proposals")
+    if not os.path.isfile(path):
+        with open(os.path.join(root, "annotations", "instances_train.json")) as f:
+            gt = json.load(f)
+        images = {im["file_name"]: im for im in gt["images"]}
+        per_image = {}
+        for a in gt["annotations"]:
+            x, y, w, h = a["bbox"]
+            per_image.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        boxes, sizes = [], []
+        for key in ds.keys:
+            im = images[key]
+            b = np.array(per_image.get(im["id"], []), np.float32).reshape(-1, 4)
+            boxes.append(b if len(b) else np.array([[0, 0, im["width"], im["height"]]], np.float32))
+            sizes.append((im["width"], im["height"]))
+        write_store(path, ds.keys, boxes, np.array(sizes), np.zeros(len(ds), np.uint8))
+    return ds, ProposalStore(path)

@@ -12,50 +12,11 @@ DALI runs its GPU graph when args.device is cuda, else its CPU-only mode. The lo
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
-import numpy as np
 import torch
 
-from benchmarks.common import Row, interleaved, sync
-
-# COCO-like images; proposals are the scenes' ground-truth boxes (what the loaders do with proposals
-# does not depend on where they came from)
-IMAGE_SIZE = (480, 640)
-
-
-def bench_dataset(num_images: int, cache: str | None = None):
-    """(dataset, store) of `num_images` synthetic COCO-sized JPEGs, generated once into a cache.
-
-    The images are read as a plain folder and the ground truth straight from its JSON, so the
-    benchmark needs no pycocotools."""
-    import json
-
-    from d3ssl.data.datasets import ImageFolder
-    from d3ssl.data.proposals import ProposalStore, write_store
-    from d3ssl.data.synthetic import ensure_synthetic
-
-    cache = cache or os.environ.get("D3SSL_CACHE") or os.path.join(tempfile.gettempdir(), "d3ssl-bench")
-    root = ensure_synthetic(cache, seed=0, num_train=num_images, num_val=0, image_size=IMAGE_SIZE)
-    ds = ImageFolder(os.path.join(root, "train"))
-    path = os.path.join(root, "train-gt.proposals")
-    if not os.path.isfile(path):
-        with open(os.path.join(root, "annotations", "instances_train.json")) as f:
-            gt = json.load(f)
-        images = {im["file_name"]: im for im in gt["images"]}
-        per_image = {}
-        for a in gt["annotations"]:
-            x, y, w, h = a["bbox"]
-            per_image.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
-        boxes, sizes = [], []
-        for key in ds.keys:
-            im = images[key]
-            b = np.array(per_image.get(im["id"], []), np.float32).reshape(-1, 4)
-            boxes.append(b if len(b) else np.array([[0, 0, im["width"], im["height"]]], np.float32))
-            sizes.append((im["width"], im["height"]))
-        write_store(path, ds.keys, boxes, np.array(sizes), np.zeros(len(ds), np.uint8))
-    return ds, ProposalStore(path)
+from benchmarks.common import COCO_SIZE, Row, bench_dataset, interleaved, sync
 
 
 def _region_stage():
@@ -108,7 +69,7 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
     mode = "GPU graph" if device.type == "cuda" else "CPU-only mode"
     what = "views + region stage" if region_stage is not None else "views"
     extra = {"workers": workers, "batch": batch_size, "images/epoch": images,
-             "image size": f"{IMAGE_SIZE[0]}-{IMAGE_SIZE[1]} px", "first epochs incl. startup (s)":
+             "image size": f"{COCO_SIZE[0]}-{COCO_SIZE[1]} px", "first epochs incl. startup (s)":
              round(startup, 1)}
     if region_stage is None:
         extra["region stage"] = "not timed (d3ssl.augment.stage.region_stage not available)"

@@ -6,8 +6,9 @@ fed by one batch kept on the device (the model-only ceiling), timed in the same 
 fed / ceiling is the share of the ceiling the loader lets training reach (target 0.95). SoCo's step
 (its own augmentations and BYOL objective) is reported against D3SSL's ceiling for comparison.
 
-Settings: on a GPU (no --quick) ResNet-50-C4 at 224 px, batch 64, bf16, channels_last; with --quick,
-or on a CPU, ResNet-18-C4 at small views so the section finishes in a minute or two.
+Settings: on a GPU (no --quick) ResNet-50-C4 at 224 px, batch 64, bf16, channels_last, fed from 640x480
+JPEGs; with --quick, or on a CPU, ResNet-18-C4 at small views of 160x128 JPEGs so the section finishes
+in a minute or two.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from benchmarks.common import Row, interleaved
+from benchmarks.common import COCO_SIZE, Row, bench_dataset, interleaved
 
 
 def _config(args, method):
@@ -35,17 +36,10 @@ def _config(args, method):
 
 
 def _data(cfg):
-    from d3ssl.data.datasets import open_dataset
-    from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
-    from d3ssl.data.synthetic import ensure_synthetic
+    """COCO-sized JPEGs for the full-size GPU run (what the loaders must keep up with); small ones
+    for the small presets."""
     n = 64 if cfg.run.device == "cpu" else 256
-    root = ensure_synthetic(num_train=n, num_val=8, image_size=(256, 320) if cfg.view.size >= 224 else
-                            (128, 160))
-    dataset = open_dataset(root, "train")
-    path = default_store_path(dataset)
-    if not os.path.isfile(path):
-        generate_proposals(dataset, path)
-    return dataset, ProposalStore(path)
+    return bench_dataset(n, image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
 
 
 class _Stepper:
