@@ -52,6 +52,12 @@ TORCH_LIBRARY(d3ssl, m) {
   m.def(
       "composite_out(Tensor fg, Tensor bg, Tensor bg_index, Tensor shift, Tensor rects, Tensor erase, "
       "Tensor offsets, Tensor(a!) out) -> ()");
+
+  // PRC planning: the sequential turns of the PRC sampler for a batch. span float64 [B,K,4]
+  // proposals' pixel spans in visiting order, u float64 [B,K,3] (target, x, y uniforms), live bool
+  // [B,K]; target fraction lo + width * u. Returns float64 [B,2K,4]: slot 2s restores proposal s,
+  // slot 2s+1 is its cutout; inactive slots are (0,0,0,0). See csrc/ops/prc.h.
+  m.def("prc_plan(Tensor span, Tensor u, Tensor live, float lo, float width, float max_cover) -> Tensor");
 }
 
 }  // namespace d3ssl

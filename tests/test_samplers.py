@@ -255,3 +255,80 @@ def test_bad_arguments():
         S.sample_rbj(boxes, valid[:, :2], gen())
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         S.sample_shift(boxes, valid, 32, 0)
+
+
+def prc_inputs(b, k, size, seed):
+    """(span, u, live) as sample_prc hands them to prc_plan: proposals' pixel spans (some partly
+    outside the view, some nested, some padded or empty) and their uniforms."""
+    boxes, valid = random_boxes(b, k, size, seed=seed, min_size=1.0)
+    g = gen(seed + 1000)
+    boxes = boxes + (torch.rand(b, k, 4, generator=g) - 0.5) * size * 0.1  # some cross the border
+    span = S.pixel_spans(boxes, size)
+    pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
+    return span, torch.rand(b, k, 3, generator=g, dtype=torch.float64), valid & (pw > 0) & (ph > 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("scale, max_cover", [((0.2, 0.5), 0.5), ((0.3, 0.95), 0.1), ((0.0, 1.0), 0.0)])
+def test_prc_plan_op_matches_the_reference_exactly(device, k, scale, max_cover):
+    """The op's turns (csrc/ops/prc.h) give bit-identical rectangles to the PyTorch loop, restores
+    included (the second setting restores often)."""
+    from d3ssl.ops.region import prc_plan
+    restores = 0
+    for seed in range(12):
+        span, u, live = prc_inputs(16, k, 48, seed)
+        ref = S.prc_rects_reference(span, u, live, scale, max_cover)
+        out = prc_plan(span.to(device), u.to(device), live.to(device), scale, max_cover)
+        assert out.dtype == torch.float64 and out.shape == (16, 2 * k, 4)
+        assert torch.equal(out.cpu(), ref)
+        restores += int((ref[:, 0::2].abs().sum(-1) > 0).sum())
+    if k > 1 and max_cover < 0.5:
+        assert restores > 0  # the restore branch was exercised
+
+
+def test_prc_more_proposals_than_the_op_plans_falls_back_to_the_reference():
+    from d3ssl.ops.region import PRC_MAX_BOXES, prc_plan
+    k = PRC_MAX_BOXES + 1
+    boxes, valid = random_boxes(2, k, 96, seed=3, min_size=2.0)
+    prc = S.sample_prc(boxes, valid, gen(5), image_size=96)
+    span, u, live = prc_inputs(2, k, 96, 3)
+    with pytest.raises(RuntimeError, match=f"at most {PRC_MAX_BOXES} proposals"):
+        prc_plan(span, u, live, (0.2, 0.5), 0.5)
+    # the same draws through the reference loop
+    g = gen(5)
+    u = S._uniform((2, k, 3), g, "cpu")
+    span = S.pixel_spans(boxes, 96)
+    pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
+    live = valid & (pw > 0) & (ph > 0)
+    order = prc.order
+    ref = S.prc_rects_reference(span.gather(1, order[..., None].expand(-1, -1, 4)),
+                                u.gather(1, order[..., None].expand(-1, -1, 3)), live.gather(1, order),
+                                (0.2, 0.5), 0.5)
+    assert torch.equal(prc.rects, ref.float())
+
+
+def test_prc_plan_bad_input():
+    from d3ssl.ops.region import prc_plan
+    span, u, live = prc_inputs(2, 3, 32, 0)
+    with pytest.raises(RuntimeError, match="span must be float64"):
+        prc_plan(span.float(), u, live, (0.2, 0.5), 0.5)
+    with pytest.raises(RuntimeError, match=r"u must be float64 \[B,K,3\]"):
+        prc_plan(span, u[..., :2], live, (0.2, 0.5), 0.5)
+    with pytest.raises(RuntimeError, match=r"live must be bool \[B,K\]"):
+        prc_plan(span, u, live.int(), (0.2, 0.5), 0.5)
+
+
+def test_rbj_views_in_one_pass_equal_one_call_per_view():
+    boxes, valid = random_boxes(6, 4, 64, seed=4)
+    views = [boxes, boxes / 2, boxes + 3, boxes * 0.9]
+    g1, g2 = gen(9), gen(9)
+    together = S.sample_rbj_views(views, valid, g1, p=0.7, ratio=0.2)
+    one_by_one = [S.sample_rbj(b, valid, g2, p=0.7, ratio=0.2) for b in views]
+    assert len(together) == len(views)
+    for a, b in zip(together, one_by_one):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.jittered, b.jittered)
+    assert any(r.jittered.any() for r in together)
+    # the generators were advanced alike
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    assert S.sample_rbj_views([], valid, gen(0)) == []

@@ -23,9 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RegionOps", "PRC", "PRM", "RBJ", "Shift", "sample_prc", "sample_prm", "sample_rbj",
+from ..ops.region import PRC_MAX_BOXES, prc_plan
+
+__all__ = ["RegionOps", "PRC", "PRM", "RBJ", "Shift", "sample_prc", "sample_prm", "sample_rbj", "sample_rbj_views",
            "sample_shift", "sample_subset", "sample_background", "sample_soco_jitter", "sample_soco_cutout",
-           "box_ops", "concat_ops", "pixel_spans"]
+           "box_ops", "concat_ops", "pixel_spans", "prc_rects_reference"]
 
 # PRM's sides, in the order of the `side` codes.
 PRM_SIDES = ("top", "bottom", "left", "right")
@@ -184,8 +186,24 @@ def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_s
     span = span.gather(1, order[..., None].expand(-1, -1, 4))
     u = u.gather(1, order[..., None].expand(-1, -1, 3))
     live = live.gather(1, order)
-    pw, ph = pw.gather(1, order), ph.gather(1, order)
 
+    if k <= PRC_MAX_BOXES:
+        rects = prc_plan(span, u, live, scale, max_cover)
+    else:
+        rects = prc_rects_reference(span, u, live, scale, max_cover)
+    erase = torch.tensor([False, True] * k, device=device)
+    return PRC(rects.float(), erase.expand(bsz, -1).contiguous(), order)
+
+
+def prc_rects_reference(span, u, live, scale, max_cover):
+    """PRC's sequential turns in PyTorch, one batch-wide step per turn: the oracle of the op
+    d3ssl.ops.region.prc_plan (same arguments), which sample_prc calls.
+
+    span float64 [B,K,4] pixel spans in visiting order, u float64 [B,K,3], live bool [B,K].
+    Returns float64 [B,2K,4]."""
+    bsz, k = live.shape
+    device = span.device
+    pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
     rects = torch.zeros(bsz, 2 * k, 4, dtype=torch.float64, device=device)
     erase = torch.tensor([False, True] * k, device=device)
     zero = torch.zeros(bsz, 4, dtype=torch.float64, device=device)
@@ -202,7 +220,7 @@ def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_s
         y0 = box[:, 1] + torch.floor(u[:, s, 2] * (ph[:, s] - h + 1)).clamp(max=ph[:, s] - h)
         cut = live[:, s] & (a > c) & (w >= 1) & (h >= 1)
         rects[:, 2 * s + 1] = torch.where(cut[:, None], torch.stack([x0, y0, x0 + w, y0 + h], 1), zero)
-    return PRC(rects.float(), erase.expand(bsz, -1).contiguous(), order)
+    return rects
 
 
 def sample_prm(boxes, valid, image_size, generator, scale=(0.2, 0.6), ratio=(3 / 4, 4 / 3)) -> PRM:
@@ -264,6 +282,24 @@ def sample_rbj(boxes, valid, generator, p=0.5, ratio=0.1) -> RBJ:
     lo = torch.cat([boxes[..., :2], boxes[..., :2]], -1)
     hi = torch.cat([boxes[..., 2:], boxes[..., 2:]], -1)
     return _jitter(boxes, valid, u, p, (-ratio, ratio), (-ratio, 0.0), lo, hi)
+
+
+def sample_rbj_views(boxes, valid, generator, p=0.5, ratio=0.1) -> list:
+    """sample_rbj for the boxes of several views of the same proposals in one pass: boxes a
+    sequence of V float32 [B,K,4] (one per view), valid bool [B,K]. Returns V RBJ, in order. Draws
+    V*B*K*5 uniforms at once, in the order of V sample_rbj calls: with a CPU generator the result is
+    bit-identical to those calls (a CUDA generator's stream depends on how it is split)."""
+    boxes = list(boxes)
+    if not boxes:
+        return []
+    for b in boxes:
+        _check(b, valid, "sample_rbj_views")
+    stacked = torch.stack(boxes)
+    u = _uniform((len(boxes), *valid.shape, 5), generator, stacked.device)
+    lo = torch.cat([stacked[..., :2], stacked[..., :2]], -1)
+    hi = torch.cat([stacked[..., 2:], stacked[..., 2:]], -1)
+    out = _jitter(stacked, valid.expand(len(boxes), -1, -1), u, p, (-ratio, ratio), (-ratio, 0.0), lo, hi)
+    return [RBJ(b, j) for b, j in zip(out.boxes.unbind(0), out.jittered.unbind(0))]
 
 
 def sample_soco_jitter(boxes, valid, image_size, generator, p=0.5, ratio=0.1) -> RBJ:

@@ -197,16 +197,18 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
             ops = S.concat_ops(ops, prc.ops())
         x3 = composite(view2, view2, bg_index, t, *ops.csr(), out=out("x3", view2))
 
-    def rbj(boxes):
-        if not cfg.rbj:
-            return boxes
-        return S.sample_rbj(boxes, valid, generator, cfg.rbj_p, cfg.rbj_ratio).boxes
+    # RBJ, drawn independently per view, in one pass (in the draw order of the module docstring)
+    per_view = [boxes1, boxes2s] + ([boxes3] if boxes3 is not None else []) + [boxes1, boxes2]
+    if cfg.rbj:
+        per_view = [r.boxes for r in S.sample_rbj_views(per_view, valid, generator, cfg.rbj_p, cfg.rbj_ratio)]
+    b1_hat, b2s_hat = per_view[:2]
+    b3 = per_view[2] if boxes3 is not None else None
+    b1, b2 = per_view[-2:]
 
     return RegionViews(
         x1_hat=x1_hat, x2s_hat=x2s_hat, x3=x3, x1=view1, x2=view2,
-        boxes_x1_hat=rbj(boxes1), boxes_x2s_hat=rbj(boxes2s),
-        boxes_x3=rbj(boxes3) if boxes3 is not None else None,
-        boxes_x1=rbj(boxes1), boxes_x2=rbj(boxes2), valid=valid, valid_x3=valid3)
+        boxes_x1_hat=b1_hat, boxes_x2s_hat=b2s_hat, boxes_x3=b3,
+        boxes_x1=b1, boxes_x2=b2, valid=valid, valid_x3=valid3)
 
 
 class RegionStage:
