@@ -2,6 +2,8 @@
 // backend in csrc/ops/{cpu,cuda}/, autograd and fake (meta) kernels in Python (d3ssl/ops/).
 #include <torch/library.h>
 
+#include "ops/cpu/region_cpu.h"
+
 #ifndef D3SSL_TORCH_VERSION
 #define D3SSL_TORCH_VERSION "unknown"
 #endif
@@ -14,6 +16,9 @@ static std::string build_torch_version() { return D3SSL_TORCH_VERSION; }
 
 TORCH_LIBRARY(d3ssl, m) {
   m.def("_build_torch_version() -> str", &build_torch_version);
+  // [blocks, bytes, bound in bytes] of the CPU region ops' cache of freed large outputs
+  // (csrc/ops/cpu/region_cpu.h).
+  m.def("_output_cache_stats() -> int[]", &region::output_cache_stats);
 
   // RoIAlign with torchvision's semantics. rois: [K,5] (batch index, x1, y1, x2, y2) in input pixels
   // before spatial_scale. Output [K, C, pooled_height, pooled_width] in the input's memory format.

@@ -1,4 +1,10 @@
-"""The out= variants of region_erase and composite, and RegionStage's reuse of its outputs."""
+"""The out= variants of region_erase and composite, RegionStage's reuse of its outputs, and the CPU
+ops' cache of freed large outputs."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -6,7 +12,7 @@ from d3ssl.augment.stage import RegionStage, region_stage
 from d3ssl.data.batch import Batch
 from d3ssl.ops.region import (composite, composite_reference, region_erase,
                               region_erase_reference)
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, ROOT
 from tests.test_region_ops import DTYPES, _composite_args, _images, _ops
 
 
@@ -216,3 +222,63 @@ def test_region_stage_one_buffer_and_bad_depth():
     assert stage(batch, torch.Generator().manual_seed(1)).x1_hat.data_ptr() == first  # dropped
     with pytest.raises(ValueError, match="buffers_per_output"):
         RegionStage(buffers_per_output=0)
+
+
+_CACHE_SCRIPT = """
+import torch, d3ssl
+from d3ssl.ops.region import composite, region_erase, region_erase_reference
+from tests.test_region_ops import _ops
+stats = torch.ops.d3ssl._output_cache_stats
+g = torch.Generator().manual_seed(0)
+# 38.5 MB per batch: above the cache's 32 MiB threshold
+x = torch.randn(64, 3, 224, 224, generator=g).contiguous(memory_format=torch.channels_last)
+rects, erase, offsets = _ops(64, 224, 224, [3] * 64)
+want = region_erase_reference(x[:2], rects[:6], erase[:6], offsets[:3], 1.0)
+bytes_ = x.numel() * 4
+out = region_erase(x, rects, erase, offsets, 1.0)
+assert stats()[:2] == [0, 0], stats()
+del out
+held = stats()
+out = region_erase(x, rects, erase, offsets, 1.0)           # takes the freed block, if cached
+again = region_erase(x, rects, erase, offsets, 1.0)          # the first is alive: a new block
+assert again.data_ptr() != out.data_ptr()
+for o in (out, again):
+    assert o.is_contiguous(memory_format=torch.channels_last) and o.shape == x.shape
+    assert torch.equal(o[:2], want)
+comp = composite(x, x, torch.arange(64).roll(1), torch.zeros(64, 2, dtype=torch.long), rects, erase, offsets)
+assert comp.is_contiguous(memory_format=torch.channels_last)
+del o, out, again, comp
+import json
+print(json.dumps([held, stats(), bytes_]))
+"""
+
+
+def _cache_run(env_mb):
+    """Runs _CACHE_SCRIPT in a fresh process (the bound is read once per process) with
+    D3SSL_OUTPUT_CACHE_MB=env_mb (None: unset); returns [stats after the first output was freed,
+    stats at the end, bytes of one output]."""
+    env = dict(os.environ)
+    env.pop("D3SSL_OUTPUT_CACHE_MB", None)
+    if env_mb is not None:
+        env["D3SSL_OUTPUT_CACHE_MB"] = str(env_mb)
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_freed_large_outputs_are_reused_and_live_ones_never():
+    """A large CPU output, once freed, is kept and handed to the next output of its size (no page
+    faults for a loop over same-sized batches); an output still alive is never reused, and every
+    output is written whole."""
+    held, after, nbytes = _cache_run(None)
+    assert held[:2] == [1, nbytes]                  # the freed output's block was kept
+    assert held[2] == 512 << 20                     # the default bound
+    assert after[:2] == [3, 3 * nbytes]             # x1, again and composite's blocks, all freed
+
+
+def test_output_cache_bound_and_off():
+    held, after, nbytes = _cache_run(40)            # room for one 38.5 MB block
+    assert held[:2] == [1, nbytes] and after[:2] == [1, nbytes]
+    held, after, _ = _cache_run(0)                  # off: plain allocations
+    assert held == [0, 0, 0] and after == [0, 0, 0]

@@ -9,14 +9,26 @@
 // 2. Rows are written with non-temporal (streaming) stores when the output is much larger than the
 //    cache: they skip the read-for-ownership of the destination line, so a row costs one read and
 //    one write of memory instead of two reads and one write, and do not evict the inputs.
+// 3. Outputs of 1 MiB or more are kept when freed, in a small cache of blocks (as torch's caching
+//    allocator keeps CUDA memory), and a later output of the same size takes one: a loop that calls
+//    the ops on same-sized batches then writes into memory that is already mapped, with no page
+//    faults at all. A block goes back to the cache only when its tensor is freed, so no live output is ever
+//    reused. D3SSL_OUTPUT_CACHE_MB (read once; default 512, 0 = off) bounds the memory it keeps.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/MemoryFormat.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <new>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 #if defined(__SSE2__)
@@ -26,29 +38,137 @@
 namespace d3ssl {
 namespace region {
 
-// Outputs of at least this many bytes get huge pages: glibc's largest mmap threshold, so such a
-// buffer is always a mapping of its own, fresh (smaller ones are often recycled heap memory, already
-// faulted in) and unmapped when freed, taking the advice with it.
+// Outputs of at least this many bytes get huge pages when the cache is off: glibc's largest mmap
+// threshold, so such a buffer is always a mapping of its own, fresh (smaller ones are often recycled
+// heap memory, already faulted in) and unmapped when freed, taking the advice with it.
 constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
+// Outputs of at least this many bytes come from the cache of freed outputs (point 3).
+constexpr int64_t kCachedOutputBytes = int64_t(1) << 20;
 // Outputs of at least this many bytes are written with streaming stores: about the size of a large
 // last-level cache, above which the output would not stay cached for its consumer anyway.
 constexpr int64_t kStreamingOutputBytes = int64_t(24) << 20;
 
-// at::empty_like(like, format), with transparent huge pages requested for large outputs (a hint:
-// without THP support, or with THP disabled, it is an ordinary allocation).
-inline at::Tensor empty_output(const at::Tensor& like, at::MemoryFormat format) {
-  at::Tensor out = at::empty_like(like, format);
+// Asks for transparent huge pages on the whole 2 MiB pages inside [p, p + bytes) (a hint: without
+// THP support, or with THP disabled, nothing changes; the advice never reaches other memory).
+inline void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * out.element_size();
-  if (bytes >= kHugePageOutputBytes) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-    // Only whole 2 MiB pages inside the buffer: the advice never reaches other memory.
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+#if defined(__linux__)
+// The cache of large output blocks (point 3 above). Blocks are private anonymous mappings, reused
+// only for an output of exactly their size; the oldest is unmapped when a new one would exceed the
+// bound. One process-wide instance, never destroyed (outputs may be freed during interpreter exit).
+class OutputBlocks {
+ public:
+  static OutputBlocks& instance() {
+    static OutputBlocks* blocks = new OutputBlocks();
+    return *blocks;
+  }
+
+  // A block of `bytes` bytes: a cached one, else a new mapping (nullptr when mmap fails).
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].second == bytes) {
+          void* p = free_[i].first;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          held_ -= bytes;
+          return p;
+        }
+      }
+    }
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    advise_huge_pages(p, static_cast<int64_t>(bytes));
+    return p;
+  }
+
+  // Called when the output owning the block is freed.
+  void give(void* p, size_t bytes) {
+    std::vector<std::pair<void*, size_t>> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes > limit_) {
+        evicted.emplace_back(p, bytes);
+      } else {
+        while (held_ + bytes > limit_ && !free_.empty()) {
+          evicted.push_back(free_.front());
+          held_ -= free_.front().second;
+          free_.erase(free_.begin());
+        }
+        free_.emplace_back(p, bytes);
+        held_ += bytes;
+      }
+    }
+    for (const auto& b : evicted) munmap(b.first, b.second);
+  }
+
+  bool enabled() const { return limit_ > 0; }
+
+  // [blocks held, bytes held, bound in bytes], for tests and diagnostics.
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(free_.size()), static_cast<int64_t>(held_), static_cast<int64_t>(limit_)};
+  }
+
+ private:
+  OutputBlocks() {
+    const char* env = std::getenv("D3SSL_OUTPUT_CACHE_MB");
+    const long mb = env != nullptr ? std::strtol(env, nullptr, 10) : 512;
+    limit_ = mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
+    // A process forked while another thread held the lock would inherit it locked.
+    pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+  }
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> free_;  // oldest first
+  size_t held_ = 0;
+  size_t limit_ = 0;
+};
+#endif
+
+// OutputBlocks::stats(), or zeros where there is no cache.
+inline std::vector<int64_t> output_cache_stats() {
+#if defined(__linux__)
+  return OutputBlocks::instance().stats();
+#else
+  return {0, 0, 0};
+#endif
+}
+
+// at::empty_like(like, format) for a kernel that overwrites every element: outputs of at least
+// kCachedOutputBytes come from OutputBlocks (huge pages where whole 2 MiB pages fit), smaller ones
+// from torch's allocator.
+inline at::Tensor empty_output(const at::Tensor& like, at::MemoryFormat format) {
+  const int64_t bytes = like.numel() * like.element_size();
+#if defined(__linux__)
+  if (bytes >= kCachedOutputBytes && OutputBlocks::instance().enabled()) {
+    const auto size = static_cast<size_t>(bytes);
+    if (void* p = OutputBlocks::instance().take(size)) {
+      const auto sizes = like.sizes();
+      std::vector<int64_t> strides(sizes.size(), 1);
+      if (format == at::MemoryFormat::ChannelsLast) {
+        strides = c10::get_channels_last_strides_2d(sizes);
+      } else {
+        for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * sizes[d + 1];
+      }
+      return at::from_blob(
+          p, sizes, strides, [size](void* q) { OutputBlocks::instance().give(q, size); }, like.options());
+    }
   }
 #endif
+  at::Tensor out = at::empty_like(like, format);
+  if (bytes >= kHugePageOutputBytes) advise_huge_pages(out.data_ptr(), bytes);
   return out;
 }
 
