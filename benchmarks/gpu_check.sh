@@ -36,7 +36,8 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 # Without TORCH_CUDA_ARCH_LIST the build targets the visible GPU only, which halves compile time.
 step build 240 env MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e .
 # Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
-step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py tests/test_region_stage.py tests/test_region_reuse.py
+step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py \
+  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # DALI is installed from carried wheel parts (see gpu_check_dali.sh), then the train benchmark runs
