@@ -583,15 +583,17 @@ class DaliLoader:
             v = nhwc.permute(0, 3, 1, 2)
             return v if v.dtype == self.dtype else v.to(self.dtype)  # .to keeps channels_last
 
-        def small(a, dtype):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(self.device, non_blocking=True)
-
-        b = meta.shape[0]
+        # The per-sample numbers travel as one array: one pinned host-to-device copy (a copy from
+        # pageable memory would first wait for everything queued on the stream), split on the device.
+        m = torch.from_numpy(meta)
+        if self.device.type == "cuda":
+            m = m.pin_memory().to(self.device, non_blocking=True)
+        b = m.shape[0]
         return Batch(view1=view(view1), view2=view(view2), view2_small=view(view2_small),
-                     boxes1=small(meta[:, :4 * k].reshape(b, k, 4), torch.float32),
-                     boxes2=small(meta[:, 4 * k:8 * k].reshape(b, k, 4), torch.float32),
-                     box_valid=small(meta[:, 8 * k:9 * k] != 0, torch.bool),
-                     image_id=ids.to(self.device, non_blocking=True))
+                     boxes1=m[:, :4 * k].reshape(b, k, 4).to(torch.float32),
+                     boxes2=m[:, 4 * k:8 * k].reshape(b, k, 4).to(torch.float32),
+                     box_valid=m[:, 8 * k:9 * k] != 0,
+                     image_id=m[:, -1].to(torch.int64))
 
 
 def make_dali_loader(dataset, store, *, batch_size: int = 64, workers: int = 4,
