@@ -335,12 +335,21 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             epoch, skip = epoch + 1, 0
 
     data = batches()
+
+    def prepare(at_step, micro):
+        """(epoch, views): the next batch on the device through the region stage, seeded by the step."""
+        epoch, batch = next(data)
+        batch = batch.to(device, dtype=view_dtype, non_blocking=True)
+        generator.manual_seed(step_seed(cfg.run.seed, rank, at_step, micro))
+        return epoch, stage(batch, generator)
+
     bar = None
     if master and cfg.run.progress:
         from tqdm import tqdm
         bar = tqdm(total=last_step, initial=step, desc="train", unit="step", dynamic_ncols=True)
     view_dtype = dtype if device.type == "cuda" and dtype is not None else torch.float32
     bad_in_a_row, t_last, checked_layout = 0, time.perf_counter(), False
+    ahead = None  # the next step's first micro-batch, prepared before this step's loss is read
     model.train()
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -354,10 +363,10 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         snapshot = [b.detach().clone() for b in raw.buffers()]
         terms_sum, epoch = {}, 0
         for micro in range(accum):
-            epoch, batch = next(data)
-            batch = batch.to(device, dtype=view_dtype, non_blocking=True)
-            generator.manual_seed(step_seed(cfg.run.seed, rank, step, micro))
-            views = stage(batch, generator)
+            if micro == 0 and ahead is not None:
+                (epoch, views), ahead = ahead, None
+            else:
+                epoch, views = prepare(step, micro)
             if not checked_layout and cfg.run.channels_last:
                 check_channels_last(views)
                 checked_layout = True
@@ -368,6 +377,12 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             scaler.scale(loss).backward()
             for k, v in out.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / accum
+        # Reading the loss below waits for the GPU to finish this step's backward; the host prepares
+        # the next step's first batch meanwhile (its copy and region stage queue behind the backward),
+        # so the GPU finds that work waiting instead of idling while the host builds it. The same
+        # batch and draws as preparing it at the top of the next step (data and seeds follow `step`).
+        if step + 1 < last_step:
+            ahead = prepare(step + 1, 0)
         # One all-reduce: the mean loss (NaN anywhere -> NaN everywhere) and whether any rank was
         # signalled, so that all ranks skip or stop at the same step.
         flags = torch.stack([terms_sum["loss"], torch.tensor(float(stop["signal"] is not None),
