@@ -1,7 +1,8 @@
 """Training throughput: the full D3SSL step fed by each loader backend vs fed by data already on the device.
 
 One step = region stage (PRC, PRM, RBJ, de-positioning) -> five views through student and teacher ->
-loss -> backward -> LARS step -> teacher EMA, as train/run.py does it. The anchor is the same step
+loss -> backward -> LARS step -> teacher EMA, ordered as train/run.py orders it (the next step's batch
+copy and region stage are queued after the backward, before the loss is read). The anchor is the same step
 fed by one batch kept on the device (the model-only ceiling), timed in the same run, so the ratio
 fed / ceiling is the share of the ceiling the loader lets training reach (target 0.95). SoCo's step
 (its own augmentations and BYOL objective) is reported against D3SSL's ceiling for comparison.
@@ -61,12 +62,24 @@ class _Stepper:
         self.stage = make_region_stage(cfg)
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
 
-    def __call__(self, batch):
+        self._ahead = {}
+
+    def _prepare(self, batch):
         batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
-        views = self.stage(batch, self.gen)
+        return self.stage(batch, self.gen)
+
+    def __call__(self, source, fetch):
+        """One step, ordered as train/run.py orders it: this step's views were prepared by the
+        previous call on the same `source` (a name; `fetch()` gives its next batch), and the next
+        step's are prepared after the backward, while the trainer waits to read the loss."""
+        views = self._ahead.pop(source, None)
+        if views is None:
+            views = self._prepare(fetch())
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss = self.model(views)["loss"]
         loss.backward()
+        self._ahead[source] = self._prepare(fetch())
+        loss.item()  # the trainer's non-finite check reads the loss here
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.update_teacher(0.99)
@@ -109,9 +122,10 @@ def run(args):
             # (Taken from the worker-fed loader: decoding in this process before the workers fork
             # can deadlock OpenCV inside them.)
             fixed = next(stream).to(d3ssl_step.device, dtype=d3ssl_step.view_dtype)
-        fns = {"fed": lambda: d3ssl_step(next(stream)), "ceiling": lambda: d3ssl_step(fixed)}
+        fns = {"fed": lambda: d3ssl_step("fed", lambda: next(stream)),
+               "ceiling": lambda: d3ssl_step("ceiling", lambda: fixed)}
         if not ceilings:
-            fns["soco"] = lambda: soco_step(fixed)
+            fns["soco"] = lambda: soco_step("ceiling", lambda: fixed)
         t = interleaved(fns, device=args.device, rounds=rounds, **kw)
         ceilings.setdefault("d3ssl", t["ceiling"])
         ceilings.setdefault("soco", t.get("soco"))
