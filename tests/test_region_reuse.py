@@ -230,7 +230,7 @@ from d3ssl.ops.region import composite, region_erase, region_erase_reference
 from tests.test_region_ops import _ops
 stats = torch.ops.d3ssl._output_cache_stats
 g = torch.Generator().manual_seed(0)
-# 38.5 MB per batch: above the cache's 32 MiB threshold
+# 38.5 MB per batch: above the cache's 1 MiB threshold
 x = torch.randn(64, 3, 224, 224, generator=g).contiguous(memory_format=torch.channels_last)
 rects, erase, offsets = _ops(64, 224, 224, [3] * 64)
 want = region_erase_reference(x[:2], rects[:6], erase[:6], offsets[:3], 1.0)

@@ -287,6 +287,17 @@ def test_prc_plan_op_matches_the_reference_exactly(device, k, scale, max_cover):
         assert restores > 0  # the restore branch was exercised
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_prc_plan_at_its_most_proposals(device):
+    """K = PRC_MAX_BOXES fills the op's scratch arrays (4K - 2 cell edges per axis)."""
+    from d3ssl.ops.region import PRC_MAX_BOXES, prc_plan
+    span, u, live = prc_inputs(3, PRC_MAX_BOXES, 64, 7)
+    ref = S.prc_rects_reference(span, u, live, (0.3, 0.95), 0.1)
+    out = prc_plan(span.to(device), u.to(device), live.to(device), (0.3, 0.95), 0.1)
+    assert torch.equal(out.cpu(), ref)
+    assert (ref[:, 0::2].abs().sum(-1) > 0).any()  # restores happened
+
+
 def test_prc_more_proposals_than_the_op_plans_falls_back_to_the_reference():
     from d3ssl.ops.region import PRC_MAX_BOXES, prc_plan
     k = PRC_MAX_BOXES + 1

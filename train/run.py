@@ -381,7 +381,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         # the next step's first batch meanwhile (its copy and region stage queue behind the backward),
         # so the GPU finds that work waiting instead of idling while the host builds it. The same
         # batch and draws as preparing it at the top of the next step (data and seeds follow `step`).
-        if step + 1 < last_step:
+        if step + 1 < last_step and stop["signal"] is None:
             ahead = prepare(step + 1, 0)
         # One all-reduce: the mean loss (NaN anywhere -> NaN everywhere) and whether any rank was
         # signalled, so that all ranks skip or stop at the same step.

@@ -27,12 +27,15 @@ namespace prc {
 constexpr int kMaxBoxes = 32;
 constexpr int kMaxEdges = 4 * kMaxBoxes + 2;  // 2 per op over up to 2K ops, plus the proposal's 2
 
-// a * b and a + b rounded once each (nvcc would otherwise fuse a * b + c into one rounding).
+// a * b and a + b rounded once each: compilers may otherwise fuse a * b + c into one rounding (nvcc
+// always, host compilers where the target has FMA instructions). On the host a volatile result
+// forces the product to be rounded to double before it is used.
 C10_HOST_DEVICE inline double mul(double a, double b) {
 #ifdef __CUDA_ARCH__
   return __dmul_rn(a, b);
 #else
-  return a * b;
+  volatile double r = a * b;
+  return r;
 #endif
 }
 
@@ -40,7 +43,8 @@ C10_HOST_DEVICE inline double add(double a, double b) {
 #ifdef __CUDA_ARCH__
   return __dadd_rn(a, b);
 #else
-  return a + b;
+  volatile double r = a + b;
+  return r;
 #endif
 }
 

@@ -23,7 +23,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <new>
 #include <utility>
 #include <vector>
 
@@ -126,8 +125,10 @@ class OutputBlocks {
     const char* env = std::getenv("D3SSL_OUTPUT_CACHE_MB");
     const long mb = env != nullptr ? std::strtol(env, nullptr, 10) : 512;
     limit_ = mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
-    // A process forked while another thread held the lock would inherit it locked.
-    pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+    // fork() takes the lock first and both processes release it after, so a child never inherits
+    // the cache half-updated by another thread (the locked sections are short and never fork).
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
   }
 
   std::mutex mutex_;

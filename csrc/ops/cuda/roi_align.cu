@@ -17,6 +17,7 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -283,7 +284,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
     const at::Tensor rois_acc = rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const scalar_t* in_ptr = in.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
-    with_index_type(std::max(total, in.numel()), [&](auto index_type) {
+    with_index_type(std::max({total, in.numel(), rois.numel()}), [&](auto index_type) {
       using I = decltype(index_type);
       const Layout<I> l{static_cast<I>(channels), static_cast<I>(height), static_cast<I>(width),
                         static_cast<I>(pooled_height), static_cast<I>(pooled_width)};
@@ -331,7 +332,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
       const at::Tensor rois_acc = rois.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
       const scalar_t* grad_ptr = g.const_data_ptr<scalar_t>();
       acc_t* acc_ptr = grad_acc.mutable_data_ptr<acc_t>();
-      with_index_type(std::max(total, grad_acc.numel()), [&](auto index_type) {
+      with_index_type(std::max({total, grad_acc.numel(), rois.numel()}), [&](auto index_type) {
         using I = decltype(index_type);
         const Layout<I> l{static_cast<I>(channels), static_cast<I>(height), static_cast<I>(width),
                           static_cast<I>(pooled_height), static_cast<I>(pooled_width)};
