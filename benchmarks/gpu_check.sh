@@ -8,6 +8,14 @@
 # is non-zero if any step failed. All steps take more than one call's 10 minutes: run them in groups
 # with GPU_CHECK_STEPS (benchmarks/RESULTS.md lists the groups each measurement came from).
 # DALI is not on the GPU machine: benchmarks/gpu_check_dali.sh installs it from carried wheel parts.
+#
+# One lease, as it ran on 2026-11-27 (under 6 minutes of device time for steps 1-5):
+#   1. carry .dali-parts/dali-part-00, copy it to /tmp/dali-parts, then
+#      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region" (~3 min);
+#   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
+#   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
+#      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
+# Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$out"

@@ -153,7 +153,7 @@ def run(args):
         plain_into = lambda: plain_region_erase(x, rects, erase, offsets, 0.0, out=reused_plain)
         # For scale: a fresh tensor and one copy of the batch. On the CPU at S=224 it is dominated
         # by first-touch page faults of the new memory (the anchor's clone pays them too; our CPU
-        # kernels ask for huge pages on large fresh outputs, which removes most of them).
+        # kernels take fresh outputs from a cache of freed ones, which faults no pages at all).
         floor = interleaved({"copy": lambda: torch.empty_like(x).copy_(x)}, device, **kw)["copy"]
         for name, (ours, plain) in cases.items():
             fns = {"ours": ours, "plain": plain}
