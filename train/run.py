@@ -350,6 +350,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     view_dtype = dtype if device.type == "cuda" and dtype is not None else torch.float32
     bad_in_a_row, t_last, checked_layout = 0, time.perf_counter(), False
     ahead = None  # the next step's first micro-batch, prepared before this step's loss is read
+    snapshot = None
     model.train()
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -359,8 +360,12 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
-        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step.
-        snapshot = [b.detach().clone() for b in raw.buffers()]
+        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step: one
+        # batched copy into tensors kept across steps (made again only if the buffers change).
+        buffers = list(raw.buffers())
+        if snapshot is None or [t.shape for t in snapshot] != [b.shape for b in buffers]:
+            snapshot = [torch.empty_like(b) for b in buffers]
+        torch._foreach_copy_(snapshot, buffers)
         terms_sum, epoch = {}, 0
         for micro in range(accum):
             if micro == 0 and ahead is not None:
@@ -397,8 +402,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             # Skip: no optimiser step, no EMA, and the queue / BN statistics restored.
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                for b, s in zip(raw.buffers(), snapshot):
-                    b.copy_(s)
+                torch._foreach_copy_(buffers, snapshot)
             if scaler.is_enabled():
                 scaler.update()
             bad_in_a_row += 1
