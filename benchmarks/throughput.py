@@ -33,6 +33,8 @@ def parse_args(argv=None):
                    help="loader backend(s) for the loader and train sections (default: both available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs (smoke test)")
+    p.add_argument("--compile", action="store_true",
+                   help="train section: torch.compile the methods' forward, as --compile does for training")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
     args = p.parse_args(argv)
     if args.device is None:

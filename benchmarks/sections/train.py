@@ -46,7 +46,7 @@ def _data(cfg):
 class _Stepper:
     """Everything one training step needs, built as train/run.py builds it."""
 
-    def __init__(self, cfg, num_images):
+    def __init__(self, cfg, num_images, compile=False):
         from d3ssl.model import LARS, param_groups_for_lars
         from train.run import amp_dtype, build_model
         self.cfg = cfg
@@ -54,6 +54,7 @@ class _Stepper:
         self.dtype = amp_dtype(cfg, self.device)
         self.model = build_model(cfg, num_images, self.device, world=1)
         self.model.train()
+        self.forward = torch.compile(self.model) if compile else self.model
         self.opt = LARS(param_groups_for_lars(self.model), lr=0.01, momentum=cfg.optim.momentum,
                         weight_decay=cfg.optim.weight_decay,
                         trust_coefficient=cfg.optim.trust_coefficient)
@@ -76,7 +77,7 @@ class _Stepper:
         if views is None:
             views = self._prepare(fetch())
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.model(views)["loss"]
+            loss = self.forward(views)["loss"]
         loss.backward()
         self._ahead[source] = self._prepare(fetch())
         loss.item()  # the trainer's non-finite check reads the loss here
@@ -108,10 +109,10 @@ def run(args):
     rounds = 2 if args.quick or args.device == "cpu" else 3
     rows = []
 
-    d3ssl_step = _Stepper(cfg, len(dataset))
+    d3ssl_step = _Stepper(cfg, len(dataset), compile=args.compile)
     fixed = None
     soco_cfg = _config(args, "soco")
-    soco_step = _Stepper(soco_cfg, len(dataset))
+    soco_step = _Stepper(soco_cfg, len(dataset), compile=args.compile)
     bs = cfg.data.batch_size
     ceilings = {}
     for backend in _backends(args):
@@ -132,7 +133,7 @@ def run(args):
         rows.append(Row("train", f"d3ssl step fed by {backend} loader", bs / t["fed"], bs / t["ceiling"],
                         "same step, batch on device", target=0.95,
                         extra={"arch": cfg.model.arch, "view": cfg.view.size, "batch": bs,
-                               "amp": str(d3ssl_step.dtype)}))
+                               "amp": str(d3ssl_step.dtype), "compiled": bool(args.compile)}))
         del stream, loader
     rows.append(Row("train", "soco step (batch on device)", bs / ceilings["soco"], bs / ceilings["d3ssl"],
                     "d3ssl step, batch on device"))
