@@ -278,10 +278,7 @@ def sample_rbj(boxes, valid, generator, p=0.5, ratio=0.1) -> RBJ:
     a jittered box never extends past the proposal and is never empty. Pixels, float32 [B,K,4].
     Draws B*K*5 uniforms (apply, centre x, centre y, w, h)."""
     _check(boxes, valid, "sample_rbj")
-    u = _uniform((*valid.shape, 5), generator, boxes.device)
-    lo = torch.cat([boxes[..., :2], boxes[..., :2]], -1)
-    hi = torch.cat([boxes[..., 2:], boxes[..., 2:]], -1)
-    return _jitter(boxes, valid, u, p, (-ratio, ratio), (-ratio, 0.0), lo, hi)
+    return sample_rbj_views([boxes], valid, generator, p, ratio)[0]
 
 
 def sample_rbj_views(boxes, valid, generator, p=0.5, ratio=0.1) -> list:
