@@ -56,17 +56,24 @@ def test_composite_out_matches_reference(device, dtype, layout):
     assert torch.equal(out, composite(*args))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_batch_paths(layout):
-    """Outputs of more than 32 MiB take the huge-page and streaming-store paths; a row of 517
-    float32 starts at every alignment, so the unaligned heads and tails are exercised."""
-    b, h, w = 11, 512, 517
-    x = _images(b, 3, h, w, torch.float32, "cpu", layout, seed=5)
-    assert x.numel() * 4 > 32 << 20
+def test_large_batch_paths(layout, dtype):
+    """Outputs of more than 32 MiB take the huge-page and streaming-store paths (16-byte vectors of
+    4, 8 or 16 elements); a row of 517 elements starts at every alignment, so the unaligned heads
+    and tails are exercised."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    b, h, w = 11, 512 * 4 // size, 517
+    x = _images(b, 3, h, w, dtype, "cpu", layout, seed=5)
+    assert x.numel() * size > 32 << 20
+    fill = 7.0 if dtype == torch.uint8 else -1.0
     rects, erase, offsets = _ops(b, h, w, [3, 0, 5, 2, 4, 1, 6, 2, 3, 1, 4], seed=6)
-    ref = region_erase_reference(x, rects, erase, offsets, -1.0)
-    assert torch.equal(region_erase(x, rects, erase, offsets, -1.0), ref)
-    assert torch.equal(region_erase(x, rects, erase, offsets, -1.0, out=_garbage(x)), ref)
+    ref = region_erase_reference(x, rects, erase, offsets, fill)
+    assert torch.equal(region_erase(x, rects, erase, offsets, fill), ref)
+    assert torch.equal(region_erase(x, rects, erase, offsets, fill, out=_garbage(x)), ref)
+    inplace = x.clone()
+    torch.ops.d3ssl.region_erase_(inplace, rects, erase, offsets, fill)
+    assert torch.equal(inplace, ref)
     bg_index = torch.tensor([3, 0, 1, 7, 2, 6, 5, 4, 8, 10, 9])
     shift = torch.tensor([[5, -3], [-40, 2], [0, 0], [600, 0], [1, 1], [-2, 9], [7, -7], [0, 3],
                           [-1, -1], [3, 0], [0, -300]])

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace d3ssl {
 namespace region {
@@ -184,34 +185,69 @@ word_t fill_bits(double fill, at::ScalarType dtype) {
   return bits;
 }
 
-// Replays one image's ops rects[r0:r1] onto a byte mask on the host: the byte of a pixel ends as
-// erase[r] of the last op covering it (1 = erased / hole), or `init` when none covers it. Only the
-// window [x_lo,x_hi) x [y_lo,y_hi) is written: ops are clipped to it. The mask has H rows of
-// `row_bytes` bytes with `cw` bytes per pixel (cw = C for channels_last, so that a mask row lines
-// up element by element with an image row). touched[y] = 1 when an op wrote into row y.
-inline void replay_ops(const float* rects, const bool* erase, int64_t r0, int64_t r1, int64_t H,
-                       int64_t W, int64_t cw, int64_t x_lo, int64_t x_hi, int64_t y_lo,
-                       int64_t y_hi, uint8_t init, uint8_t* mask, uint8_t* touched) {
-  const int64_t row_bytes = W * cw;
-  std::memset(mask, init, static_cast<size_t>(H * row_bytes));
-  std::memset(touched, 0, static_cast<size_t>(H));
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* q = rects + 4 * r;
-    int64_t xa, xb, ya, yb;
-    pixel_span(q[0], q[2], W, xa, xb);
-    pixel_span(q[1], q[3], H, ya, yb);
-    xa = std::max(xa, x_lo);
-    xb = std::min(xb, x_hi);
-    ya = std::max(ya, y_lo);
-    yb = std::min(yb, y_hi);
-    if (xa >= xb || ya >= yb) continue;
-    const uint8_t v = erase[r] ? 1 : 0;
-    for (int64_t y = ya; y < yb; ++y) {
-      std::memset(mask + y * row_bytes + xa * cw, v, static_cast<size_t>((xb - xa) * cw));
-      touched[y] = 1;
+// One image's ops on the host, cut into bands of rows that every op covers alike: op r covers the
+// pixels of its rects[r] (the pixel rule above), clipped to a window [x_lo,x_hi) x [y_lo,y_hi), and
+// the band boundaries are the rows where an op starts or ends. All rows of a band therefore end
+// alike: a pixel is a hole (erased / background shows) when the last op covering it has erase[r]
+// set, is kept when it has not, and has the caller's initial state when no op covers it. The work
+// is proportional to the number of ops, not to the image.
+struct PixelSpan {
+  int64_t xa, xb, ya, yb;
+  bool hole;
+};
+
+class Bands {
+ public:
+  void build(const float* rects, const bool* erase, int64_t r0, int64_t r1, int64_t H, int64_t W,
+             int64_t x_lo, int64_t x_hi, int64_t y_lo, int64_t y_hi) {
+    spans_.clear();
+    ys_.assign({0, H});
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* q = rects + 4 * r;
+      PixelSpan s;
+      pixel_span(q[0], q[2], W, s.xa, s.xb);
+      pixel_span(q[1], q[3], H, s.ya, s.yb);
+      s.xa = std::max(s.xa, x_lo);
+      s.xb = std::min(s.xb, x_hi);
+      s.ya = std::max(s.ya, y_lo);
+      s.yb = std::min(s.yb, y_hi);
+      if (s.xa >= s.xb || s.ya >= s.yb) continue;
+      s.hole = erase[r];
+      spans_.push_back(s);
+      ys_.push_back(s.ya);
+      ys_.push_back(s.yb);
     }
+    std::sort(ys_.begin(), ys_.end());
+    ys_.erase(std::unique(ys_.begin(), ys_.end()), ys_.end());
   }
-}
+
+  int64_t size() const { return static_cast<int64_t>(ys_.size()) - 1; }
+  int64_t first_row(int64_t band) const { return ys_[band]; }
+  int64_t end_row(int64_t band) const { return ys_[band + 1]; }
+
+  // The hole mask of the rows of `band` as `row` words, one per element of a row with `cw`
+  // elements per pixel (cw = C for channels_last, 1 for a plane of NCHW): all ones for a hole, zero
+  // for a kept element, `init_hole` where no op reaches. Returns false when no op covers the band
+  // (then every word would be `init_hole`, and `words` is left alone).
+  template <typename word_t>
+  bool hole_words(int64_t band, int64_t cw, int64_t row, bool init_hole, word_t* words) const {
+    const int64_t y = ys_[band];
+    const word_t on = static_cast<word_t>(~word_t(0)), off = word_t(0);
+    bool covered = false;
+    for (const auto& s : spans_) {
+      if (s.ya <= y && y < s.yb) {
+        if (!covered) std::fill(words, words + row, init_hole ? on : off);
+        covered = true;
+        std::fill(words + s.xa * cw, words + s.xb * cw, s.hole ? on : off);
+      }
+    }
+    return covered;
+  }
+
+ private:
+  std::vector<PixelSpan> spans_;
+  std::vector<int64_t> ys_;
+};
 
 #ifdef __CUDACC__
 // --- device side, shared by the CUDA kernels ---

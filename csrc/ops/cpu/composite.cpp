@@ -1,7 +1,7 @@
-// composite on the CPU: per image, replay its ops onto a small byte mask clipped to where the
-// shifted foreground exists, then one pass over the rows selecting shifted foreground or
-// background. Rows without foreground are copied from the background. Images are spread over
-// threads.
+// composite on the CPU: per image, the ops (clipped to where the shifted foreground exists) become
+// bands of rows that they cover alike; a band no op reaches is copied from the background in one
+// piece, the rows of the others select shifted foreground or background through the band's hole
+// mask, as words. Images are spread over threads.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,56 +19,57 @@ template <typename word_t>
 void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int64_t* bg_index,
                      const int64_t* shift, Layout layout, int64_t B, int64_t C, int64_t H,
                      int64_t W, const float* rects, const bool* erase, const int64_t* offsets) {
-  const int64_t cw = layout == Layout::NHWC ? C : 1;
-  const int64_t row = W * cw;
-  const int64_t image = C * H * W;
+  const int64_t cw = layout == Layout::NHWC ? C : 1;  // elements per pixel in a row
+  const int64_t row = W * cw;                         // elements per row
+  const int64_t plane = H * row;                      // NCHW: one channel; NHWC: the image
   const int64_t planes = layout == Layout::NHWC ? 1 : C;
+  const int64_t image = C * H * W;
   const size_t row_bytes = static_cast<size_t>(row) * sizeof(word_t);
   const bool streaming = region::use_streaming(B * image * int64_t(sizeof(word_t)));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> hole(static_cast<size_t>(H * row));
-    std::vector<uint8_t> touched(static_cast<size_t>(H));
+    region::Bands bands;
+    std::vector<word_t> hole(static_cast<size_t>(row));
     // With streaming stores a row with foreground is assembled here (in L1), then streamed out.
     std::vector<word_t> staged(streaming ? static_cast<size_t>(row) : 0);
     for (int64_t b = begin; b < end; ++b) {
       // A shift of a whole image or more leaves no foreground; clamping keeps the sums small.
       const int64_t dx = std::min(std::max(shift[2 * b], -W), W);
       const int64_t dy = std::min(std::max(shift[2 * b + 1], -H), H);
-      // Output pixels whose source (x - dx, y - dy) lies inside the image; the mask is clipped
+      // Output pixels whose source (x - dx, y - dy) lies inside the image; the ops are clipped
       // to them, so the foreground is never read out of bounds.
       const int64_t x_lo = std::min(std::max<int64_t>(dx, 0), W);
       const int64_t x_hi = std::max(std::min(W + dx, W), x_lo);
       const int64_t y_lo = std::min(std::max<int64_t>(dy, 0), H);
       const int64_t y_hi = std::max(std::min(H + dy, H), y_lo);
-      // The mask starts empty: every pixel a hole showing the background (byte 1).
-      region::replay_ops(rects, erase, offsets[b], offsets[b + 1], H, W, cw, x_lo, x_hi, y_lo,
-                         y_hi, /*init=*/1, hole.data(), touched.data());
+      bands.build(rects, erase, offsets[b], offsets[b + 1], H, W, x_lo, x_hi, y_lo, y_hi);
       const word_t* bg_image = bg + bg_index[b] * image;
-      for (int64_t c = 0; c < planes; ++c) {
-        for (int64_t y = 0; y < H; ++y) {
-          const int64_t at = (c * H + y) * row;
-          word_t* dst = out + b * image + at;
-          const word_t* back = bg_image + at;
-          if (!touched[y]) {
-            region::copy_bytes(dst, back, row_bytes, streaming);
+      for (int64_t band = 0; band < bands.size(); ++band) {
+        const int64_t y0 = bands.first_row(band), rows = bands.end_row(band) - y0;
+        const bool covered = bands.hole_words(band, cw, row, /*init_hole=*/true, hole.data());
+        // Covered rows select over the whole window [i_lo, i_hi), not only where the ops reach:
+        // the foreground is then read in the same stretch of every row, a pattern the hardware
+        // prefetcher follows (reading only the stretch the ops reach was ~25% slower at B=64,
+        // S=224).
+        const int64_t i_lo = x_lo * cw, i_hi = x_hi * cw;
+        for (int64_t c = 0; c < planes; ++c) {
+          const int64_t at = c * plane + y0 * row;
+          if (!covered) {  // background only; the band's rows are contiguous: one copy
+            region::copy_bytes(out + b * image + at, bg_image + at, rows * row_bytes, streaming);
             continue;
           }
-          word_t* row_out = streaming ? staged.data() : dst;
-          // Elements [i_lo, i_hi) of the row come from source row y - dy, moved by dx pixels.
-          const int64_t i_lo = x_lo * cw, i_hi = x_hi * cw, n = i_hi - i_lo;
-          const word_t* front = fg + b * image + at - (dy * W + dx) * cw + i_lo;
-          const uint8_t* m = hole.data() + y * row + i_lo;
-          std::memcpy(row_out, back, static_cast<size_t>(i_lo) * sizeof(word_t));
-          word_t* d = row_out + i_lo;
-          const word_t* k = back + i_lo;
-          // Branch-free select (vectorises): mask bytes are 0 or 1, 1 = hole = background.
-          for (int64_t i = 0; i < n; ++i) {
-            const word_t front_keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
-            d[i] = static_cast<word_t>((front[i] & front_keep) | (k[i] & ~front_keep));
+          for (int64_t y = 0; y < rows; ++y) {
+            const int64_t r = at + y * row;
+            word_t* dst = out + b * image + r;
+            word_t* row_out = streaming ? staged.data() : dst;
+            const word_t* back = bg_image + r;
+            // Element i of the row comes from element i - (dy * W + dx) * cw of fg's image (source
+            // row y - dy, moved by dx pixels), inside the image for i in [i_lo, i_hi).
+            const word_t* front = fg + b * image + r - (dy * W + dx) * cw + i_lo;
+            std::memcpy(row_out, back, static_cast<size_t>(i_lo) * sizeof(word_t));
+            region::select_words(row_out + i_lo, front, back + i_lo, hole.data() + i_lo, i_hi - i_lo);
+            std::memcpy(row_out + i_hi, back + i_hi, static_cast<size_t>(row - i_hi) * sizeof(word_t));
+            if (streaming) region::copy_bytes(dst, row_out, row_bytes, true);
           }
-          std::memcpy(row_out + i_hi, back + i_hi,
-                      static_cast<size_t>(row - i_hi) * sizeof(word_t));
-          if (streaming) region::copy_bytes(dst, row_out, row_bytes, true);
         }
       }
     }

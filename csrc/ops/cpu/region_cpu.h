@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/MemoryFormat.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -222,6 +223,86 @@ inline void copy_bytes(void* dst, const void* src, size_t n, bool streaming) {
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
+#endif
+}
+
+// dst[i] = hole[i] ? b[i] : a[i] over n words whose hole words are all ones or zero: (a & ~hole) |
+// (b & hole), 16 bytes at a time. dst must not overlap a, b or hole.
+template <typename word_t>
+inline void select_words(word_t* __restrict dst, const word_t* __restrict a,
+                         const word_t* __restrict b, const word_t* __restrict hole, int64_t n) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  // A cache line (4 vectors) per iteration keeps several loads of each source in flight.
+  constexpr int64_t kPerVector = 16 / sizeof(word_t);
+  const auto select = [&](int64_t at) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hole + at));
+    const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + at));
+    const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + at),
+                     _mm_or_si128(_mm_andnot_si128(h, va), _mm_and_si128(h, vb)));
+  };
+  for (; i + 4 * kPerVector <= n; i += 4 * kPerVector) {
+    select(i);
+    select(i + kPerVector);
+    select(i + 2 * kPerVector);
+    select(i + 3 * kPerVector);
+  }
+  for (; i + kPerVector <= n; i += kPerVector) select(i);
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<word_t>((a[i] & ~hole[i]) | (b[i] & hole[i]));
+}
+
+// The 16-byte vector of `fill` repeated (SSE2 builds).
+#if defined(__SSE2__)
+template <typename word_t>
+inline __m128i fill_vector(word_t fill) {
+  word_t pattern[16 / sizeof(word_t)];
+  for (auto& w : pattern) w = fill;
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(pattern));
+}
+#endif
+
+// dst[i] = hole[i] ? fill : a[i] over n words; dst may be a (in place), nothing else may overlap.
+template <typename word_t>
+inline void select_fill(word_t* dst, const word_t* a, word_t fill, const word_t* __restrict hole,
+                        int64_t n) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  constexpr int64_t kPerVector = 16 / sizeof(word_t);
+  const __m128i f = fill_vector(fill);
+  for (; i + kPerVector <= n; i += kPerVector) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hole + i));
+    const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_or_si128(_mm_andnot_si128(h, va), _mm_and_si128(h, f)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<word_t>((a[i] & ~hole[i]) | (fill & hole[i]));
+}
+
+// select_fill writing dst with streaming stores (the 16-byte-aligned part; dst must not be a; call
+// stream_fence() before the data is handed on). One pass: no staging of the row.
+template <typename word_t>
+inline void select_fill_stream(word_t* dst, const word_t* a, word_t fill, const word_t* hole, int64_t n) {
+#if defined(__SSE2__)
+  // dst is word-aligned and 16 is a multiple of the word size, so the head is whole words and the
+  // 16-byte fill pattern starts on a word boundary.
+  int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15) / sizeof(word_t));
+  head = std::min(head, n);
+  select_fill(dst, a, fill, hole, head);
+  constexpr int64_t kPerVector = 16 / sizeof(word_t);
+  const __m128i f = fill_vector(fill);
+  int64_t i = head;
+  for (; i + kPerVector <= n; i += kPerVector) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hole + i));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_or_si128(_mm_andnot_si128(h, v), _mm_and_si128(h, f)));
+  }
+  select_fill(dst + i, a + i, fill, hole + i, n - i);
+#else
+  select_fill(dst, a, fill, hole, n);
 #endif
 }
 

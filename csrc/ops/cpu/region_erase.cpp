@@ -1,6 +1,7 @@
-// region_erase on the CPU: per image, replay its ops onto a small byte mask (work proportional to
-// the rectangles' area), then one pass over the image's rows selecting fill or input. Rows no op
-// touched are copied (out-of-place) or skipped (in-place). Images are spread over threads.
+// region_erase on the CPU: per image, the ops become bands of rows that they cover alike (work
+// proportional to the number of ops); a band no op reaches is copied in one piece (out-of-place) or
+// skipped (in-place), the rows of the others select fill or input through the band's hole mask, as
+// words. Images are spread over threads.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,39 +19,39 @@ template <typename word_t>
 void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layout layout,
                  int64_t B, int64_t C, int64_t H, int64_t W, const float* rects,
                  const bool* erase, const int64_t* offsets) {
-  const int64_t cw = layout == Layout::NHWC ? C : 1;  // mask bytes per pixel
-  const int64_t row = W * cw;                         // elements per mask row
+  const int64_t cw = layout == Layout::NHWC ? C : 1;  // elements per pixel in a row
+  const int64_t row = W * cw;                         // elements per row
+  const int64_t plane = H * row;                      // NCHW: one channel; NHWC: the image
+  const int64_t planes = layout == Layout::NHWC ? 1 : C;
   const int64_t image = C * H * W;
   const size_t row_bytes = static_cast<size_t>(row) * sizeof(word_t);
   const bool streaming = !inplace && region::use_streaming(B * image * int64_t(sizeof(word_t)));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> mask(static_cast<size_t>(H * row));
-    std::vector<uint8_t> touched(static_cast<size_t>(H));
-    // With streaming stores a touched row is assembled here (in L1) and then streamed out.
-    std::vector<word_t> staged(streaming ? static_cast<size_t>(row) : 0);
+    region::Bands bands;
+    std::vector<word_t> hole(static_cast<size_t>(row));
     for (int64_t b = begin; b < end; ++b) {
-      region::replay_ops(rects, erase, offsets[b], offsets[b + 1], H, W, cw, 0, W, 0, H,
-                         /*init=*/0, mask.data(), touched.data());
-      // One image row: NCHW has C planes of H rows of W elements, NHWC H rows of W*C elements.
-      const int64_t planes = layout == Layout::NHWC ? 1 : C;
-      for (int64_t c = 0; c < planes; ++c) {
-        for (int64_t y = 0; y < H; ++y) {
-          const int64_t at = b * image + (c * H + y) * row;
-          word_t* dst = out + at;
-          if (!touched[y]) {
-            if (!inplace) region::copy_bytes(dst, in + at, row_bytes, streaming);
+      bands.build(rects, erase, offsets[b], offsets[b + 1], H, W, 0, W, 0, H);
+      for (int64_t band = 0; band < bands.size(); ++band) {
+        const int64_t y0 = bands.first_row(band), rows = bands.end_row(band) - y0;
+        const bool covered = bands.hole_words(band, cw, row, /*init_hole=*/false, hole.data());
+        for (int64_t c = 0; c < planes; ++c) {
+          const int64_t at = b * image + c * plane + y0 * row;
+          if (!covered) {  // the band's rows are contiguous: one copy
+            if (!inplace) region::copy_bytes(out + at, in + at, rows * row_bytes, streaming);
             continue;
           }
-          // Branch-free select so that the loop vectorises: mask bytes are 0 or 1, and
-          // keep = m - 1 is all ones where the element stays, zero where it is erased.
-          const uint8_t* m = mask.data() + y * row;
-          const word_t* src = inplace ? dst : in + at;
-          word_t* sel = streaming ? staged.data() : dst;
-          for (int64_t i = 0; i < row; ++i) {
-            const word_t keep = static_cast<word_t>(static_cast<word_t>(m[i]) - 1);
-            sel[i] = static_cast<word_t>((src[i] & keep) | (fill & ~keep));
+          for (int64_t y = 0; y < rows; ++y) {
+            word_t* dst = out + at + y * row;
+            // Whole rows, even in place and where the ops reach only part of the row: rows read
+            // in pieces defeat the hardware prefetcher (copies around a select of the reached
+            // stretch, or in place a select of that stretch alone, were 10-40% slower).
+            const word_t* src = inplace ? dst : in + at + y * row;
+            if (streaming) {
+              region::select_fill_stream(dst, src, fill, hole.data(), row);
+            } else {
+              region::select_fill(dst, src, fill, hole.data(), row);
+            }
           }
-          if (streaming) region::copy_bytes(dst, sel, row_bytes, true);
         }
       }
     }
