@@ -274,7 +274,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("method", ["d3ssl", "soco"])
 def test_trainer_region_stage_gives_the_functions_views(method):
-    """The loop's stage (a RegionStage for D3SSL, reusing its buffers) draws and returns exactly
+    """The loop's stage (a RegionStage for D3SSL) draws and returns exactly
     what the plain functions do, step after step."""
     from d3ssl.augment.stage import RegionStage, region_stage, soco_stage
     from tests.test_region_stage import make_batch

@@ -200,9 +200,8 @@ def build_model(cfg: TrainConfig, num_images: int, device, world: int, seed: int
 def make_region_stage(cfg: TrainConfig):
     """The method's region stage as `stage(batch, generator) -> RegionViews`, made once per loop.
 
-    D3SSL's is a `RegionStage`: on the CPU it writes each step's views into the buffers of two
-    steps ago once nothing refers to them any more, instead of page-faulting fresh batch-sized
-    memory on every step (same draws and same views as `region_stage`)."""
+    D3SSL's is a `RegionStage` (`region_stage` with the run's RegionConfig bound); SoCo's is
+    `soco_stage` with the run's SocoAugConfig."""
     from d3ssl.augment.stage import RegionStage, soco_stage
     if cfg.model.method == "soco":
         return functools.partial(soco_stage, cfg=cfg.soco_aug)

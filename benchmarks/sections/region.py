@@ -3,10 +3,10 @@ straightforward PyTorch version (per-rectangle slice assignment in a Python loop
 composite) timed in the same run on the same inputs. Batch 64 at 224 and at 112 (--quick: 16 at 64).
 
 On CUDA each op is also reported as a fraction of the card's copy bandwidth, counting one read and
-one write of the batch. On the CPU, where a fresh batch-sized output is itself costly (page faults),
-the out= variants writing into a reused buffer and RegionStage (which reuses its outputs) get rows
-of their own, against the same straightforward version; for region_erase the loop writing into a
-reused buffer is timed too.
+one write of the batch. On the CPU the out= variants writing into a reused buffer get rows of their
+own, against the same straightforward version; for region_erase the loop writing into a reused
+buffer is timed too. (Fresh CPU outputs of 1 MiB or more come from the ops' cache of freed ones, so
+they fault in no new pages either.)
 """
 import math
 
@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import Row, copy_bandwidth, interleaved
 from d3ssl.augment import samplers as S
-from d3ssl.augment.stage import RegionConfig, RegionStage, region_stage
+from d3ssl.augment.stage import RegionConfig, region_stage
 from d3ssl.data.batch import Batch
 from d3ssl.ops.region import composite, region_erase
 
@@ -142,7 +142,7 @@ def run(args):
                 lambda: plain_composite(x, batch.view2, bg_index, t, crects, cerase, coffsets)),
         }
         if not on_cuda:  # (on CUDA the caching allocator already makes fresh outputs cheap)
-            # The out= variants write into a buffer reused across calls, as RegionStage does.
+            # The out= variants write into a buffer reused across calls.
             cases["region_erase (out=, reused buffer)"] = (
                 lambda: region_erase(x, rects, erase, offsets, 0.0, out=reused),
                 lambda: plain_region_erase(x, rects, erase, offsets, 0.0))
@@ -171,23 +171,12 @@ def run(args):
                             "slice-assignment loop", target=target, extra=extra))
         g1 = torch.Generator(device=device).manual_seed(1)
         g2 = torch.Generator(device=device).manual_seed(1)
-        sec = interleaved({"ours": lambda: region_stage(batch, g1),
+        held = {}
+
+        def stage_step():  # a training loop's pattern: the last step's views are still bound
+            held["views"] = region_stage(batch, g1)
+        sec = interleaved({"ours": stage_step,
                            "plain": lambda: plain_region_stage(batch, g2)}, device, **kw)
         rows.append(Row(SECTION, f"region stage {tag}", bsz / sec["ours"], bsz / sec["plain"],
                         "same samplers + loop ops", target=target))
-        if on_cuda:  # RegionStage allocates fresh outputs on CUDA: the row above measures it
-            continue
-        # RegionStage: the same stage reusing its outputs across calls (a training loop's pattern:
-        # the previous step's views are still bound while the next step's stage runs).
-        stage, held = RegionStage(), {}
-        g3 = torch.Generator(device=device).manual_seed(1)
-        g4 = torch.Generator(device=device).manual_seed(1)
-
-        def stage_step():
-            held["views"] = stage(batch, g3)
-        sec = interleaved({"ours": stage_step,
-                           "plain": lambda: plain_region_stage(batch, g4)}, device, **kw)
-        rows.append(Row(SECTION, f"region stage (RegionStage, reused outputs) {tag}",
-                        bsz / sec["ours"], bsz / sec["plain"], "same samplers + loop ops",
-                        target=target))
     return rows

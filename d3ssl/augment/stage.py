@@ -9,7 +9,6 @@ Draw order of region_stage: PRC x1, PRM x1, PRC x2s, PRM x2s, x3's subset of box
 dp_boxes > 0), shift, background, PRC x3, RBJ of x1_hat, x2s_hat, x3, x1, x2 (disabled parts draw
 nothing).
 """
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -78,66 +77,11 @@ class RegionViews:
     valid_x3: Tensor | None = None  # bool [B,K]: the boxes of x3 (a subset of valid); None = valid
 
 
-def _ref_counts(items: list, i: int) -> tuple:
-    """(Python references, tensor references, storage references) of the tensor items[i]."""
-    t = items[i]
-    return (sys.getrefcount(t), t._use_count(),
-            torch._C._storage_Use_Count(t.untyped_storage()._cdata))
-
-
-_ALONE = None  # _ref_counts of a tensor that only its list refers to (measured once)
-
-
-def _unshared(items: list, i: int) -> bool:
-    """True when nothing but the list `items` refers to items[i]: no other Python name, no view or
-    numpy array of its memory, no autograd graph that saved it. Compares torch's and Python's
-    reference counts with those of a tensor held by a list alone, counted the same way (so no
-    interpreter's counting convention is assumed); where they are unavailable, answers False."""
-    global _ALONE
-    try:
-        if _ALONE is None:
-            _ALONE = _ref_counts([torch.empty(1)], 0)
-        return all(c <= a for c, a in zip(_ref_counts(items, i), _ALONE))
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-
-
-class _Workspace:
-    """Output buffers of the region stage, kept across calls and handed out again only when the
-    caller has dropped every reference to them (see RegionStage). Up to `depth` buffers per output:
-    a loop that rebinds `views = stage(...)` still holds the previous step's outputs while the
-    stage runs, so two buffers alternate."""
-
-    def __init__(self, depth: int = 2):
-        self.depth = depth
-        self.buffers: dict[str, list[Tensor]] = {}
-
-    def get(self, name: str, like: Tensor) -> Tensor | None:
-        """A buffer shaped like `like` (shape, dtype, device, memory format) for output `name`, or
-        None for "allocate a fresh output" (on CUDA, where the caching allocator already reuses
-        memory in stream order)."""
-        if like.device.type != "cpu":
-            return None
-        fmt = (torch.channels_last if not like.is_contiguous()
-               and like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-        pool = [b for b in self.buffers.get(name, []) if b.shape == like.shape
-                and b.dtype == like.dtype and b.is_contiguous(memory_format=fmt)]
-        self.buffers[name] = pool
-        for i in range(len(pool)):
-            if _unshared(pool, i):
-                return pool[i]
-        # All in use (they stay with their users): a fresh buffer replaces the oldest.
-        if len(pool) >= self.depth:
-            pool.pop(0)
-        pool.append(torch.empty_like(like, memory_format=fmt))
-        return pool[-1]
-
-
-def _erase(view, ops, fill, out=None):
+def _erase(view, ops, fill):
     if ops is None:
         return view
     rects, erase, offsets = ops.csr()
-    return region_erase(view, rects, erase, offsets, fill, out=out)
+    return region_erase(view, rects, erase, offsets, fill)
 
 
 def _prc_prm_ops(boxes, valid, size, generator, cfg):
@@ -150,8 +94,7 @@ def _prc_prm_ops(boxes, valid, size, generator, cfg):
     return S.concat_ops(*parts) if parts else None
 
 
-def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = RegionConfig(),
-                 *, _workspace: _Workspace | None = None) -> RegionViews:
+def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = RegionConfig()) -> RegionViews:
     """D3SSL's region stage: x̂1 = PRM∘PRC(x1), x̂2s = PRM∘PRC(x2s) with independent draws, x3 = the
     de-positioning composite, and every view's boxes (RBJ drawn independently per view).
 
@@ -162,7 +105,9 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
     (``valid_x3``). Boxes of x3 = boxes2 + t; with dp_boxes > 0 the rows left out of x3 repeat one
     of its boxes.
 
-    Every call returns fresh tensors; :class:`RegionStage` is the same stage reusing its outputs.
+    Every call returns fresh tensors. On the CPU those of 1 MiB or more come from the op library's
+    cache of freed outputs (d3ssl.ops.region), so a loop that drops each step's views reuses memory
+    that is already mapped (huge pages) instead of page-faulting new memory on every step.
     """
     view1, view2, small = batch.view1, batch.view2, batch.view2_small
     valid = batch.box_valid
@@ -170,13 +115,10 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
     boxes1, boxes2 = batch.boxes1, batch.boxes2
     boxes2s = boxes2 / 2
 
-    def out(name, like):
-        return _workspace.get(name, like) if _workspace is not None else None
-
     ops1 = _prc_prm_ops(boxes1, valid, s1, generator, cfg)
-    x1_hat = _erase(view1, ops1, cfg.fill, out("x1_hat", view1) if ops1 is not None else None)
+    x1_hat = _erase(view1, ops1, cfg.fill)
     ops2s = _prc_prm_ops(boxes2s, valid, s2, generator, cfg)
-    x2s_hat = _erase(small, ops2s, cfg.fill, out("x2s_hat", small) if ops2s is not None else None)
+    x2s_hat = _erase(small, ops2s, cfg.fill)
 
     x3 = boxes3 = valid3 = None
     if cfg.depositioning:
@@ -195,7 +137,7 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
         if cfg.prc:  # holes cut into it; a restore sets the proposal again
             prc = S.sample_prc(boxes3, valid3, generator, cfg.prc_scale, cfg.max_cover, view2.shape[-2:])
             ops = S.concat_ops(ops, prc.ops())
-        x3 = composite(view2, view2, bg_index, t, *ops.csr(), out=out("x3", view2))
+        x3 = composite(view2, view2, bg_index, t, *ops.csr())
 
     # RBJ, drawn independently per view, in one pass (in the draw order of the module docstring)
     per_view = [boxes1, boxes2s] + ([boxes3] if boxes3 is not None else []) + [boxes1, boxes2]
@@ -212,37 +154,23 @@ def region_stage(batch: Batch, generator: torch.Generator, cfg: RegionConfig = R
 
 
 class RegionStage:
-    """:func:`region_stage` as an object that keeps its outputs' memory (x̂1, x̂2s, x3) from one call
-    to the next, for a caller that runs the stage on every step with the same shapes, as training
-    does. On the CPU a fresh batch-sized output costs about as much as the op itself: new memory is
-    page-faulted and zeroed by the OS on first touch (region_erase at B=64, S=224: ~8 ms into fresh
-    memory with huge pages, ~3.5 ms into a reused buffer, on a 2-core machine).
-
-    Lifetime: a buffer is written again only when the caller holds no reference to it any more: no
-    name, no view, no numpy array, no autograd graph that saved it (checked with torch's reference
-    counts on every call; a buffer still in use is left to its user and a fresh one takes its place).
-    A training loop that rebinds `views = stage(batch, generator)` on every step still holds the
-    previous step's views while the stage runs, so with buffers_per_output=2 two sets of buffers
-    alternate; keeping a step's views (for a picture, a test) is always safe, it only costs fresh
-    buffers. On CUDA every call allocates fresh outputs: the caching allocator already reuses
-    memory there, in stream order.
-
-    Same draws and same results as region_stage(batch, generator, cfg). Not thread-safe: one
-    object per loop.
+    """:func:`region_stage` with its config bound: ``RegionStage(cfg)(batch, generator)`` is
+    ``region_stage(batch, generator, cfg)``, the object the trainer makes once per loop.
 
         stage = RegionStage(cfg.region)
         for batch in loader:
             views = stage(batch, generator)
+
+    (It used to keep output buffers of its own across calls on the CPU; the op library's cache of
+    freed outputs now does that for every caller, on huge pages, which made the object's own
+    buffers the slower of the two.)
     """
 
-    def __init__(self, cfg: RegionConfig = RegionConfig(), buffers_per_output: int = 2):
-        if buffers_per_output < 1:
-            raise ValueError(f"buffers_per_output must be >= 1, got {buffers_per_output}")
+    def __init__(self, cfg: RegionConfig = RegionConfig()):
         self.cfg = cfg
-        self._workspace = _Workspace(buffers_per_output)
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> RegionViews:
-        return region_stage(batch, generator, self.cfg, _workspace=self._workspace)
+        return region_stage(batch, generator, self.cfg)
 
 
 def soco_stage(batch: Batch, generator: torch.Generator, cfg: SocoAugConfig = SocoAugConfig()) -> RegionViews:
