@@ -34,7 +34,11 @@ CPU loader. Per 640x480 JPEG, one thread, DALI decodes as fast as OpenCV (~1.2 m
 antialiased resize costs ~1.4 ms per view against ~0.3 ms for the CPU loader's OpenCV halving, and
 its colour twist ~0.7 ms per view plus ~0.35 ms to convert the result back to uint8 (DALI's float to
 uint8 conversion is slow in every operator; the twist writing uint8 itself is slower still), so the
-graph costs 1.5 to 1.7 times the CPU loader's work per image (benchmarks/RESULTS.md).
+graph costs 1.5 to 1.7 times the CPU loader's work per image (benchmarks/RESULTS.md). No choice of
+DALI operators closes that: its CPU linear resize costs ~0.85 ms for a 224x224 output even at scale 1,
+and the other ways to shrink (no antialiasing, a 2x2 halving first, warp_affine, tensor_resize,
+float output) cost as much or more; so do the other ways to apply the colour twist (coord_transform,
+hsv + brightness_contrast, float throughout with a clamp).
 
 The last partial batch, epochs: a DALI epoch is one pass of the source, which raises StopIteration
 after this rank's last batch (which may be short without drop_last: DALI takes variable batch sizes).
