@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace d3ssl {
@@ -187,10 +188,11 @@ word_t fill_bits(double fill, at::ScalarType dtype) {
 
 // One image's ops on the host, cut into bands of rows that every op covers alike: op r covers the
 // pixels of its rects[r] (the pixel rule above), clipped to a window [x_lo,x_hi) x [y_lo,y_hi), and
-// the band boundaries are the rows where an op starts or ends. All rows of a band therefore end
-// alike: a pixel is a hole (erased / background shows) when the last op covering it has erase[r]
-// set, is kept when it has not, and has the caller's initial state when no op covers it. The work
-// is proportional to the number of ops, not to the image.
+// the band boundaries are the rows where an op starts or ends (at most H + 1 of them). All rows of a
+// band therefore end alike: a pixel is a hole (erased / background shows) when the last op covering
+// it has erase[r] set, is kept when it has not, and has the caller's initial state when no op covers
+// it. Each band lists the ops covering it, in order, so building a band's mask costs the widths of
+// those ops, never a pass over every op or over the image.
 struct PixelSpan {
   int64_t xa, xb, ya, yb;
   bool hole;
@@ -219,6 +221,25 @@ class Bands {
     }
     std::sort(ys_.begin(), ys_.end());
     ys_.erase(std::unique(ys_.begin(), ys_.end()), ys_.end());
+    // The ops covering each band, in op order (CSR): op s covers bands [band of ya, band of yb).
+    const int64_t bands = size();
+    first_.assign(static_cast<size_t>(bands + 1), 0);
+    span_bands_.resize(spans_.size());
+    for (size_t i = 0; i < spans_.size(); ++i) {
+      const auto band_of = [&](int64_t y) {
+        return static_cast<int64_t>(std::lower_bound(ys_.begin(), ys_.end(), y) - ys_.begin());
+      };
+      span_bands_[i] = {band_of(spans_[i].ya), band_of(spans_[i].yb)};
+      for (int64_t band = span_bands_[i].first; band < span_bands_[i].second; ++band) ++first_[band + 1];
+    }
+    for (int64_t band = 0; band < bands; ++band) first_[band + 1] += first_[band];
+    covering_.resize(static_cast<size_t>(first_[bands]));
+    std::vector<int64_t> next(first_.begin(), first_.end() - 1);
+    for (size_t i = 0; i < spans_.size(); ++i) {
+      for (int64_t band = span_bands_[i].first; band < span_bands_[i].second; ++band) {
+        covering_[next[band]++] = static_cast<int32_t>(i);
+      }
+    }
   }
 
   int64_t size() const { return static_cast<int64_t>(ys_.size()) - 1; }
@@ -231,22 +252,23 @@ class Bands {
   // (then every word would be `init_hole`, and `words` is left alone).
   template <typename word_t>
   bool hole_words(int64_t band, int64_t cw, int64_t row, bool init_hole, word_t* words) const {
-    const int64_t y = ys_[band];
+    const int64_t begin = first_[band], end = first_[band + 1];
+    if (begin == end) return false;
     const word_t on = static_cast<word_t>(~word_t(0)), off = word_t(0);
-    bool covered = false;
-    for (const auto& s : spans_) {
-      if (s.ya <= y && y < s.yb) {
-        if (!covered) std::fill(words, words + row, init_hole ? on : off);
-        covered = true;
-        std::fill(words + s.xa * cw, words + s.xb * cw, s.hole ? on : off);
-      }
+    std::fill(words, words + row, init_hole ? on : off);
+    for (int64_t i = begin; i < end; ++i) {
+      const PixelSpan& s = spans_[covering_[i]];
+      std::fill(words + s.xa * cw, words + s.xb * cw, s.hole ? on : off);
     }
-    return covered;
+    return true;
   }
 
  private:
   std::vector<PixelSpan> spans_;
-  std::vector<int64_t> ys_;
+  std::vector<std::pair<int64_t, int64_t>> span_bands_;  // [first band, end band) of each span
+  std::vector<int64_t> ys_;                              // band boundaries (rows)
+  std::vector<int64_t> first_;                           // CSR offsets of covering_ per band
+  std::vector<int32_t> covering_;                        // indices into spans_, op order per band
 };
 
 #ifdef __CUDACC__

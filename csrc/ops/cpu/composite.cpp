@@ -64,7 +64,7 @@ void composite_batch(const word_t* fg, const word_t* bg, word_t* out, const int6
             const word_t* back = bg_image + r;
             // Element i of the row comes from element i - (dy * W + dx) * cw of fg's image (source
             // row y - dy, moved by dx pixels), inside the image for i in [i_lo, i_hi).
-            const word_t* front = fg + b * image + r - (dy * W + dx) * cw + i_lo;
+            const word_t* front = fg + (b * image + r - (dy * W + dx) * cw + i_lo);
             std::memcpy(row_out, back, static_cast<size_t>(i_lo) * sizeof(word_t));
             region::select_words(row_out + i_lo, front, back + i_lo, hole.data() + i_lo, i_hi - i_lo);
             std::memcpy(row_out + i_hi, back + i_hi, static_cast<size_t>(row - i_hi) * sizeof(word_t));

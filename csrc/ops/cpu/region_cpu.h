@@ -286,6 +286,12 @@ inline void select_fill(word_t* dst, const word_t* a, word_t fill, const word_t*
 template <typename word_t>
 inline void select_fill_stream(word_t* dst, const word_t* a, word_t fill, const word_t* hole, int64_t n) {
 #if defined(__SSE2__)
+  // An output not aligned to its element size (torch allows one, e.g. from a byte buffer) never
+  // reaches a 16-byte boundary in whole words: no streaming stores for it.
+  if (reinterpret_cast<uintptr_t>(dst) % sizeof(word_t) != 0) {
+    select_fill(dst, a, fill, hole, n);
+    return;
+  }
   // dst is word-aligned and 16 is a multiple of the word size, so the head is whole words and the
   // 16-byte fill pattern starts on a word boundary.
   int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15) / sizeof(word_t));

@@ -1,5 +1,5 @@
-// region_erase on the CPU: per image, the ops become bands of rows that they cover alike (work
-// proportional to the number of ops); a band no op reaches is copied in one piece (out-of-place) or
+// region_erase on the CPU: per image, the ops become bands of rows that they cover alike (see
+// region::Bands); a band no op reaches is copied in one piece (out-of-place) or
 // skipped (in-place), the rows of the others select fill or input through the band's hole mask, as
 // words. Images are spread over threads.
 #include <ATen/Parallel.h>
