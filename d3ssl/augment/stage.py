@@ -161,9 +161,8 @@ class RegionStage:
         for batch in loader:
             views = stage(batch, generator)
 
-    (It used to keep output buffers of its own across calls on the CPU; the op library's cache of
-    freed outputs now does that for every caller, on huge pages, which made the object's own
-    buffers the slower of the two.)
+    It keeps no buffers of its own: on the CPU the ops' cache of freed outputs already reuses the
+    memory of earlier steps' views, for every caller (see region_stage).
     """
 
     def __init__(self, cfg: RegionConfig = RegionConfig()):
