@@ -164,6 +164,39 @@ def test_device_matches_cpu_with_a_cpu_generator(device, dtype):
         assert torch.equal(getattr(out, f.name).cpu(), getattr(ref, f.name)), f.name
 
 
+@pytest.mark.cuda
+def test_stages_never_wait_for_the_gpu():
+    """On a GPU batch with a GPU generator the stages issue no synchronising operation: a blocking
+    copy or a read of a GPU value would make the host wait for the work already queued, and the
+    trainer runs the next step's stage while the current step still computes."""
+    batch = make_batch(seed=7).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    configs = [RegionConfig(), RegionConfig(dp_boxes=1)]
+    for cfg in configs:  # the first calls make the samplers' cached constants
+        region_stage(batch, g, cfg)
+    soco_stage(batch, g)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for cfg in configs:
+            region_stage(batch, g, cfg)
+        soco_stage(batch, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sampler_constants_are_shared_and_never_written():
+    """The samplers' constants are made once per device and shared, so what a sampler returns must
+    never be one of them (a caller writing into its result would change every later draw)."""
+    batch = make_batch(b=1)  # one image: the [1,2K] result could be a view of the constant
+    boxes, valid = batch.boxes1, batch.box_valid
+    a = S.sample_prc(boxes, valid, torch.Generator().manual_seed(0), image_size=32)
+    a.erase.fill_(True)
+    b = S.sample_prc(boxes, valid, torch.Generator().manual_seed(0), image_size=32)
+    assert not b.erase[:, 0].any() and b.erase[:, 1].all()   # restore slots stay restores
+    assert S._constant((1, 2), torch.float64, "cpu") is S._constant([1, 2], torch.float64, "cpu")
+
+
 def test_batch_of_one_uses_itself_as_background():
     batch = make_batch(b=1, seed=6)
     out = region_stage(batch, torch.Generator().manual_seed(0), RegionConfig(prc=False, rbj=False))

@@ -17,7 +17,13 @@ generator's own device, and moved to the boxes' device (pinned, non-blocking, wh
 on the CPU and the boxes on a GPU). The geometry after the draw is exact in float64 on both
 devices, so a CPU generator gives the same rectangles for CPU and CUDA boxes. A CUDA generator
 draws on the GPU (no host traffic): reproducible on that device, but a different stream of numbers.
+
+No sampler waits for the GPU: the small constants they need (image bounds, PRC's restore/erase
+pattern) are made once per device and reused (:func:`_constant`), because a tensor made from Python
+numbers on a GPU is a blocking copy that first waits for all work queued on the stream, and the
+trainer runs the next step's stage while the current step still computes.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -103,6 +109,17 @@ def _check(boxes, valid, name):
         raise ValueError(f"{name}: valid is on {valid.device} but boxes on {boxes.device}")
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _constant(values, dtype, device) -> Tensor:
+    """The tensor of `values` (a flat sequence of Python numbers) on `device`, made once per
+    (values, dtype, device) and shared: callers must not modify it in place."""
+    return _cached_constant(tuple(values), dtype, torch.device(device))
+
+
 def _uniform(shape, generator, device):
     """float64 U[0,1) of `shape`, drawn on the generator's device, returned on `device`."""
     if not isinstance(generator, torch.Generator):
@@ -128,7 +145,7 @@ def pixel_spans(boxes, image_size=None):
     s = torch.ceil(boxes.double() - 0.5)
     if image_size is not None:
         h, w = _size(image_size)
-        s = torch.minimum(s.clamp(min=0), s.new_tensor([w, h, w, h]))
+        s = torch.minimum(s.clamp(min=0), _constant((w, h, w, h), s.dtype, s.device))
     x0, y0, x1, y1 = s.unbind(-1)
     return torch.stack([x0, y0, torch.maximum(x1, x0), torch.maximum(y1, y0)], -1)
 
@@ -191,8 +208,8 @@ def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_s
         rects = prc_plan(span, u, live, scale, max_cover)
     else:
         rects = prc_rects_reference(span, u, live, scale, max_cover)
-    erase = torch.tensor([False, True] * k, device=device)
-    return PRC(rects.float(), erase.expand(bsz, -1).contiguous(), order)
+    erase = _constant((False, True) * k, torch.bool, device)
+    return PRC(rects.float(), erase.expand(bsz, -1).clone(memory_format=torch.contiguous_format), order)
 
 
 def prc_rects_reference(span, u, live, scale, max_cover):
@@ -205,7 +222,7 @@ def prc_rects_reference(span, u, live, scale, max_cover):
     device = span.device
     pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
     rects = torch.zeros(bsz, 2 * k, 4, dtype=torch.float64, device=device)
-    erase = torch.tensor([False, True] * k, device=device)
+    erase = _constant((False, True) * k, torch.bool, device)
     zero = torch.zeros(bsz, 4, dtype=torch.float64, device=device)
     for s in range(k):
         box = span[:, s]
@@ -250,7 +267,7 @@ def sample_prm(boxes, valid, image_size, generator, scale=(0.2, 0.6), ratio=(3 /
     mx0 = torch.stack([along_x, along_x, x0 - w, x1], -1).gather(-1, side[..., None])[..., 0]
     my0 = torch.stack([y0 - h, y1, along_y, along_y], -1).gather(-1, side[..., None])[..., 0]
     rect = torch.stack([mx0, my0, mx0 + w, my0 + h], -1)
-    rect = torch.minimum(rect.clamp(min=0), rect.new_tensor([w_img, h_img, w_img, h_img]))
+    rect = torch.minimum(rect.clamp(min=0), _constant((w_img, h_img, w_img, h_img), rect.dtype, rect.device))
     keep = live & (rect[..., 2] > rect[..., 0]) & (rect[..., 3] > rect[..., 1])
     rect = torch.where(keep[..., None], rect, torch.zeros_like(rect))
     return PRM(rect.float(), side)
@@ -307,7 +324,7 @@ def sample_soco_jitter(boxes, valid, image_size, generator, p=0.5, ratio=0.1) ->
     h_img, w_img = _size(image_size)
     u = _uniform((*valid.shape, 5), generator, boxes.device)
     lo = torch.zeros_like(boxes)
-    hi = boxes.new_tensor([w_img, h_img, w_img, h_img]).expand_as(boxes)
+    hi = _constant((w_img, h_img, w_img, h_img), boxes.dtype, boxes.device).expand_as(boxes)
     return _jitter(boxes, valid, u, p, (-ratio, ratio), (-ratio, ratio), lo, hi)
 
 
@@ -348,7 +365,7 @@ def sample_shift(boxes, valid, image_size, generator) -> Shift:
     hi_xy = torch.stack([torch.where(valid, b[..., 2], -inf).amax(1),
                          torch.where(valid, b[..., 3], -inf).amax(1)], 1)
     lo = torch.ceil(-lo_xy)                                            # smallest shift
-    hi = torch.floor(b.new_tensor([w_img, h_img]) - hi_xy)             # largest shift
+    hi = torch.floor(_constant((w_img, h_img), b.dtype, b.device) - hi_xy)  # largest shift
     room = valid.any(1, keepdim=True) & (lo <= hi)
     lo = torch.where(room, lo, torch.zeros_like(lo))
     hi = torch.where(room, hi, torch.zeros_like(hi))
