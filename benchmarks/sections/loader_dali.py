@@ -75,6 +75,9 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
         extra["region stage"] = "not timed (d3ssl.augment.stage.region_stage not available)"
     if device.type == "cuda":
         extra["issue target"] = "DALI >= 3000 images/s on one H100 with at most 8 workers"
+    else:
+        extra["note"] = ("DALI's own CPU operators cost more than OpenCV's for the same work (its linear "
+                         "resize ~0.85 ms per 224-px view even at scale 1): benchmarks/RESULTS.md")
     # the issue's bar on a CPU-only machine: DALI's CPU mode at least as fast as the CPU loader
     return [Row("loader", f"DALI {mode} ({what}, {workers} workers)", images / secs["dali"],
                 images / secs["cpu"], "CPU loader (OpenCV, DataLoader workers)",
