@@ -185,6 +185,32 @@ def test_stages_never_wait_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_stages_make_no_tensors_from_python_numbers_once_warm(monkeypatch):
+    """What the CUDA test above checks, guarded on any machine: once warm, the stages build no
+    tensor from Python numbers (on a GPU each would be a blocking copy that waits for the work
+    already queued)."""
+    batch = make_batch(seed=3)
+    g = torch.Generator().manual_seed(0)
+    configs = [RegionConfig(), RegionConfig(dp_boxes=1)]
+    for cfg in configs:
+        region_stage(batch, g, cfg)
+    soco_stage(batch, g)
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_tensor", counted("new_tensor", torch.Tensor.new_tensor))
+    for cfg in configs:
+        region_stage(batch, g, cfg)
+    soco_stage(batch, g)
+    assert calls == []
+
+
 def test_sampler_constants_are_shared_and_never_written():
     """The samplers' constants are made once per device and shared, so what a sampler returns must
     never be one of them (a caller writing into its result would change every later draw)."""
