@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
 namespace d3ssl {
@@ -196,6 +195,7 @@ word_t fill_bits(double fill, at::ScalarType dtype) {
 struct PixelSpan {
   int64_t xa, xb, ya, yb;
   bool hole;
+  int64_t band_begin, band_end;  // the bands [band_begin, band_end) the span covers
 };
 
 class Bands {
@@ -223,20 +223,20 @@ class Bands {
     ys_.erase(std::unique(ys_.begin(), ys_.end()), ys_.end());
     // The ops covering each band, in op order (CSR): op s covers bands [band of ya, band of yb).
     const int64_t bands = size();
+    const auto band_of = [&](int64_t y) {
+      return static_cast<int64_t>(std::lower_bound(ys_.begin(), ys_.end(), y) - ys_.begin());
+    };
     first_.assign(static_cast<size_t>(bands + 1), 0);
-    span_bands_.resize(spans_.size());
-    for (size_t i = 0; i < spans_.size(); ++i) {
-      const auto band_of = [&](int64_t y) {
-        return static_cast<int64_t>(std::lower_bound(ys_.begin(), ys_.end(), y) - ys_.begin());
-      };
-      span_bands_[i] = {band_of(spans_[i].ya), band_of(spans_[i].yb)};
-      for (int64_t band = span_bands_[i].first; band < span_bands_[i].second; ++band) ++first_[band + 1];
+    for (auto& s : spans_) {
+      s.band_begin = band_of(s.ya);
+      s.band_end = band_of(s.yb);
+      for (int64_t band = s.band_begin; band < s.band_end; ++band) ++first_[band + 1];
     }
     for (int64_t band = 0; band < bands; ++band) first_[band + 1] += first_[band];
     covering_.resize(static_cast<size_t>(first_[bands]));
     std::vector<int64_t> next(first_.begin(), first_.end() - 1);
     for (size_t i = 0; i < spans_.size(); ++i) {
-      for (int64_t band = span_bands_[i].first; band < span_bands_[i].second; ++band) {
+      for (int64_t band = spans_[i].band_begin; band < spans_[i].band_end; ++band) {
         covering_[next[band]++] = static_cast<int32_t>(i);
       }
     }
@@ -265,10 +265,9 @@ class Bands {
 
  private:
   std::vector<PixelSpan> spans_;
-  std::vector<std::pair<int64_t, int64_t>> span_bands_;  // [first band, end band) of each span
-  std::vector<int64_t> ys_;                              // band boundaries (rows)
-  std::vector<int64_t> first_;                           // CSR offsets of covering_ per band
-  std::vector<int32_t> covering_;                        // indices into spans_, op order per band
+  std::vector<int64_t> ys_;         // band boundaries (rows)
+  std::vector<int64_t> first_;      // CSR offsets of covering_ per band
+  std::vector<int32_t> covering_;   // indices into spans_, in op order, per band
 };
 
 #ifdef __CUDACC__

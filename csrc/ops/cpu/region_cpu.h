@@ -264,52 +264,39 @@ inline __m128i fill_vector(word_t fill) {
 #endif
 
 // dst[i] = hole[i] ? fill : a[i] over n words; dst may be a (in place), nothing else may overlap.
+// With `streaming` (never in place), the 16-byte-aligned part of dst is written with streaming
+// stores, in the same single pass (call stream_fence() before the data is handed on).
 template <typename word_t>
 inline void select_fill(word_t* dst, const word_t* a, word_t fill, const word_t* __restrict hole,
-                        int64_t n) {
+                        int64_t n, bool streaming = false) {
   int64_t i = 0;
 #if defined(__SSE2__)
+  // Streaming stores need dst 16-byte aligned, reached in whole words only when dst is aligned to
+  // its word size (torch allows an output that is not, e.g. one made from a byte buffer); the
+  // 16-byte fill pattern then starts on a word boundary too.
+  streaming = streaming && reinterpret_cast<uintptr_t>(dst) % sizeof(word_t) == 0;
+  if (streaming) {
+    const int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15) / sizeof(word_t));
+    for (const int64_t end = std::min(head, n); i < end; ++i) {
+      dst[i] = static_cast<word_t>((a[i] & ~hole[i]) | (fill & hole[i]));
+    }
+  }
   constexpr int64_t kPerVector = 16 / sizeof(word_t);
   const __m128i f = fill_vector(fill);
   for (; i + kPerVector <= n; i += kPerVector) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hole + i));
     const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm_or_si128(_mm_andnot_si128(h, va), _mm_and_si128(h, f)));
+    const __m128i r = _mm_or_si128(_mm_andnot_si128(h, va), _mm_and_si128(h, f));
+    if (streaming) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), r);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), r);
+    }
   }
+#else
+  (void)streaming;
 #endif
   for (; i < n; ++i) dst[i] = static_cast<word_t>((a[i] & ~hole[i]) | (fill & hole[i]));
-}
-
-// select_fill writing dst with streaming stores (the 16-byte-aligned part; dst must not be a; call
-// stream_fence() before the data is handed on). One pass: no staging of the row.
-template <typename word_t>
-inline void select_fill_stream(word_t* dst, const word_t* a, word_t fill, const word_t* hole, int64_t n) {
-#if defined(__SSE2__)
-  // An output not aligned to its element size (torch allows one, e.g. from a byte buffer) never
-  // reaches a 16-byte boundary in whole words: no streaming stores for it.
-  if (reinterpret_cast<uintptr_t>(dst) % sizeof(word_t) != 0) {
-    select_fill(dst, a, fill, hole, n);
-    return;
-  }
-  // dst is word-aligned and 16 is a multiple of the word size, so the head is whole words and the
-  // 16-byte fill pattern starts on a word boundary.
-  int64_t head = static_cast<int64_t>(((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15) / sizeof(word_t));
-  head = std::min(head, n);
-  select_fill(dst, a, fill, hole, head);
-  constexpr int64_t kPerVector = 16 / sizeof(word_t);
-  const __m128i f = fill_vector(fill);
-  int64_t i = head;
-  for (; i + kPerVector <= n; i += kPerVector) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i));
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hole + i));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm_or_si128(_mm_andnot_si128(h, v), _mm_and_si128(h, f)));
-  }
-  select_fill(dst + i, a + i, fill, hole + i, n - i);
-#else
-  select_fill(dst, a, fill, hole, n);
-#endif
 }
 
 }  // namespace region

@@ -46,11 +46,7 @@ void erase_batch(const word_t* in, word_t* out, bool inplace, word_t fill, Layou
             // in pieces defeat the hardware prefetcher (copies around a select of the reached
             // stretch, or in place a select of that stretch alone, were 10-40% slower).
             const word_t* src = inplace ? dst : in + at + y * row;
-            if (streaming) {
-              region::select_fill_stream(dst, src, fill, hole.data(), row);
-            } else {
-              region::select_fill(dst, src, fill, hole.data(), row);
-            }
+            region::select_fill(dst, src, fill, hole.data(), row, streaming);
           }
         }
       }
