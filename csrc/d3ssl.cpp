@@ -58,11 +58,28 @@ TORCH_LIBRARY(d3ssl, m) {
       "composite_out(Tensor fg, Tensor bg, Tensor bg_index, Tensor shift, Tensor rects, Tensor erase, "
       "Tensor offsets, Tensor(a!) out) -> ()");
 
-  // PRC planning: the sequential turns of the PRC sampler for a batch. span float64 [B,K,4]
-  // proposals' pixel spans in visiting order, u float64 [B,K,3] (target, x, y uniforms), live bool
-  // [B,K]; target fraction lo + width * u. Returns float64 [B,2K,4]: slot 2s restores proposal s,
-  // slot 2s+1 is its cutout; inactive slots are (0,0,0,0). See csrc/ops/prc.h.
-  m.def("prc_plan(Tensor span, Tensor u, Tensor live, float lo, float width, float max_cover) -> Tensor");
+  // The samplers' geometry after the draw (csrc/ops/samplers.h; the Python samplers draw the
+  // float64 uniforms u and call these). Boxes are float32 (x1,y1,x2,y2) pixels; size is the image's
+  // (H, W), or empty where clipping is optional and not wanted.
+  // PRC: boxes [B,K,4], valid [B,K], u [B,K,3] (target, x, y), K <= 32; target fraction
+  // lo + width * u. Returns rects float32 [B,2K,4] (slot 2s restores the proposal visited at turn s,
+  // slot 2s+1 is its cutout; inactive slots (0,0,0,0)) and the visiting order int64 [B,K].
+  m.def(
+      "prc_plan(Tensor boxes, Tensor valid, Tensor u, int[] size, float lo, float width, float max_cover) -> "
+      "(Tensor, Tensor)");
+  // PRM: boxes [...,4], valid [...], u [...,4] (area, ratio, side, position), size required. Returns
+  // the mask rectangles float32 [...,4] and the sides int64 [...].
+  m.def(
+      "prm_plan(Tensor boxes, Tensor valid, Tensor u, int[] size, float area_lo, float area_width, "
+      "float ratio_lo, float ratio_width) -> (Tensor, Tensor)");
+  // Box jitter: boxes [...,4], valid [...], u [...,5] (apply, cx, cy, w, h). Clipped to the box
+  // itself (RBJ) when size is empty, else to the image (the baseline's jitter). Returns the boxes
+  // float32 [...,4] and which were jittered, bool [...].
+  m.def(
+      "jitter_plan(Tensor boxes, Tensor valid, Tensor u, int[] size, float p, float shift_lo, "
+      "float shift_width, float scale_lo, float scale_width) -> (Tensor, Tensor)");
+  // De-positioning shift: boxes [B,K,4], valid [B,K], u [B,2], size required. Returns int64 [B,2].
+  m.def("shift_plan(Tensor boxes, Tensor valid, Tensor u, int[] size) -> Tensor");
 }
 
 }  // namespace d3ssl

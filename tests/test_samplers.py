@@ -257,32 +257,48 @@ def test_bad_arguments():
         S.sample_shift(boxes, valid, 32, 0)
 
 
-def prc_inputs(b, k, size, seed):
-    """(span, u, live) as sample_prc hands them to prc_plan: proposals' pixel spans (some partly
-    outside the view, some nested, some padded or empty) and their uniforms."""
+def plan_inputs(b, k, size, seed, n):
+    """Boxes as the sampling ops get them, with uniforms u float64 [B,K,n]: some partly outside
+    the view, nested, padded, thinner than a pixel, and (every third seed) on half-pixel corners,
+    where the pixel rule's ceil(v - 0.5) meets its ties."""
     boxes, valid = random_boxes(b, k, size, seed=seed, min_size=1.0)
     g = gen(seed + 1000)
     boxes = boxes + (torch.rand(b, k, 4, generator=g) - 0.5) * size * 0.1  # some cross the border
-    span = S.pixel_spans(boxes, size)
-    pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
-    return span, torch.rand(b, k, 3, generator=g, dtype=torch.float64), valid & (pw > 0) & (ph > 0)
+    if seed % 3 == 1:
+        boxes = (boxes * 2).round() / 2
+    boxes[0, 0, 2] = boxes[0, 0, 0] + 0.3
+    return boxes, valid, torch.rand(b, k, n, generator=g, dtype=torch.float64)
+
+
+def assert_same(out, ref):
+    """Bit-identical tuples of tensors (dtype, shape and every value), out possibly on a GPU."""
+    out, ref = (out,) if torch.is_tensor(out) else out, (ref,) if torch.is_tensor(ref) else ref
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert torch.equal(o.cpu(), r)
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 @pytest.mark.parametrize("scale, max_cover", [((0.2, 0.5), 0.5), ((0.3, 0.95), 0.1), ((0.0, 1.0), 0.0)])
 def test_prc_plan_op_matches_the_reference_exactly(device, k, scale, max_cover):
-    """The op's turns (csrc/ops/prc.h) give bit-identical rectangles to the PyTorch loop, restores
-    included (the second setting restores often)."""
-    from d3ssl.ops.region import prc_plan
+    """The op (visiting order and turns, csrc/ops/samplers.h and prc.h) gives bit-identical
+    rectangles and order to the PyTorch reference, restores included (the second setting restores
+    often), with and without clipping to the view."""
+    from d3ssl.ops.sampling import prc_plan
     restores = 0
     for seed in range(12):
-        span, u, live = prc_inputs(16, k, 48, seed)
-        ref = S.prc_rects_reference(span, u, live, scale, max_cover)
-        out = prc_plan(span.to(device), u.to(device), live.to(device), scale, max_cover)
-        assert out.dtype == torch.float64 and out.shape == (16, 2 * k, 4)
-        assert torch.equal(out.cpu(), ref)
-        restores += int((ref[:, 0::2].abs().sum(-1) > 0).sum())
+        boxes, valid, u = plan_inputs(16, k, 48, seed, 3)
+        for size in (48, (40, 56), None):
+            ref = S.prc_reference(boxes, valid, u, size, scale, max_cover)
+            out = prc_plan(*on(device, boxes, valid, u), size, scale, max_cover)
+            assert_same(out, ref)
+            restores += int((ref[0][:, 0::2].abs().sum(-1) > 0).sum())
     if k > 1 and max_cover < 0.5:
         assert restores > 0  # the restore branch was exercised
 
@@ -290,44 +306,111 @@ def test_prc_plan_op_matches_the_reference_exactly(device, k, scale, max_cover):
 @pytest.mark.parametrize("device", DEVICES)
 def test_prc_plan_at_its_most_proposals(device):
     """K = PRC_MAX_BOXES fills the op's scratch arrays (4K - 2 cell edges per axis)."""
-    from d3ssl.ops.region import PRC_MAX_BOXES, prc_plan
-    span, u, live = prc_inputs(3, PRC_MAX_BOXES, 64, 7)
-    ref = S.prc_rects_reference(span, u, live, (0.3, 0.95), 0.1)
-    out = prc_plan(span.to(device), u.to(device), live.to(device), (0.3, 0.95), 0.1)
-    assert torch.equal(out.cpu(), ref)
-    assert (ref[:, 0::2].abs().sum(-1) > 0).any()  # restores happened
+    from d3ssl.ops.sampling import PRC_MAX_BOXES, prc_plan
+    boxes, valid, u = plan_inputs(3, PRC_MAX_BOXES, 64, 7, 3)
+    ref = S.prc_reference(boxes, valid, u, 64, (0.3, 0.95), 0.1)
+    assert_same(prc_plan(*on(device, boxes, valid, u), 64, (0.3, 0.95), 0.1), ref)
+    assert (ref[0][:, 0::2].abs().sum(-1) > 0).any()  # restores happened
 
 
 def test_prc_more_proposals_than_the_op_plans_falls_back_to_the_reference():
-    from d3ssl.ops.region import PRC_MAX_BOXES, prc_plan
+    from d3ssl.ops.sampling import PRC_MAX_BOXES, prc_plan
     k = PRC_MAX_BOXES + 1
     boxes, valid = random_boxes(2, k, 96, seed=3, min_size=2.0)
     prc = S.sample_prc(boxes, valid, gen(5), image_size=96)
-    span, u, live = prc_inputs(2, k, 96, 3)
+    u = S._uniform((2, k, 3), gen(5), "cpu")  # the same draws
     with pytest.raises(RuntimeError, match=f"at most {PRC_MAX_BOXES} proposals"):
-        prc_plan(span, u, live, (0.2, 0.5), 0.5)
-    # the same draws through the reference loop
-    g = gen(5)
-    u = S._uniform((2, k, 3), g, "cpu")
-    span = S.pixel_spans(boxes, 96)
-    pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
-    live = valid & (pw > 0) & (ph > 0)
-    order = prc.order
-    ref = S.prc_rects_reference(span.gather(1, order[..., None].expand(-1, -1, 4)),
-                                u.gather(1, order[..., None].expand(-1, -1, 3)), live.gather(1, order),
-                                (0.2, 0.5), 0.5)
-    assert torch.equal(prc.rects, ref.float())
+        prc_plan(boxes, valid, u, 96, (0.2, 0.5), 0.5)
+    assert_same((prc.rects, prc.order), S.prc_reference(boxes, valid, u, 96, (0.2, 0.5), 0.5))
 
 
-def test_prc_plan_bad_input():
-    from d3ssl.ops.region import prc_plan
-    span, u, live = prc_inputs(2, 3, 32, 0)
-    with pytest.raises(RuntimeError, match="span must be float64"):
-        prc_plan(span.float(), u, live, (0.2, 0.5), 0.5)
-    with pytest.raises(RuntimeError, match=r"u must be float64 \[B,K,3\]"):
-        prc_plan(span, u[..., :2], live, (0.2, 0.5), 0.5)
-    with pytest.raises(RuntimeError, match=r"live must be bool \[B,K\]"):
-        prc_plan(span, u, live.int(), (0.2, 0.5), 0.5)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale, ratio", [((0.2, 0.6), (3 / 4, 4 / 3)), ((0.01, 2.0), (0.2, 5.0))])
+def test_prm_plan_matches_the_reference_exactly(device, scale, ratio):
+    from d3ssl.ops.sampling import prm_plan
+    kept = 0
+    for seed in range(12):
+        boxes, valid, u = plan_inputs(16, 5, 40, seed, 4)
+        for size in (40, (32, 48)):
+            ref = S.prm_reference(boxes, valid, u, size, scale, ratio)
+            assert_same(prm_plan(*on(device, boxes, valid, u), size, scale, ratio), ref)
+            kept += int((ref[0].abs().sum(-1) > 0).sum())
+    assert 0 < kept < 12 * 2 * 16 * 5  # some masks kept, some dropped (padded or outside the view)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size, shift, scale", [(None, (-0.1, 0.1), (-0.1, 0.0)),   # RBJ
+                                                (None, (-0.4, 0.4), (-0.9, 0.0)),
+                                                (40, (-0.1, 0.1), (-0.1, 0.1)),     # the baseline's
+                                                ((30, 50), (-0.5, 0.5), (-0.5, 0.5))])
+def test_jitter_plan_matches_the_reference_exactly(device, size, shift, scale):
+    from d3ssl.ops.sampling import jitter_plan
+    jittered = 0
+    for seed in range(12):
+        boxes, valid, u = plan_inputs(16, 5, 40, seed, 5)
+        boxes, valid, u = boxes.expand(3, -1, -1, -1), valid.expand(3, -1, -1), torch.cat([u, u.flip(0), u * 0.5])
+        ref = S.jitter_reference(boxes, valid, u.view(3, 16, 5, 5), 0.6, shift, scale, size)
+        assert_same(jitter_plan(*on(device, boxes, valid, u.view(3, 16, 5, 5)), 0.6, shift, scale, size), ref)
+        jittered += int(ref[1].sum())
+    assert 0 < jittered < 12 * 3 * 16 * 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shift_plan_matches_the_reference_exactly(device):
+    from d3ssl.ops.sampling import shift_plan
+    moved = 0
+    for seed in range(12):
+        boxes, valid, u = plan_inputs(16, 4, 40, seed, 2)
+        u = u[:, 0]
+        valid[1] = False                        # no valid boxes: no shift
+        boxes[2, :, 2:] = boxes[2, :, :2] + 70  # larger than the view: no room on either axis
+        for size in (40, (36, 64)):
+            ref = S.shift_reference(boxes, valid, u, size)
+            assert_same(shift_plan(*on(device, boxes, valid, u), size), ref)
+            assert ref[1].abs().sum() == 0 and ref[2].abs().sum() == 0
+            moved += int((ref != 0).sum())
+    assert moved > 0
+
+
+def test_sampling_ops_bad_input():
+    from d3ssl.ops.sampling import jitter_plan, prc_plan, prm_plan, shift_plan
+    boxes, valid, u = plan_inputs(2, 3, 32, 0, 5)
+    with pytest.raises(RuntimeError, match=r"prc_plan: boxes must be float32"):
+        prc_plan(boxes.double(), valid, u[..., :3], 32, (0.2, 0.5), 0.5)
+    with pytest.raises(RuntimeError, match=r"prc_plan: u must be float64"):
+        prc_plan(boxes, valid, u, 32, (0.2, 0.5), 0.5)
+    with pytest.raises(RuntimeError, match=r"prm_plan: valid must be bool"):
+        prm_plan(boxes, valid.int(), u[..., :4], 32, (0.2, 0.6), (0.75, 1.33))
+    with pytest.raises(RuntimeError, match=r"prm_plan: size must be \(H, W\)"):
+        prm_plan(boxes, valid, u[..., :4], None, (0.2, 0.6), (0.75, 1.33))
+    with pytest.raises(RuntimeError, match=r"jitter_plan: valid must be bool"):
+        jitter_plan(boxes, valid[:, :2], u, 0.5, (-0.1, 0.1), (-0.1, 0.0))
+    with pytest.raises(RuntimeError, match=r"jitter_plan: u must be float64"):
+        jitter_plan(boxes, valid, u.float(), 0.5, (-0.1, 0.1), (-0.1, 0.0))
+    with pytest.raises(RuntimeError, match=r"shift_plan: u must be float64 \[B,2\]"):
+        shift_plan(boxes, valid, u[..., :2], 32)
+    with pytest.raises(RuntimeError, match=r"size must be non-negative"):
+        shift_plan(boxes, valid, u[:, 0, :2], (-1, 32))
+
+
+def test_samplers_take_the_reference_path_for_other_box_dtypes():
+    """float64 boxes go through the PyTorch references: with float32-representable values they
+    give the float32 (op) results."""
+    boxes, valid = random_boxes(8, 4, 64, seed=2)
+    for f in (lambda b: S.sample_prc(b, valid, gen(3), image_size=64)[:1:],
+              lambda b: (S.sample_prm(b, valid, 64, gen(3)).rects,),
+              lambda b: (S.sample_shift(b, valid, 64, gen(3)).shift,)):
+        assert_same(f(boxes.double()), f(boxes))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_opcheck(device):
+    boxes, valid, u = on(device, *plan_inputs(4, 3, 32, 0, 5))
+    ops = torch.ops.d3ssl
+    torch.library.opcheck(ops.prc_plan.default, (boxes, valid, u[..., :3].contiguous(), [32, 32], 0.2, 0.3, 0.5))
+    torch.library.opcheck(ops.prm_plan.default, (boxes, valid, u[..., :4].contiguous(), [32, 40], 0.2, 0.4, 0.75, 0.5))
+    torch.library.opcheck(ops.jitter_plan.default, (boxes, valid, u, [], 0.5, -0.1, 0.2, -0.1, 0.1))
+    torch.library.opcheck(ops.shift_plan.default, (boxes, valid, u[:, 0, :2].contiguous(), [32, 32]))
 
 
 def test_rbj_views_in_one_pass_equal_one_call_per_view():

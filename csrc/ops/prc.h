@@ -1,7 +1,8 @@
 // PRC planning (proposal-based random cutout, DESIGN.md §4): the sequential part of the sampler,
-// one image at a time, shared by the CPU and CUDA kernels.
+// one image at a time, shared by the CPU and CUDA kernels (through samplers.h, which sorts the
+// proposals and calls plan_image).
 //
-// Proposals are visited in the order given (the sampler sorts them, largest first). At turn s the
+// Proposals are visited in the order given (largest first). At turn s the
 // exact fraction c of proposal s already erased by the operations of turns < s is computed; if
 // c > max_cover the proposal is restored first (c = 0); if the target a = lo + width * u0 exceeds c,
 // a rectangle of the proposal's aspect ratio and (a - c) of its pixels, rounded down to whole
@@ -14,7 +15,6 @@
 // pixel counts, exact in float64 in any order.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -129,21 +129,6 @@ C10_HOST_DEVICE inline void plan_image(const double* span, const double* u, cons
       r[3] = y0 + h;
     }
   }
-}
-
-// Host-side checks shared by both kernels.
-inline void check_args(const at::Tensor& span, const at::Tensor& u, const at::Tensor& live) {
-  TORCH_CHECK(span.dim() == 3 && span.size(2) == 4 && span.scalar_type() == at::kDouble,
-              "prc_plan: span must be float64 [B,K,4], got ", span.scalar_type(), " ", span.sizes());
-  const int64_t b = span.size(0), k = span.size(1);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == b && u.size(1) == k && u.size(2) == 3 && u.scalar_type() == at::kDouble,
-              "prc_plan: u must be float64 [B,K,3] = [", b, ", ", k, ", 3], got ", u.scalar_type(), " ", u.sizes());
-  TORCH_CHECK(live.dim() == 2 && live.size(0) == b && live.size(1) == k && live.scalar_type() == at::kBool,
-              "prc_plan: live must be bool [B,K] = [", b, ", ", k, "], got ", live.scalar_type(), " ", live.sizes());
-  TORCH_CHECK(k <= kMaxBoxes, "prc_plan: at most ", kMaxBoxes, " proposals per image, got ", k);
-  TORCH_CHECK(u.device() == span.device() && live.device() == span.device(),
-              "prc_plan: span, u and live must be on one device, got ", span.device(), ", ", u.device(), ", ",
-              live.device());
 }
 
 }  // namespace prc

@@ -12,6 +12,10 @@ corners, so the op covers exactly the pixels the sampler reasoned about.
 Rectangle operations come padded per image: rects float32 [B,N,4], erase bool [B,N]; an inactive
 slot is the empty rectangle (0, 0, 0, 0). `RegionOps.csr()` gives the ops' CSR form.
 
+After the draw, each sampler's geometry runs as one op (d3ssl.ops.sampling: one call on the CPU, one
+launch on a GPU) for float32 boxes on the CPU or a GPU; the ``*_reference`` functions here compute
+the same in PyTorch from the same draws (the ops' oracle, and the path for other dtypes or devices).
+
 Reproducibility: the random numbers are drawn in one call per sampler, as float64 U[0,1), on the
 generator's own device, and moved to the boxes' device (pinned, non-blocking, when the generator is
 on the CPU and the boxes on a GPU). The geometry after the draw is exact in float64 on both
@@ -29,11 +33,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..ops.region import PRC_MAX_BOXES, prc_plan
+from ..ops.sampling import PRC_MAX_BOXES, jitter_plan, prc_plan, prm_plan, shift_plan
 
 __all__ = ["RegionOps", "PRC", "PRM", "RBJ", "Shift", "sample_prc", "sample_prm", "sample_rbj", "sample_rbj_views",
            "sample_shift", "sample_subset", "sample_background", "sample_soco_jitter", "sample_soco_cutout",
-           "box_ops", "concat_ops", "pixel_spans", "prc_rects_reference"]
+           "box_ops", "concat_ops", "pixel_spans", "prc_reference", "prc_rects_reference", "prm_reference",
+           "jitter_reference", "shift_reference"]
 
 # PRM's sides, in the order of the `side` codes.
 PRM_SIDES = ("top", "bottom", "left", "right")
@@ -120,6 +125,11 @@ def _constant(values, dtype, device) -> Tensor:
     return _cached_constant(tuple(values), dtype, torch.device(device))
 
 
+def _use_op(boxes):
+    """Whether the sampling ops take these boxes (float32 on the CPU or a GPU); else the reference."""
+    return boxes.dtype == torch.float32 and boxes.device.type in ("cpu", "cuda")
+
+
 def _uniform(shape, generator, device):
     """float64 U[0,1) of `shape`, drawn on the generator's device, returned on `device`."""
     if not isinstance(generator, torch.Generator):
@@ -193,8 +203,19 @@ def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_s
     """
     _check(boxes, valid, "sample_prc")
     bsz, k = valid.shape
-    device = boxes.device
-    u = _uniform((bsz, k, 3), generator, device)
+    u = _uniform((bsz, k, 3), generator, boxes.device)
+    if _use_op(boxes) and k <= PRC_MAX_BOXES:
+        rects, order = prc_plan(boxes, valid, u, image_size, scale, max_cover)
+    else:
+        rects, order = prc_reference(boxes, valid, u, image_size, scale, max_cover)
+    erase = _constant((False, True) * k, torch.bool, boxes.device)
+    return PRC(rects, erase.expand(bsz, -1).clone(memory_format=torch.contiguous_format), order)
+
+
+def prc_reference(boxes, valid, u, image_size, scale, max_cover):
+    """sample_prc after the draw in PyTorch, from the uniforms u float64 [B,K,3] (target, x, y in
+    the boxes' order): the oracle of d3ssl.ops.sampling.prc_plan. Returns (rects float32 [B,2K,4],
+    order int64 [B,K])."""
     span = pixel_spans(boxes, image_size)
     pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
     live = valid & (pw > 0) & (ph > 0)
@@ -203,18 +224,12 @@ def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_s
     span = span.gather(1, order[..., None].expand(-1, -1, 4))
     u = u.gather(1, order[..., None].expand(-1, -1, 3))
     live = live.gather(1, order)
-
-    if k <= PRC_MAX_BOXES:
-        rects = prc_plan(span, u, live, scale, max_cover)
-    else:
-        rects = prc_rects_reference(span, u, live, scale, max_cover)
-    erase = _constant((False, True) * k, torch.bool, device)
-    return PRC(rects.float(), erase.expand(bsz, -1).clone(memory_format=torch.contiguous_format), order)
+    return prc_rects_reference(span, u, live, scale, max_cover).float(), order
 
 
 def prc_rects_reference(span, u, live, scale, max_cover):
-    """PRC's sequential turns in PyTorch, one batch-wide step per turn: the oracle of the op
-    d3ssl.ops.region.prc_plan (same arguments), which sample_prc calls.
+    """PRC's sequential turns in PyTorch, one batch-wide step per turn (csrc/ops/prc.h's
+    plan_image is the same in C++), after the visiting order is fixed.
 
     span float64 [B,K,4] pixel spans in visiting order, u float64 [B,K,3], live bool [B,K].
     Returns float64 [B,2K,4]."""
@@ -250,9 +265,16 @@ def sample_prm(boxes, valid, image_size, generator, scale=(0.2, 0.6), ratio=(3 /
     side; then clipped to the image. Draws B*K*4 uniforms (f, ratio, side, position).
     """
     _check(boxes, valid, "sample_prm")
+    u = _uniform((*valid.shape, 4), generator, boxes.device)
+    if _use_op(boxes):
+        return PRM(*prm_plan(boxes, valid, u, image_size, scale, ratio))
+    return PRM(*prm_reference(boxes, valid, u, image_size, scale, ratio))
+
+
+def prm_reference(boxes, valid, u, image_size, scale=(0.2, 0.6), ratio=(3 / 4, 4 / 3)):
+    """sample_prm after the draw in PyTorch, from u float64 [B,K,4] (area, ratio, side, position):
+    the oracle of d3ssl.ops.sampling.prm_plan. Returns (rects float32 [B,K,4], side int64 [B,K])."""
     h_img, w_img = _size(image_size)
-    bsz, k = valid.shape
-    u = _uniform((bsz, k, 4), generator, boxes.device)
     span = pixel_spans(boxes, image_size)
     x0, y0, x1, y1 = span.unbind(-1)
     pw, ph = x1 - x0, y1 - y0
@@ -270,13 +292,28 @@ def sample_prm(boxes, valid, image_size, generator, scale=(0.2, 0.6), ratio=(3 /
     rect = torch.minimum(rect.clamp(min=0), _constant((w_img, h_img, w_img, h_img), rect.dtype, rect.device))
     keep = live & (rect[..., 2] > rect[..., 0]) & (rect[..., 3] > rect[..., 1])
     rect = torch.where(keep[..., None], rect, torch.zeros_like(rect))
-    return PRM(rect.float(), side)
+    return rect.float(), side
 
 
-def _jitter(boxes, valid, u, p, shift, scale, lo, hi):
-    """Box jitter from uniforms u [B,K,5] (apply, cx, cy, w, h): with probability p, move the centre
-    by U(shift)*(w,h) and scale w, h by 1 + U(scale); clip to [lo, hi] ([B,K,4] bounds: x1,y1 >= lo,
-    x2,y2 <= hi). Rows that are padded, not drawn, or would end empty keep the input box."""
+def _jitter(boxes, valid, u, p, shift, scale, image_size=None):
+    """Box jitter from uniforms u [...,5] (apply, cx, cy, w, h), by the op or its reference."""
+    if _use_op(boxes):
+        return RBJ(*jitter_plan(boxes, valid, u, p, shift, scale, image_size))
+    return RBJ(*jitter_reference(boxes, valid, u, p, shift, scale, image_size))
+
+
+def jitter_reference(boxes, valid, u, p, shift, scale, image_size=None):
+    """Box jitter in PyTorch from uniforms u float64 [...,5] (apply, cx, cy, w, h), the oracle of
+    d3ssl.ops.sampling.jitter_plan: with probability p, move the centre by U(shift)*(w,h) and scale
+    w, h by 1 + U(scale); clip to the box itself (image_size None, RBJ) or to the image. Rows that
+    are padded, not drawn, or would end empty keep the input box. Returns (boxes, jittered)."""
+    if image_size is None:
+        lo = torch.cat([boxes[..., :2], boxes[..., :2]], -1)
+        hi = torch.cat([boxes[..., 2:], boxes[..., 2:]], -1)
+    else:
+        h_img, w_img = _size(image_size)
+        lo = torch.zeros_like(boxes)
+        hi = _constant((w_img, h_img, w_img, h_img), boxes.dtype, boxes.device).expand_as(boxes)
     b = boxes.double()
     w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
     cx = (b[..., 0] + b[..., 2]) / 2 + _lerp(shift, u[..., 1]) * w
@@ -286,7 +323,7 @@ def _jitter(boxes, valid, u, p, shift, scale, lo, hi):
     new = torch.maximum(new, lo)
     new = torch.minimum(new, hi)
     jittered = valid & (u[..., 0] < p) & (new[..., 2] > new[..., 0]) & (new[..., 3] > new[..., 1])
-    return RBJ(torch.where(jittered[..., None], new, boxes), jittered)
+    return torch.where(jittered[..., None], new, boxes), jittered
 
 
 def sample_rbj(boxes, valid, generator, p=0.5, ratio=0.1) -> RBJ:
@@ -310,9 +347,7 @@ def sample_rbj_views(boxes, valid, generator, p=0.5, ratio=0.1) -> list:
         _check(b, valid, "sample_rbj_views")
     stacked = torch.stack(boxes)
     u = _uniform((len(boxes), *valid.shape, 5), generator, stacked.device)
-    lo = torch.cat([stacked[..., :2], stacked[..., :2]], -1)
-    hi = torch.cat([stacked[..., 2:], stacked[..., 2:]], -1)
-    out = _jitter(stacked, valid.expand(len(boxes), -1, -1), u, p, (-ratio, ratio), (-ratio, 0.0), lo, hi)
+    out = _jitter(stacked, valid.expand(len(boxes), -1, -1), u, p, (-ratio, ratio), (-ratio, 0.0))
     return [RBJ(b, j) for b, j in zip(out.boxes.unbind(0), out.jittered.unbind(0))]
 
 
@@ -321,11 +356,8 @@ def sample_soco_jitter(boxes, valid, image_size, generator, p=0.5, ratio=0.1) ->
     U(-ratio, ratio)*(w, h) and scale w and h by 1 + U(-ratio, ratio) each, clipped to the view
     (not to the box); never empty. Draws B*K*5 uniforms."""
     _check(boxes, valid, "sample_soco_jitter")
-    h_img, w_img = _size(image_size)
     u = _uniform((*valid.shape, 5), generator, boxes.device)
-    lo = torch.zeros_like(boxes)
-    hi = _constant((w_img, h_img, w_img, h_img), boxes.dtype, boxes.device).expand_as(boxes)
-    return _jitter(boxes, valid, u, p, (-ratio, ratio), (-ratio, ratio), lo, hi)
+    return _jitter(boxes, valid, u, p, (-ratio, ratio), (-ratio, ratio), image_size)
 
 
 def sample_soco_cutout(boxes, valid, generator, scale=(0.2, 0.5), ratio=(3 / 4, 4 / 3),
@@ -355,9 +387,16 @@ def sample_shift(boxes, valid, image_size, generator) -> Shift:
     keep the bounding box of its valid boxes inside the image [0,W]x[0,H]; (0, 0) for an image
     without valid boxes or without room. Draws B*2 uniforms."""
     _check(boxes, valid, "sample_shift")
+    u = _uniform((valid.shape[0], 2), generator, boxes.device)
+    if _use_op(boxes):
+        return Shift(shift_plan(boxes, valid, u, image_size))
+    return Shift(shift_reference(boxes, valid, u, image_size))
+
+
+def shift_reference(boxes, valid, u, image_size):
+    """sample_shift after the draw in PyTorch, from u float64 [B,2]: the oracle of
+    d3ssl.ops.sampling.shift_plan. Returns int64 [B,2]."""
     h_img, w_img = _size(image_size)
-    bsz = valid.shape[0]
-    u = _uniform((bsz, 2), generator, boxes.device)
     b = boxes.double()
     inf = torch.full_like(b[..., 0], float("inf"))
     lo_xy = torch.stack([torch.where(valid, b[..., 0], inf).amin(1),
@@ -369,8 +408,7 @@ def sample_shift(boxes, valid, image_size, generator) -> Shift:
     room = valid.any(1, keepdim=True) & (lo <= hi)
     lo = torch.where(room, lo, torch.zeros_like(lo))
     hi = torch.where(room, hi, torch.zeros_like(hi))
-    t = lo + torch.minimum(torch.floor(u * (hi - lo + 1)), hi - lo)
-    return Shift(t.long())
+    return (lo + torch.minimum(torch.floor(u * (hi - lo + 1)), hi - lo)).long()
 
 
 def sample_subset(valid, n, generator) -> torch.Tensor:

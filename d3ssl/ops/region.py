@@ -16,11 +16,8 @@ bit-exact results, and the output keeps the input's memory format (NCHW or chann
 """
 import torch
 
-__all__ = ["region_erase", "region_erase_", "composite", "ops_to_csr", "prc_plan", "PRC_MAX_BOXES",
-           "region_erase_reference", "composite_reference"]
-
-# Most proposals per image prc_plan takes (kMaxBoxes in csrc/ops/prc.h).
-PRC_MAX_BOXES = 32
+__all__ = ["region_erase", "region_erase_", "composite", "ops_to_csr", "region_erase_reference",
+           "composite_reference"]
 
 
 def ops_to_csr(rects, erase, offsets=None):
@@ -86,26 +83,6 @@ def composite(fg, bg, bg_index, shift, rects, erase, offsets=None, *, out=None):
         return torch.ops.d3ssl.composite(fg, bg, bg_index, shift, rects, erase, offsets)
     torch.ops.d3ssl.composite_out(fg, bg, bg_index, shift, rects, erase, offsets, out)
     return out
-
-
-def prc_plan(span, u, live, scale, max_cover):
-    """The sequential turns of the PRC sampler in one op (see csrc/ops/prc.h and
-    d3ssl.augment.samplers.sample_prc, whose pure-PyTorch loop prc_rects_reference is the oracle).
-
-    span float64 [B,K,4]: the proposals' pixel spans in visiting order; u float64 [B,K,3]: the
-    (target, x, y) uniforms in the same order; live bool [B,K]; scale (lo, hi): the target erased
-    fraction's range; max_cover. K <= PRC_MAX_BOXES. Returns float64 [B,2K,4] rects: slot 2s restores
-    proposal s (active only when more than max_cover of it was erased before its turn), slot 2s+1
-    is its cutout; inactive slots are (0, 0, 0, 0).
-    """
-    lo, hi = (float(v) for v in scale)
-    return torch.ops.d3ssl.prc_plan(span, u, live, lo, hi - lo, float(max_cover))
-
-
-@torch.library.register_fake("d3ssl::prc_plan")
-def _prc_plan_fake(span, u, live, lo, width, max_cover):
-    torch._check(span.dim() == 3 and span.shape[-1] == 4, lambda: "prc_plan: span must be [B,K,4]")
-    return span.new_empty((span.shape[0], 2 * span.shape[1], 4))
 
 
 def _layout(t):
