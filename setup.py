@@ -64,24 +64,39 @@ if cuda_home and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 
+def openmp():
+    """Whether the CPU kernels are compiled with OpenMP: when torch's intra-op threads are OpenMP's
+    (torch's Linux wheels) and the compiler is GCC-like on Linux. D3SSL_OPENMP=0 turns it off."""
+    if os.environ.get("D3SSL_OPENMP", "1") == "0":
+        return False
+    return sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+
+
 def extension():
     sources = ["csrc/d3ssl.cpp"] + sorted(glob.glob("csrc/ops/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/ops/cuda/*.cu"))
     version = torch.__version__.split("+")[0]
     define = [("D3SSL_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    link = []
+    if openmp():
+        # at::parallel_for is a header template: without -fopenmp it runs every CPU kernel on the
+        # calling thread. Linking libgomp by its soname reuses the copy torch has already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if cuda_home and cuda_sources:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         print(f"d3ssl: building CPU and CUDA kernels (toolkit {cuda_home}, "
               f"arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}, torch {version})")
         return cpp_extension.CUDAExtension(
             "d3ssl._C", sources + cuda_sources, define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, include_dirs=[os.path.join(ROOT, "csrc")])
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
+            include_dirs=[os.path.join(ROOT, "csrc")])
     reason = "D3SSL_WITH_CUDA=0" if not with_cuda else "no CUDA toolkit found"
     print(f"d3ssl: {reason}; building the CPU kernels only (torch {version})")
     return cpp_extension.CppExtension(
         "d3ssl._C", sources, define_macros=define, extra_compile_args={"cxx": cxx},
-        include_dirs=[os.path.join(ROOT, "csrc")])
+        extra_link_args=link, include_dirs=[os.path.join(ROOT, "csrc")])
 
 
 class BuildExt(cpp_extension.BuildExtension):

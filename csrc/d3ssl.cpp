@@ -14,8 +14,19 @@ namespace d3ssl {
 // running torch so a stale build is reported instead of crashing later.
 static std::string build_torch_version() { return D3SSL_TORCH_VERSION; }
 
+// Whether the CPU kernels were compiled with OpenMP, i.e. whether at::parallel_for spreads them over
+// torch's intra-op threads (without it, it runs them on the calling thread).
+static bool build_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(d3ssl, m) {
   m.def("_build_torch_version() -> str", &build_torch_version);
+  m.def("_build_openmp() -> bool", &build_openmp);
   // [blocks, bytes, bound in bytes] of the CPU region ops' cache of freed large outputs
   // (csrc/ops/cpu/region_cpu.h).
   m.def("_output_cache_stats() -> int[]", &region::output_cache_stats);

@@ -59,6 +59,12 @@ def load_library():
     return path
 
 
+def cpu_kernels_threaded():
+    """True when the CPU kernels run on torch's intra-op threads (the library was compiled with
+    OpenMP, as torch's own); False: each runs on the calling thread (see setup.py, D3SSL_OPENMP)."""
+    return bool(torch.ops.d3ssl._build_openmp())
+
+
 def cuda_kernels_available():
     """True when the library was compiled with its CUDA kernels (a GPU is a separate question)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("d3ssl::roi_align", "CUDA")

@@ -234,3 +234,35 @@ def test_torch_compile_fullgraph():
     assert torch.equal(y, region_erase_reference(x * 2, rects, erase, offsets, 0.0) + 1)
     assert torch.equal(z, region_erase_reference(x, rects, erase, offsets, 1.0))
     assert torch.equal(c, composite_reference(*cargs))
+
+
+def test_cpu_kernels_are_compiled_for_torchs_threads():
+    """at::parallel_for runs a kernel on one thread unless the library was compiled with OpenMP, as
+    torch's Linux wheels are: then it must have been."""
+    import sys
+
+    import d3ssl
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        assert d3ssl.cpu_kernels_threaded()
+
+
+def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
+    """Images (and RoIAlign's rows) are split between threads: each thread's share is its own."""
+    from d3ssl.ops import roi_align
+    x = _images(16, 3, 20, 24, torch.float32, "cpu", "channels_last")
+    rects, erase, offsets = _ops(16, 20, 24, [5] * 16)
+    cargs = _composite_args("cpu", torch.float32, "channels_last", b=4, nbg=5)
+    rois = torch.cat([torch.arange(16.)[:, None], torch.rand(16, 2) * 10, 10 + torch.rand(16, 2) * 10], 1)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append((region_erase(x, rects, erase, offsets, 0.5), composite(*cargs),
+                         roi_align(x, rois, 5, 1.0, 2)))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+    assert torch.equal(outs[0][0], region_erase_reference(x, rects, erase, offsets, 0.5))
