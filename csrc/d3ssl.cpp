@@ -1,5 +1,6 @@
 // The d3ssl operator library: every schema is declared here, once. Kernels are registered per
 // backend in csrc/ops/{cpu,cuda}/, autograd and fake (meta) kernels in Python (d3ssl/ops/).
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops/cpu/region_cpu.h"
@@ -14,10 +15,12 @@ namespace d3ssl {
 // running torch so a stale build is reported instead of crashing later.
 static std::string build_torch_version() { return D3SSL_TORCH_VERSION; }
 
-// Whether the CPU kernels were compiled with OpenMP, i.e. whether at::parallel_for spreads them over
-// torch's intra-op threads (without it, it runs them on the calling thread).
-static bool build_openmp() {
-#ifdef _OPENMP
+// Whether at::parallel_for, as compiled into this library, spreads the CPU kernels over torch's
+// intra-op threads: always with torch's own thread pool, only when compiled with OpenMP where torch's
+// threads are OpenMP's (without it the parallel region is compiled out and the kernels run on the
+// calling thread).
+static bool build_intra_op_parallel() {
+#ifdef INTRA_OP_PARALLEL
   return true;
 #else
   return false;
@@ -26,7 +29,7 @@ static bool build_openmp() {
 
 TORCH_LIBRARY(d3ssl, m) {
   m.def("_build_torch_version() -> str", &build_torch_version);
-  m.def("_build_openmp() -> bool", &build_openmp);
+  m.def("_build_intra_op_parallel() -> bool", &build_intra_op_parallel);
   // [blocks, bytes, bound in bytes] of the CPU region ops' cache of freed large outputs
   // (csrc/ops/cpu/region_cpu.h).
   m.def("_output_cache_stats() -> int[]", &region::output_cache_stats);

@@ -2,6 +2,7 @@
 import importlib.machinery
 import json
 import os
+import warnings
 
 import torch
 
@@ -56,13 +57,20 @@ def load_library():
             f"d3ssl's operator library was built against torch {compiled_for}, but torch "
             f"{torch.__version__} is installed. Rebuild it with `pip install --no-build-isolation -e .`.")
     _loaded_path = path
+    if not cpu_kernels_threaded() and torch.get_num_threads() > 1:
+        warnings.warn(
+            "d3ssl's operator library was compiled without OpenMP, so its CPU kernels run on one thread "
+            f"instead of torch's {torch.get_num_threads()}: rebuild it with a compiler that supports "
+            "-fopenmp (on Linux `pip install --no-build-isolation -e .` does, unless D3SSL_OPENMP=0).",
+            stacklevel=3)
     return path
 
 
 def cpu_kernels_threaded():
-    """True when the CPU kernels run on torch's intra-op threads (the library was compiled with
-    OpenMP, as torch's own); False: each runs on the calling thread (see setup.py, D3SSL_OPENMP)."""
-    return bool(torch.ops.d3ssl._build_openmp())
+    """True when the CPU kernels run on torch's intra-op threads; False when each runs on the calling
+    thread: torch's threads are OpenMP's and the library was compiled without OpenMP (setup.py adds
+    it on Linux unless D3SSL_OPENMP=0)."""
+    return bool(torch.ops.d3ssl._build_intra_op_parallel())
 
 
 def cuda_kernels_available():
