@@ -372,6 +372,45 @@ def test_shift_plan_matches_the_reference_exactly(device):
     assert moved > 0
 
 
+def bits(t):
+    """Raw bits of a float32 tensor (tells -0.0 from +0.0, compares NaN with NaN), else t."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_ops_match_the_references_on_non_finite_and_signed_zero_boxes(device):
+    """Boxes with NaN, infinite and -0.0 corners (no sampler gets them from a loader, but the ops
+    are public): op and reference agree bit for bit, signs of zero included; an infinite proposal
+    (possible without clipping) is not live, and a non-finite bound leaves the shift at 0."""
+    from d3ssl.ops.sampling import jitter_plan, prc_plan, prm_plan, shift_plan
+    g = gen(21)
+    for seed in range(8):
+        boxes, valid, u = plan_inputs(8, 5, 48, seed, 5)
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+        pick = torch.rand(boxes.shape, generator=g) < 0.15
+        boxes = torch.where(pick, special[torch.randint(0, 5, boxes.shape, generator=g)], boxes)
+        d = on(device, boxes, valid, u)
+        pairs = [(prc_plan(d[0], d[1], d[2][..., :3].contiguous(), None, (0.2, 0.5), 0.5),
+                  S.prc_reference(boxes, valid, u[..., :3], None, (0.2, 0.5), 0.5)),
+                 (prm_plan(d[0], d[1], d[2][..., :4].contiguous(), 48, (0.2, 0.6), (0.75, 4 / 3)),
+                  S.prm_reference(boxes, valid, u[..., :4], 48, (0.2, 0.6), (0.75, 4 / 3))),
+                 (jitter_plan(*d, 0.6, (-0.1, 0.1), (-0.1, 0.0)),
+                  S.jitter_reference(boxes, valid, u, 0.6, (-0.1, 0.1), (-0.1, 0.0))),
+                 (jitter_plan(*d, 0.6, (-0.5, 0.5), (-0.5, 0.5), 48),
+                  S.jitter_reference(boxes, valid, u, 0.6, (-0.5, 0.5), (-0.5, 0.5), 48)),
+                 (shift_plan(d[0], d[1], d[2][:, 0, :2].contiguous(), 48),
+                  S.shift_reference(boxes, valid, u[:, 0, :2], 48))]
+        for out, ref in pairs:
+            out, ref = (out,) if torch.is_tensor(out) else out, (ref,) if torch.is_tensor(ref) else ref
+            for o, r in zip(out, ref):
+                assert o.dtype == r.dtype and torch.equal(bits(o.cpu()), bits(r))
+        rects = pairs[0][1][0]
+        assert torch.isfinite(rects).all()  # no cutout of an infinite proposal
+    empty = torch.zeros(3, 0, 4)
+    assert_same(shift_plan(empty, torch.zeros(3, 0, dtype=torch.bool), u[:3, 0, :2], 48),
+                S.shift_reference(empty, torch.zeros(3, 0, dtype=torch.bool), u[:3, 0, :2], 48))
+
+
 def test_sampling_ops_bad_input():
     from d3ssl.ops.sampling import jitter_plan, prc_plan, prm_plan, shift_plan
     boxes, valid, u = plan_inputs(2, 3, 32, 0, 5)

@@ -27,6 +27,13 @@ namespace prc {
 constexpr int kMaxBoxes = 32;
 constexpr int kMaxEdges = 4 * kMaxBoxes + 2;  // 2 per op over up to 2K ops, plus the proposal's 2
 
+// The cell edges of erased_fraction. The kernels keep it (and the sampler's arrays, samplers.h) in a
+// buffer the caller provides rather than on the stack: on a GPU a kernel's stack frame is reserved
+// for every thread the device could hold at once, several KiB each.
+struct Cells {
+  double ex[kMaxEdges], ey[kMaxEdges];
+};
+
 // a * b and a + b rounded once each: compilers may otherwise fuse a * b + c into one rounding (nvcc
 // always, host compilers where the target has FMA instructions). On the host a volatile result
 // forces the product to be rounded to double before it is used.
@@ -76,9 +83,10 @@ C10_HOST_DEVICE inline int cell_edges(double lo, double hi, const double* rects,
 // first m PRC ops (op j restores when j is even, erases when odd), replayed in order. The ops'
 // edges cut the span into cells whose pixels share their state under every op; a cell's state is
 // that of the last op covering its corner.
-C10_HOST_DEVICE inline double erased_fraction(const double* box, const double* rects, int m) {
+C10_HOST_DEVICE inline double erased_fraction(const double* box, const double* rects, int m, Cells* cells) {
   if (m == 0) return 0.0;
-  double ex[kMaxEdges], ey[kMaxEdges];
+  double* ex = cells->ex;
+  double* ey = cells->ey;
   const int nx = cell_edges(box[0], box[2], rects, m, 0, ex);
   const int ny = cell_edges(box[1], box[3], rects, m, 1, ey);
   double erased = 0.0;
@@ -104,11 +112,11 @@ C10_HOST_DEVICE inline double erased_fraction(const double* box, const double* r
 // One image: span [k,4] (pixel spans, in visiting order), u [k,3] (target, x, y uniforms), live [k]
 // -> rects [2k,4].
 C10_HOST_DEVICE inline void plan_image(const double* span, const double* u, const bool* live, int k, double lo,
-                                       double width, double max_cover, double* rects) {
+                                       double width, double max_cover, double* rects, Cells* cells) {
   for (int i = 0; i < 8 * k; ++i) rects[i] = 0.0;
   for (int s = 0; s < k; ++s) {
     const double* box = span + 4 * s;
-    double c = erased_fraction(box, rects, 2 * s);
+    double c = erased_fraction(box, rects, 2 * s, cells);
     if (live[s] && c > max_cover) {
       for (int i = 0; i < 4; ++i) rects[8 * s + i] = box[i];
       c = 0.0;

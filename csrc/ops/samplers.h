@@ -26,6 +26,9 @@ using prc::mul;
 
 C10_HOST_DEVICE inline double dmin(double a, double b) { return b < a ? b : a; }
 C10_HOST_DEVICE inline double dmax(double a, double b) { return b > a ? b : a; }
+// min and max that return NaN when either argument is NaN, as torch.amin / torch.amax do.
+C10_HOST_DEVICE inline double nan_min(double a, double b) { return a != a || b != b ? NAN : dmin(a, b); }
+C10_HOST_DEVICE inline double nan_max(double a, double b) { return a != a || b != b ? NAN : dmax(a, b); }
 C10_HOST_DEVICE inline float fmin_(float a, float b) { return b < a ? b : a; }
 C10_HOST_DEVICE inline float fmax_(float a, float b) { return b > a ? b : a; }
 
@@ -46,37 +49,44 @@ C10_HOST_DEVICE inline void pixel_span(const float* box, Bounds b, double* s) {
   s[3] = dmax(s[3], s[1]);
 }
 
-// PRC of one image: boxes [k,4], valid [k], u [k,3] (target, x, y) in the boxes' order. Proposals
-// are visited from largest to smallest pixel area (ties by index, padded and empty ones last),
-// then planned by prc::plan_image. Writes rects [2k,4] (float32, integer-valued) and order [k].
-C10_HOST_DEVICE inline void prc_image(const float* boxes, const bool* valid, const double* u, int k, Bounds bounds,
-                                      double lo, double width, double max_cover, float* rects, int64_t* order) {
+// prc_image's working arrays (see prc::Cells for why they are not on the stack).
+struct PrcScratch {
+  prc::Cells cells;
   double span[4 * prc::kMaxBoxes], key[prc::kMaxBoxes];
+  double sorted[4 * prc::kMaxBoxes], us[3 * prc::kMaxBoxes], planned[8 * prc::kMaxBoxes];
   int idx[prc::kMaxBoxes];
+  bool live[prc::kMaxBoxes];
+};
+
+// PRC of one image: boxes [k,4], valid [k], u [k,3] (target, x, y) in the boxes' order. Proposals
+// are visited from largest to smallest pixel area (ties by index); padded, empty and non-finite ones
+// (possible without clipping) are not live and come last. Then planned by prc::plan_image. Writes
+// rects [2k,4] (float32, integer-valued) and order [k].
+C10_HOST_DEVICE inline void prc_image(const float* boxes, const bool* valid, const double* u, int k, Bounds bounds,
+                                      double lo, double width, double max_cover, float* rects, int64_t* order,
+                                      PrcScratch* t) {
   for (int j = 0; j < k; ++j) {
-    double* s = span + 4 * j;
+    double* s = t->span + 4 * j;
     pixel_span(boxes + 4 * j, bounds, s);
-    const double pw = s[2] - s[0], ph = s[3] - s[1];
-    key[j] = valid[j] && pw > 0.0 && ph > 0.0 ? mul(pw, ph) : -1.0;
+    const double pw = s[2] - s[0], ph = s[3] - s[1], area = mul(pw, ph);
+    t->key[j] = valid[j] && pw > 0.0 && ph > 0.0 && area < INFINITY ? area : -1.0;
     // stable descending insertion: j goes after every earlier proposal with a key >= its own
     int i = j;
-    while (i > 0 && key[idx[i - 1]] < key[j]) {
-      idx[i] = idx[i - 1];
+    while (i > 0 && t->key[t->idx[i - 1]] < t->key[j]) {
+      t->idx[i] = t->idx[i - 1];
       --i;
     }
-    idx[i] = j;
+    t->idx[i] = j;
   }
-  double sorted[4 * prc::kMaxBoxes], us[3 * prc::kMaxBoxes], planned[8 * prc::kMaxBoxes];
-  bool live[prc::kMaxBoxes];
   for (int s = 0; s < k; ++s) {
-    const int j = idx[s];
-    for (int i = 0; i < 4; ++i) sorted[4 * s + i] = span[4 * j + i];
-    for (int i = 0; i < 3; ++i) us[3 * s + i] = u[3 * j + i];
-    live[s] = key[j] >= 0.0;
+    const int j = t->idx[s];
+    for (int i = 0; i < 4; ++i) t->sorted[4 * s + i] = t->span[4 * j + i];
+    for (int i = 0; i < 3; ++i) t->us[3 * s + i] = u[3 * j + i];
+    t->live[s] = t->key[j] >= 0.0;
     order[s] = j;
   }
-  prc::plan_image(sorted, us, live, k, lo, width, max_cover, planned);
-  for (int i = 0; i < 8 * k; ++i) rects[i] = static_cast<float>(planned[i]);
+  prc::plan_image(t->sorted, t->us, t->live, k, lo, width, max_cover, t->planned, &t->cells);
+  for (int i = 0; i < 8 * k; ++i) rects[i] = static_cast<float>(t->planned[i]);
 }
 
 // PRM of one proposal: u (area fraction, ratio, side, position). Writes the mask rectangle (zeros
@@ -94,7 +104,8 @@ C10_HOST_DEVICE inline void prm_box(const float* box, bool valid, const double* 
   const double r = add(ratio_lo, mul(ratio_width, u[1]));
   const double w = dmax(::rint(::sqrt(mul(area, r))), 1.0);  // torch.round: half to even
   const double h = dmax(::rint(::sqrt(area / r)), 1.0);
-  const int sd = static_cast<int>(dmin(::floor(mul(u[2], 4.0)), 3.0));
+  const double side_u = dmin(::floor(mul(u[2], 4.0)), 3.0);
+  const int sd = side_u >= 0.0 ? static_cast<int>(side_u) : 0;  // u outside [0, 1) is not a draw
   const double along_x = add(x0, dmin(::floor(mul(u[3], pw)), pw - 1.0)) - ::floor(w / 2.0);
   const double along_y = add(y0, dmin(::floor(mul(u[3], ph)), ph - 1.0)) - ::floor(h / 2.0);
   const double mx0 = sd < 2 ? along_x : (sd == 2 ? x0 - w : x1);
@@ -127,7 +138,8 @@ C10_HOST_DEVICE inline bool jitter_box(const float* box, bool valid, const doubl
   const double nh = mul(h, add(1.0, add(scale_lo, mul(scale_width, u[4]))));
   float n[4] = {static_cast<float>(cx - nw / 2.0), static_cast<float>(cy - nh / 2.0),
                 static_cast<float>(cx + nw / 2.0), static_cast<float>(cy + nh / 2.0)};
-  for (int i = 0; i < 4; ++i) n[i] = fmin_(fmax_(n[i], lo[i]), hi[i]);
+  // + 0: a tie between -0 and +0 in the clamp becomes +0 (torch.maximum/minimum pick either)
+  for (int i = 0; i < 4; ++i) n[i] = fmin_(fmax_(n[i], lo[i]), hi[i]) + 0.0f;
   const bool jittered = valid && u[0] < p && n[2] > n[0] && n[3] > n[1];
   for (int i = 0; i < 4; ++i) out[i] = jittered ? n[i] : box[i];
   return jittered;
@@ -135,7 +147,7 @@ C10_HOST_DEVICE inline bool jitter_box(const float* box, bool valid, const doubl
 
 // The de-positioning shift of one image: boxes [k,4], valid [k], u (dx, dy). Uniform over the
 // integer shifts that keep the bounding box of the valid boxes inside [0, w] x [0, h]; (0, 0) on an
-// axis without room or for an image without valid boxes.
+// axis without room, for an image without valid boxes, or with a non-finite bound.
 C10_HOST_DEVICE inline void shift_image(const float* boxes, const bool* valid, const double* u, int k, double h,
                                         double w, int64_t* t) {
   const double inf = INFINITY;
@@ -145,15 +157,16 @@ C10_HOST_DEVICE inline void shift_image(const float* boxes, const bool* valid, c
     if (!valid[j]) continue;
     any = true;
     for (int a = 0; a < 2; ++a) {
-      lo_xy[a] = dmin(lo_xy[a], static_cast<double>(boxes[4 * j + a]));
-      hi_xy[a] = dmax(hi_xy[a], static_cast<double>(boxes[4 * j + a + 2]));
+      lo_xy[a] = nan_min(lo_xy[a], static_cast<double>(boxes[4 * j + a]));
+      hi_xy[a] = nan_max(hi_xy[a], static_cast<double>(boxes[4 * j + a + 2]));
     }
   }
   const double size[2] = {w, h};
   for (int a = 0; a < 2; ++a) {
     double lo = ::ceil(-lo_xy[a]), hi = ::floor(size[a] - hi_xy[a]);
-    if (!(any && lo <= hi)) lo = hi = 0.0;
-    t[a] = static_cast<int64_t>(add(lo, dmin(::floor(mul(u[a], add(hi - lo, 1.0))), hi - lo)));
+    if (!(any && lo <= hi && lo > -INFINITY && hi < INFINITY)) lo = hi = 0.0;  // also NaN or infinite boxes
+    const double v = add(lo, dmin(::floor(mul(u[a], add(hi - lo, 1.0))), hi - lo));
+    t[a] = v == v ? static_cast<int64_t>(v) : 0;  // NaN only from a u that is not a draw
   }
 }
 

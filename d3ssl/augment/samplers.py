@@ -218,7 +218,7 @@ def prc_reference(boxes, valid, u, image_size, scale, max_cover):
     order int64 [B,K])."""
     span = pixel_spans(boxes, image_size)
     pw, ph = span[..., 2] - span[..., 0], span[..., 3] - span[..., 1]
-    live = valid & (pw > 0) & (ph > 0)
+    live = valid & (pw > 0) & (ph > 0) & torch.isfinite(pw * ph)  # infinite only without clipping
     order = torch.sort(torch.where(live, pw * ph, torch.full_like(pw, -1.0)), dim=1,
                        descending=True, stable=True).indices
     span = span.gather(1, order[..., None].expand(-1, -1, 4))
@@ -320,8 +320,7 @@ def jitter_reference(boxes, valid, u, p, shift, scale, image_size=None):
     cy = (b[..., 1] + b[..., 3]) / 2 + _lerp(shift, u[..., 2]) * h
     nw, nh = w * (1 + _lerp(scale, u[..., 3])), h * (1 + _lerp(scale, u[..., 4]))
     new = torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], -1).to(boxes.dtype)
-    new = torch.maximum(new, lo)
-    new = torch.minimum(new, hi)
+    new = torch.minimum(torch.maximum(new, lo), hi) + 0.0  # + 0: a clamp's tie of -0 and +0 gives +0
     jittered = valid & (u[..., 0] < p) & (new[..., 2] > new[..., 0]) & (new[..., 3] > new[..., 1])
     return torch.where(jittered[..., None], new, boxes), jittered
 
@@ -385,7 +384,7 @@ def sample_soco_cutout(boxes, valid, generator, scale=(0.2, 0.5), ratio=(3 / 4, 
 def sample_shift(boxes, valid, image_size, generator) -> Shift:
     """De-positioning shift: per image one integer (dx, dy), uniform over the integer shifts that
     keep the bounding box of its valid boxes inside the image [0,W]x[0,H]; (0, 0) for an image
-    without valid boxes or without room. Draws B*2 uniforms."""
+    without valid boxes or without room (or with non-finite boxes). Draws B*2 uniforms."""
     _check(boxes, valid, "sample_shift")
     u = _uniform((valid.shape[0], 2), generator, boxes.device)
     if _use_op(boxes):
@@ -397,6 +396,8 @@ def shift_reference(boxes, valid, u, image_size):
     """sample_shift after the draw in PyTorch, from u float64 [B,2]: the oracle of
     d3ssl.ops.sampling.shift_plan. Returns int64 [B,2]."""
     h_img, w_img = _size(image_size)
+    if boxes.shape[1] == 0:
+        return torch.zeros(boxes.shape[0], 2, dtype=torch.int64, device=boxes.device)
     b = boxes.double()
     inf = torch.full_like(b[..., 0], float("inf"))
     lo_xy = torch.stack([torch.where(valid, b[..., 0], inf).amin(1),
@@ -405,7 +406,7 @@ def shift_reference(boxes, valid, u, image_size):
                          torch.where(valid, b[..., 3], -inf).amax(1)], 1)
     lo = torch.ceil(-lo_xy)                                            # smallest shift
     hi = torch.floor(_constant((w_img, h_img), b.dtype, b.device) - hi_xy)  # largest shift
-    room = valid.any(1, keepdim=True) & (lo <= hi)
+    room = valid.any(1, keepdim=True) & (lo <= hi) & (lo > -float("inf")) & (hi < float("inf"))
     lo = torch.where(room, lo, torch.zeros_like(lo))
     hi = torch.where(room, hi, torch.zeros_like(hi))
     return (lo + torch.minimum(torch.floor(u * (hi - lo + 1)), hi - lo)).long()

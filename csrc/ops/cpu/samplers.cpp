@@ -31,9 +31,10 @@ std::tuple<at::Tensor, at::Tensor> prc_plan_cpu(const at::Tensor& boxes, const a
   float* rp = rects.mutable_data_ptr<float>();
   int64_t* op = order.mutable_data_ptr<int64_t>();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
+    sampling::PrcScratch scratch;
     for (int64_t i = begin; i < end; ++i) {
       sampling::prc_image(bp + i * k * 4, vp + i * k, up + i * k * 3, static_cast<int>(k), bounds, lo, width,
-                          max_cover, rp + i * k * 8, op + i * k);
+                          max_cover, rp + i * k * 8, op + i * k, &scratch);
     }
   });
   return {rects, order};

@@ -25,11 +25,11 @@ void check_cuda(const char* op, const at::Tensor& boxes) {
 __global__ void prc_plan_kernel(const float* __restrict__ boxes, const bool* __restrict__ valid,
                                 const double* __restrict__ u, int64_t b, int k, Bounds bounds, double lo,
                                 double width, double max_cover, float* __restrict__ rects,
-                                int64_t* __restrict__ order) {
+                                int64_t* __restrict__ order, sampling::PrcScratch* __restrict__ scratch) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= b) return;
   sampling::prc_image(boxes + i * k * 4, valid + i * k, u + i * k * 3, k, bounds, lo, width, max_cover,
-                      rects + i * k * 8, order + i * k);
+                      rects + i * k * 8, order + i * k, scratch + i);
 }
 
 __global__ void prm_plan_kernel(const float* __restrict__ boxes, const bool* __restrict__ valid,
@@ -72,9 +72,13 @@ std::tuple<at::Tensor, at::Tensor> prc_plan_cuda(const at::Tensor& boxes, const 
   at::Tensor rects = at::empty({b, 2 * k, 4}, boxes.options());
   at::Tensor order = at::empty({b, k}, boxes.options().dtype(at::kLong));
   if (b == 0 || k == 0) return {rects, order};
+  // Each image's working arrays in global memory (prc::Cells says why); the caching allocator's
+  // blocks are 512-byte aligned and PrcScratch's size is a multiple of its alignment.
+  at::Tensor scratch = at::empty({b * static_cast<int64_t>(sizeof(sampling::PrcScratch))}, boxes.options().dtype(at::kByte));
   prc_plan_kernel<<<blocks_for(b), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       bx.const_data_ptr<float>(), v.const_data_ptr<bool>(), uu.const_data_ptr<double>(), b, static_cast<int>(k),
-      bounds, lo, width, max_cover, rects.mutable_data_ptr<float>(), order.mutable_data_ptr<int64_t>());
+      bounds, lo, width, max_cover, rects.mutable_data_ptr<float>(), order.mutable_data_ptr<int64_t>(),
+      reinterpret_cast<sampling::PrcScratch*>(scratch.mutable_data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {rects, order};
 }
