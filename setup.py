@@ -65,11 +65,20 @@ if cuda_home and "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_
 
 
 def openmp():
-    """Whether the CPU kernels are compiled with OpenMP: when torch's intra-op threads are OpenMP's
-    (torch's Linux wheels) and the compiler is GCC-like on Linux. D3SSL_OPENMP=0 turns it off."""
+    """Whether the CPU kernels are compiled with OpenMP: on Linux, when torch's intra-op threads are
+    OpenMP's (torch's Linux wheels; the compiler must take -fopenmp, as GCC does). D3SSL_OPENMP=0
+    turns it off."""
     if os.environ.get("D3SSL_OPENMP", "1") == "0":
         return False
     return sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+
+
+def openmp_runtime():
+    """Link arguments for the OpenMP runtime: the copy bundled with torch when there is one, linked
+    by its own soname (some wheels rename it), so that the process keeps the one runtime torch loaded
+    and the kernels follow torch.set_num_threads; else the compiler's (-fopenmp)."""
+    bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    return [bundled[0]] if bundled else ["-fopenmp"]
 
 
 def extension():
@@ -81,9 +90,9 @@ def extension():
     link = []
     if openmp():
         # at::parallel_for is a header template: without -fopenmp it runs every CPU kernel on the
-        # calling thread. Linking libgomp by its soname reuses the copy torch has already loaded.
+        # calling thread.
         cxx.append("-fopenmp")
-        link.append("-fopenmp")
+        link += openmp_runtime()
     if cuda_home and cuda_sources:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         print(f"d3ssl: building CPU and CUDA kernels (toolkit {cuda_home}, "
@@ -105,6 +114,7 @@ class BuildExt(cpp_extension.BuildExtension):
     def run(self):
         super().run()
         info = {"torch": torch.__version__, "cuda": bool(cuda_home and glob.glob("csrc/ops/cuda/*.cu")),
+                "openmp": openmp(),
                 "cuda_home": cuda_home, "arch": os.environ.get("TORCH_CUDA_ARCH_LIST")}
         with open(os.path.join(ROOT, "d3ssl", "_build_info.json"), "w") as f:
             json.dump(info, f)

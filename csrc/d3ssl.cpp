@@ -3,6 +3,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "ops/cpu/region_cpu.h"
 
 #ifndef D3SSL_TORCH_VERSION
@@ -27,9 +31,22 @@ static bool build_intra_op_parallel() {
 #endif
 }
 
+// How many threads a CPU kernel's parallel region would use now: with OpenMP, the runtime this
+// library is linked to (it must be torch's, or torch.set_num_threads would not reach it).
+static int64_t intra_op_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#elif defined(INTRA_OP_PARALLEL)
+  return at::get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 TORCH_LIBRARY(d3ssl, m) {
   m.def("_build_torch_version() -> str", &build_torch_version);
   m.def("_build_intra_op_parallel() -> bool", &build_intra_op_parallel);
+  m.def("_intra_op_threads() -> int", &intra_op_threads);
   // [blocks, bytes, bound in bytes] of the CPU region ops' cache of freed large outputs
   // (csrc/ops/cpu/region_cpu.h).
   m.def("_output_cache_stats() -> int[]", &region::output_cache_stats);

@@ -23,7 +23,8 @@ def _library_path():
 
 
 def build_info():
-    """What the compiled library was built against: {"torch", "cuda", "cuda_home", "arch"}."""
+    """What the compiled library was built against: {"torch", "cuda", "cuda_home", "arch", "openmp"}
+    (openmp: whether setup.py compiled the CPU kernels with OpenMP)."""
     try:
         with open(os.path.join(_HERE, "_build_info.json")) as f:
             return json.load(f)
@@ -57,11 +58,12 @@ def load_library():
             f"d3ssl's operator library was built against torch {compiled_for}, but torch "
             f"{torch.__version__} is installed. Rebuild it with `pip install --no-build-isolation -e .`.")
     _loaded_path = path
-    if not cpu_kernels_threaded() and torch.get_num_threads() > 1:
+    if not cpu_kernels_threaded() and build_info().get("openmp") is not False and torch.get_num_threads() > 1:
         warnings.warn(
             "d3ssl's operator library was compiled without OpenMP, so its CPU kernels run on one thread "
             f"instead of torch's {torch.get_num_threads()}: rebuild it with a compiler that supports "
-            "-fopenmp (on Linux `pip install --no-build-isolation -e .` does, unless D3SSL_OPENMP=0).",
+            "-fopenmp (on Linux `pip install --no-build-isolation -e .` does; D3SSL_OPENMP=0 builds "
+            "without it on purpose, and then this warning is not shown).",
             stacklevel=3)
     return path
 

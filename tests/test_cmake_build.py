@@ -24,6 +24,8 @@ CHECK = textwrap.dedent("""
     torch.ops.load_library(sys.argv[1])
     assert torch.ops.d3ssl._build_torch_version().split("+")[0] == torch.__version__.split("+")[0]
     assert torch.ops.d3ssl._build_intra_op_parallel() or not sys.platform.startswith("linux")
+    torch.set_num_threads(1)
+    assert torch.ops.d3ssl._intra_op_threads() == 1
     torch.manual_seed(0)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 9, 11).to(memory_format=fmt)

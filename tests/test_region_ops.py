@@ -246,6 +246,21 @@ def test_cpu_kernels_are_compiled_for_torchs_threads():
         assert d3ssl.cpu_kernels_threaded()
 
 
+
+def test_cpu_kernels_follow_torchs_thread_count():
+    """The kernels' OpenMP runtime is torch's own: a second runtime would ignore set_num_threads."""
+    import d3ssl
+    if not d3ssl.cpu_kernels_threaded():
+        pytest.skip("the CPU kernels were built to run on one thread")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3, 2):
+            torch.set_num_threads(n)
+            assert torch.ops.d3ssl._intra_op_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_kernels_give_the_same_result_on_any_number_of_threads():
     """Images (and RoIAlign's rows) are split between threads: each thread's share is its own."""
     from d3ssl.ops import roi_align
