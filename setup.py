@@ -6,6 +6,7 @@ toolkit the library is CPU-only. Environment variables:
   CUDA_HOME / CUDA_PATH   the toolkit (otherwise found from nvcc on PATH, then /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPU's, or "8.0;9.0" with none)
   D3SSL_WITH_CUDA=0       build CPU-only even when a toolkit is there
+  D3SSL_OPENMP=0          compile the CPU kernels without OpenMP (they then run on one thread)
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
