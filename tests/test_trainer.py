@@ -197,6 +197,19 @@ def test_bad_input_errors(tiny_data, tmp_path):
         trainer.main(tiny_args(tiny_data, tmp_path, "y", "--resume", "/no/such.pt"))
 
 
+def test_gpu_without_the_libraries_cuda_kernels_is_a_clear_error(monkeypatch):
+    """A GPU is visible but the library was built CPU-only: stop before any work, saying how to
+    rebuild (instead of failing on the first op deep inside a step)."""
+    import d3ssl
+    from train.config import make_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(d3ssl, "cuda_kernels_available", lambda: False)
+    for device in ("auto", "cuda"):
+        cfg = make_config("default", {"run.device": device})
+        with pytest.raises(trainer.TrainingError, match="built without its CUDA kernels.*--run.device cpu"):
+            trainer.setup_distributed(cfg)
+
+
 # ----------------------------------------------------------------------------- subprocess runs
 
 def _spawn(args, log):

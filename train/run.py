@@ -56,6 +56,14 @@ def setup_distributed(cfg: TrainConfig):
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError("run.device=cuda was asked for but no GPU is visible to torch; "
                             "use --run.device cpu (or auto)")
+    if want.startswith("cuda"):
+        import d3ssl
+        if not d3ssl.cuda_kernels_available():
+            raise TrainingError(
+                "a GPU is visible but d3ssl's operator library was built without its CUDA kernels "
+                f"(build info: {d3ssl.build_info() or 'none'}): rebuild it where a CUDA toolkit is found "
+                "(`pip install --no-build-isolation -e .`, CUDA_HOME=... if it is not found), or train on "
+                "the CPU with --run.device cpu")
     if want == "cuda":
         device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
