@@ -11,7 +11,7 @@
 #
 # One lease, as it ran on 2026-11-27 (under 6 minutes of device time for steps 1-5):
 #   1. carry .dali-parts/dali-part-00, copy it to /tmp/dali-parts, then
-#      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region" (~3 min);
+#      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region breakdown" (~4 min);
 #   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
 #      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
@@ -48,6 +48,8 @@ step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_r
   tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
+# Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
+step breakdown 180 python benchmarks/breakdown.py --device cuda
 # DALI is installed from carried wheel parts (see gpu_check_dali.sh), then the train benchmark runs
 # the full step fed by every loader backend that imports (the CPU loader, and DALI once installed)
 # against the model-only ceiling.

@@ -13,6 +13,7 @@ in a minute or two.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -64,10 +65,14 @@ class _Stepper:
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
 
         self._ahead = {}
+        # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
+        # them for the profiler); none by default.
+        self.phase = lambda name: contextlib.nullcontext()
 
     def _prepare(self, batch):
         batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
-        return self.stage(batch, self.gen)
+        with self.phase("region stage"):
+            return self.stage(batch, self.gen)
 
     def __call__(self, source, fetch):
         """One step, ordered as train/run.py orders it: this step's views were prepared by the
@@ -76,14 +81,19 @@ class _Stepper:
         views = self._ahead.pop(source, None)
         if views is None:
             views = self._prepare(fetch())
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with self.phase("forward"), torch.autocast(self.device.type, dtype=self.dtype,
+                                                   enabled=self.dtype is not None):
             loss = self.forward(views)["loss"]
-        loss.backward()
+        with self.phase("backward"):
+            loss.backward()
         self._ahead[source] = self._prepare(fetch())
-        loss.item()  # the trainer's non-finite check reads the loss here
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.model.update_teacher(0.99)
+        with self.phase("read the loss"):
+            loss.item()  # the trainer's non-finite check reads the loss here
+        with self.phase("optimiser"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        with self.phase("teacher update"):
+            self.model.update_teacher(0.99)
 
 
 def _backends(args):

@@ -1,0 +1,193 @@
+"""Where the time goes, from torch.profiler: the region stage, and the training step fed by the CPU
+loader next to the same step fed by a batch kept on the device (the benchmark's ceiling).
+
+  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step]
+
+For the stage (batch 64 at 224 and 112, the Batch contract's dtype): per call, the host time, the
+operations and kernels by total time and count, and for region_erase and composite their kernel
+time per stage call as a share of the card's copy bandwidth (one read and one write of the views). For the step:
+per step, the wall time and where the main thread spent it (labelled phases: waiting for the loader,
+the region stage, forward, backward, reading the loss, which waits for the GPU, the optimiser and the
+teacher update), and on a GPU how busy the GPU was. The throughput benchmark (benchmarks/throughput.py)
+says how fast; this says why.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from benchmarks.common import copy_bandwidth, sync  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where to run (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--what", default="stage,step", help="comma-separated: stage, step (default: both)")
+    p.add_argument("--steps", type=int, default=6, help="profiled training steps per feed (default: 6)")
+    p.add_argument("--quick", action="store_true", help="small inputs (a smoke test of the script)")
+    p.add_argument("--rows", type=int, default=18, help="rows of each table (default: 18)")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for but no GPU is visible to torch")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    unknown = set(args.what.split(",")) - {"stage", "step"}
+    if unknown:
+        p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from stage, step")
+    return args
+
+
+def _activities(device):
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+
+def _sort_key(device, events):
+    if device != "cuda":
+        return "self_cpu_time_total"
+    newer = len(events) and hasattr(events[0], "self_device_time_total")
+    return "self_device_time_total" if newer else "self_cuda_time_total"
+
+
+def _device_us(event):
+    """An averaged event's own device time in microseconds (attribute names vary across torch)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def profile_stage(args):
+    from benchmarks.sections.region import make_batch
+    from d3ssl.augment.stage import RegionStage
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bsz, sizes, calls = (8, (64,), 3) if args.quick else (64, (224, 112), 10)
+    bandwidth = copy_bandwidth(device) if device == "cuda" else None
+    stage = RegionStage()
+    for size in sizes:
+        batch = make_batch(bsz, size, device, dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        held = None
+        for _ in range(3):
+            held = stage(batch, gen)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            held = stage(batch, gen)
+        host = (time.perf_counter() - t0) / calls
+        sync(device)
+        wall = (time.perf_counter() - t0) / calls
+        with profile(activities=_activities(device)) as prof:
+            for _ in range(calls):
+                held = stage(batch, gen)
+            sync(device)
+        del held
+        events = prof.key_averages()
+        print(f"\n== region stage, B={bsz} S={size} {dtype} channels_last on {device}: "
+              f"{host * 1e3:.2f} ms of host time per call, {wall * 1e3:.2f} ms until the device is done")
+        print(events.table(sort_by=_sort_key(device, events), row_limit=args.rows))
+        if device == "cuda":
+            try:  # the profiler's event attributes vary across torch versions: never fail the run here
+                _device_summary(events, batch, calls, bandwidth)
+            except Exception as e:  # noqa: BLE001
+                print(f"(device summary unavailable: {type(e).__name__}: {e})")
+
+
+def _device_summary(events, batch, calls, bandwidth):
+    """Launches and device time per stage call; region_erase's and composite's kernel time as a
+    share of the copy bandwidth."""
+    launches = sum(e.count for e in events if _device_us(e) > 0 and e.device_type.name == "CUDA")
+    busy = sum(_device_us(e) for e in events if e.device_type.name == "CUDA") / calls
+    print(f"kernels and copies per call: {launches / calls:.0f}; device busy {busy:.0f} us per call")
+
+    def nbytes(*views):  # one read and one write of each
+        return 2 * sum(v.numel() * v.element_size() for v in views)
+    moved = {"d3ssl::region_erase": nbytes(batch.view1, batch.view2_small),  # x1_hat, x2s_hat
+             "d3ssl::composite": nbytes(batch.view2)}                      # x3
+    for op, nb in moved.items():
+        # a CPU-side op event carries the device time of the kernels it launched
+        us = sum(float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+                 for e in events if e.key == op) / calls
+        if us > 0 and bandwidth:
+            print(f"{op}: {us:.1f} us of kernel time per stage call, "
+                  f"{nb / (us * 1e-6) / bandwidth:.2f} of copy bandwidth (one read and one write)")
+
+
+def profile_step(args):
+    from benchmarks.common import bench_dataset, COCO_SIZE
+    from benchmarks.sections import train as T
+    from d3ssl.data.loader import make_loader
+    device = args.device
+    ns = argparse.Namespace(device=device, quick=args.quick or device == "cpu", compile=False)
+    cfg = T._config(ns, "d3ssl")
+    if args.quick:
+        cfg.data.batch_size, cfg.data.workers = 4, 1
+    dataset, store = bench_dataset(16 if args.quick else (64 if device == "cpu" else 256),
+                                   image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
+    stepper = T._Stepper(cfg, len(dataset))
+    stepper.phase = phase = record_function  # label the step's phases for the profiler
+    loader = make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,
+                         workers=cfg.data.workers, view_cfg=cfg.view, seed=0, device=stepper.device)
+    stream = T._cycle(loader)
+    fixed = next(stream).to(stepper.device, dtype=stepper.view_dtype)
+
+    def fetch():
+        with phase("wait for the loader"):
+            return next(stream)
+
+    feeds = {"fed by the CPU loader": ("fed", fetch), "batch on the device (ceiling)": ("ceiling", lambda: fixed)}
+    for label, (source, get) in feeds.items():
+        for _ in range(3):
+            stepper(source, get)
+        sync(device)
+        with profile(activities=_activities(device)) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                with phase("step"):
+                    stepper(source, get)
+            sync(device)
+            wall = (time.perf_counter() - t0) / args.steps
+        events = prof.key_averages()
+        print(f"\n== training step ({cfg.model.arch}, {cfg.view.size} px, batch {cfg.data.batch_size}), "
+              f"{label}, on {device}: {wall * 1e3:.1f} ms per step "
+              f"({cfg.data.batch_size / wall:.1f} images/s)")
+        for name in ("wait for the loader", "region stage", "forward", "backward", "read the loss",
+                     "optimiser", "teacher update"):
+            hits = [e for e in events if e.key == name]
+            if hits:
+                ms = sum(e.cpu_time_total for e in hits) / 1e3 / args.steps
+                print(f"  {name:<22} {ms:8.2f} ms per step of the main thread ({ms / (wall * 1e3):5.1%})")
+        if device == "cuda":
+            try:  # (see profile_stage)
+                busy = sum(_device_us(e) for e in events if e.device_type.name == "CUDA") / 1e3 / args.steps
+                print(f"  GPU busy {busy:.1f} ms per step ({busy / (wall * 1e3):.1%} of the wall time)")
+            except Exception as e:  # noqa: BLE001
+                print(f"  (GPU busy time unavailable: {type(e).__name__}: {e})")
+        print(events.table(sort_by=_sort_key(device, events), row_limit=args.rows))
+    del stream, loader
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import d3ssl  # noqa: F401  (fails early with a clear message if the library is not built)
+    print(f"torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads"))
+    what = args.what.split(",")
+    if "stage" in what:
+        profile_stage(args)
+    if "step" in what:
+        profile_step(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/breakdown.py runs end to end on the CPU (--quick) and reports every part it names."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_breakdown_reports_the_stage_and_the_steps_phases():
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--quick", "--steps", "1",
+                          "--rows", "5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "== region stage, B=8 S=64" in text and "d3ssl::region_erase" in text
+    for feed in ("fed by the CPU loader", "batch on the device (ceiling)"):
+        assert f"{feed}, on cpu:" in text
+    for phase in ("region stage", "forward", "backward", "optimiser", "teacher update"):
+        assert f"  {phase} " in text, phase
+    assert "wait for the loader" in text  # only the loader-fed steps wait for it
+
+
+def test_breakdown_rejects_unknown_parts():
+    out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--what", "stage,nope"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown part(s) nope" in out.stderr
