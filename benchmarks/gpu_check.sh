@@ -11,10 +11,12 @@
 #
 # One lease, as it ran on 2026-11-27 (under 6 minutes of device time for steps 1-5):
 #   1. carry .dali-parts/dali-part-00, copy it to /tmp/dali-parts, then
-#      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region breakdown" (~4 min);
+#      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region" (~3 min);
 #   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
 #      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
+# Not yet run on a GPU (2026-11-27): the step breakdown and the experiment exp_region_vec (~1.5 min,
+# most of it compiling); add them to the first call's group.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
@@ -50,6 +52,9 @@ step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --
 step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
 step breakdown 180 python benchmarks/breakdown.py --device cuda
+# An experiment outside the library: a vectorised region_erase kernel, checked against the library's
+# bit for bit and timed beside it (benchmarks/experiments/region_erase_vec.py).
+step exp_region_vec 240 python benchmarks/experiments/region_erase_vec.py
 # DALI is installed from carried wheel parts (see gpu_check_dali.sh), then the train benchmark runs
 # the full step fed by every loader backend that imports (the CPU loader, and DALI once installed)
 # against the model-only ceiling.
