@@ -465,3 +465,21 @@ def test_rbj_views_in_one_pass_equal_one_call_per_view():
     # the generators were advanced alike
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
     assert S.sample_rbj_views([], valid, gen(0)) == []
+
+
+def test_image_size_takes_ints_and_pairs_and_rejects_the_rest():
+    import numpy as np
+
+    from d3ssl.ops.sampling import image_hw
+    assert image_hw(224) == (224, 224) and image_hw(np.int64(64)) == (64, 64)
+    assert image_hw((32, 48)) == image_hw(torch.Size([32, 48])) == image_hw([np.int32(32), 48]) == (32, 48)
+    assert image_hw(torch.tensor(9)) == (9, 9)
+    for bad in (224.5, (224.0, 224), (1, 2, 3), "224", True, None):
+        with pytest.raises(ValueError, match="image_size must be an int or an"):
+            image_hw(bad)
+    boxes, valid = random_boxes(2, 3, 32)
+    with pytest.raises(ValueError, match="image_size must be"):
+        S.sample_shift(boxes, valid, 32.5, gen())
+    # the same draws whatever integer type the size comes in
+    assert torch.equal(S.sample_prm(boxes, valid, np.int64(32), gen(4)).rects,
+                       S.sample_prm(boxes, valid, (32, 32), gen(4)).rects)

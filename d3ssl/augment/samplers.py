@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..ops.sampling import PRC_MAX_BOXES, jitter_plan, prc_plan, prm_plan, shift_plan
+from ..ops.sampling import PRC_MAX_BOXES, image_hw, jitter_plan, prc_plan, prm_plan, shift_plan
 
 __all__ = ["RegionOps", "PRC", "PRM", "RBJ", "Shift", "sample_prc", "sample_prm", "sample_rbj", "sample_rbj_views",
            "sample_shift", "sample_subset", "sample_background", "sample_soco_jitter", "sample_soco_cutout",
@@ -95,12 +95,7 @@ class Shift(NamedTuple):
     shift: Tensor
 
 
-def _size(image_size):
-    """(H, W) from an int or a pair."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
+_size = image_hw  # (H, W) from an int or a pair
 
 
 def _check(boxes, valid, name):

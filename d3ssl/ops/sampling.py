@@ -9,22 +9,35 @@ oracle: results are bit-identical (float64 with one rounding per operation, on b
 Boxes are float32 [..., 4] (x1, y1, x2, y2) pixels with ``valid`` bool [...]; ``image_size`` is an
 int or (H, W).
 """
+import numbers
+
 import torch
 
-__all__ = ["prc_plan", "prm_plan", "jitter_plan", "shift_plan", "PRC_MAX_BOXES"]
+__all__ = ["prc_plan", "prm_plan", "jitter_plan", "shift_plan", "image_hw", "PRC_MAX_BOXES"]
 
 # Most proposals per image prc_plan takes (kMaxBoxes in csrc/ops/prc.h).
 PRC_MAX_BOXES = 32
 
 
+def image_hw(image_size):
+    """(H, W) from an int or an (H, W) pair (Python, NumPy or 0-d torch integers)."""
+    def whole(v):
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            return int(v)
+        if torch.is_tensor(v) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+            return int(v)
+        raise ValueError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
+    if isinstance(image_size, (tuple, list, torch.Size)) or (torch.is_tensor(image_size) and image_size.dim() == 1):
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
+        return whole(image_size[0]), whole(image_size[1])
+    n = whole(image_size)
+    return n, n
+
+
 def _size(image_size):
     """[H, W] for the ops' `size` argument; [] for None (no clipping)."""
-    if image_size is None:
-        return []
-    if isinstance(image_size, int):
-        return [image_size, image_size]
-    h, w = image_size
-    return [int(h), int(w)]
+    return [] if image_size is None else list(image_hw(image_size))
 
 
 def _range(pair):
