@@ -71,7 +71,24 @@ def openmp():
     turns it off."""
     if os.environ.get("D3SSL_OPENMP", "1") == "0":
         return False
-    return sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        return False
+    if not _compiler_is_gcc():
+        print("d3ssl: the C++ compiler is not GCC; building the CPU kernels without OpenMP (they will "
+              "run on one thread; torch's OpenMP runtime is GCC's libgomp)")
+        return False
+    return True
+
+
+def _compiler_is_gcc():
+    """Whether the C++ compiler setuptools will call ($CXX, else c++) is GCC."""
+    import subprocess
+    cxx = os.environ.get("CXX", "c++").split()
+    try:
+        out = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.lower()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out and "free software foundation" in out
 
 
 def openmp_runtime():

@@ -51,6 +51,12 @@ def _activities(device):
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
 
 
+def _device_work(event):
+    """A kernel or copy on the GPU. record_function ranges also appear as GPU-side events spanning
+    their whole range, idle time included (user annotations): not work."""
+    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
+
+
 def _sort_key(device, events):
     if device != "cuda":
         return "self_cpu_time_total"
@@ -106,8 +112,8 @@ def profile_stage(args):
 def _device_summary(events, batch, calls, bandwidth):
     """Launches and device time per stage call; region_erase's and composite's kernel time as a
     share of the copy bandwidth."""
-    launches = sum(e.count for e in events if _device_us(e) > 0 and e.device_type.name == "CUDA")
-    busy = sum(_device_us(e) for e in events if e.device_type.name == "CUDA") / calls
+    launches = sum(e.count for e in events if _device_us(e) > 0 and _device_work(e))
+    busy = sum(_device_us(e) for e in events if _device_work(e)) / calls
     print(f"kernels and copies per call: {launches / calls:.0f}; device busy {busy:.0f} us per call")
 
     def nbytes(*views):  # one read and one write of each
@@ -169,7 +175,7 @@ def profile_step(args):
                 print(f"  {name:<22} {ms:8.2f} ms per step of the main thread ({ms / (wall * 1e3):5.1%})")
         if device == "cuda":
             try:  # (see profile_stage)
-                busy = sum(_device_us(e) for e in events if e.device_type.name == "CUDA") / 1e3 / args.steps
+                busy = sum(_device_us(e) for e in events if _device_work(e)) / 1e3 / args.steps
                 print(f"  GPU busy {busy:.1f} ms per step ({busy / (wall * 1e3):.1%} of the wall time)")
             except Exception as e:  # noqa: BLE001
                 print(f"  (GPU busy time unavailable: {type(e).__name__}: {e})")

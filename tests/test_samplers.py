@@ -473,8 +473,9 @@ def test_image_size_takes_ints_and_pairs_and_rejects_the_rest():
     from d3ssl.ops.sampling import image_hw
     assert image_hw(224) == (224, 224) and image_hw(np.int64(64)) == (64, 64)
     assert image_hw((32, 48)) == image_hw(torch.Size([32, 48])) == image_hw([np.int32(32), 48]) == (32, 48)
-    assert image_hw(torch.tensor(9)) == (9, 9)
-    for bad in (224.5, (224.0, 224), (1, 2, 3), "224", True, None):
+    assert image_hw(torch.tensor(9)) == image_hw(np.array(9)) == (9, 9)
+    assert image_hw(np.array([32, 48])) == image_hw(torch.tensor([32, 48])) == (32, 48)
+    for bad in (224.5, (224.0, 224), (1, 2, 3), "224", True, None, np.array([3.5, 4.0]), np.array(7.0)):
         with pytest.raises(ValueError, match="image_size must be an int or an"):
             image_hw(bad)
     boxes, valid = random_boxes(2, 3, 32)

@@ -27,6 +27,9 @@ from benchmarks.common import copy_bandwidth, interleaved  # noqa: E402
 def build(build_dir):
     from torch.utils import cpp_extension
     os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock):  # left by a build that was killed: load() would wait on it forever
+        os.remove(lock)
     t0 = time.perf_counter()
     ext = cpp_extension.load(
         name="region_erase_vec_ext", sources=[os.path.join(HERE, "region_erase_vec.cu")],

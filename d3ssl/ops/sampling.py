@@ -20,14 +20,17 @@ PRC_MAX_BOXES = 32
 
 
 def image_hw(image_size):
-    """(H, W) from an int or an (H, W) pair (Python, NumPy or 0-d torch integers)."""
+    """(H, W) from an int or an (H, W) pair (Python, NumPy or 0-d torch integers; a pair may be a
+    1-D array or tensor of two)."""
     def whole(v):
         if isinstance(v, numbers.Integral) and not isinstance(v, bool):
             return int(v)
         if torch.is_tensor(v) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
             return int(v)
+        if getattr(v, "ndim", None) == 0 and getattr(getattr(v, "dtype", None), "kind", None) in ("i", "u"):
+            return int(v)  # a 0-d NumPy integer array
         raise ValueError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
-    if isinstance(image_size, (tuple, list, torch.Size)) or (torch.is_tensor(image_size) and image_size.dim() == 1):
+    if isinstance(image_size, (tuple, list, torch.Size)) or getattr(image_size, "ndim", None) == 1:
         if len(image_size) != 2:
             raise ValueError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
         return whole(image_size[0]), whole(image_size[1])
