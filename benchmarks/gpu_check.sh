@@ -52,9 +52,9 @@ step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --
 step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
 step breakdown 180 python benchmarks/breakdown.py --device cuda
-# An experiment outside the library: a vectorised region_erase kernel, checked against the library's
-# bit for bit and timed beside it (benchmarks/experiments/region_erase_vec.py).
-step exp_region_vec 240 python benchmarks/experiments/region_erase_vec.py
+# An experiment outside the library: vectorised region_erase and composite kernels, checked against
+# the library's bit for bit and timed beside them (benchmarks/experiments/region_vec.py).
+step exp_region_vec 240 python benchmarks/experiments/region_vec.py
 # DALI is installed from carried wheel parts (see gpu_check_dali.sh), then the train benchmark runs
 # the full step fed by every loader backend that imports (the CPU loader, and DALI once installed)
 # against the model-only ceiling.
