@@ -180,15 +180,9 @@ __global__ void composite_vec_kernel(const uint4* __restrict__ fg, const uint4* 
   constexpr unsigned kAll = kPer == 32 ? ~0u : ((1u << kPer) - 1u);
   const int b = blockIdx.y;
   const int v0 = blockIdx.x * kThreads * kVecs + threadIdx.x;
-  int64_t source = bg_index[b];
-  CUDA_KERNEL_ASSERT(source >= 0 && source < num_bg && "composite_vec: bg_index out of range");
-  source = source < 0 ? 0 : (source >= num_bg ? num_bg - 1 : source);
-  const int64_t sx = shift[2 * b], sy = shift[2 * b + 1];
-  const int dx = static_cast<int>(sx < -W ? -W : (sx > W ? W : sx));
-  const int dy = static_cast<int>(sy < -H ? -H : (sy > H ? H : sy));
-  const int x_lo = min(max(dx, 0), W), x_hi = max(min(W + dx, W), x_lo);
-  const int y_lo = min(max(dy, 0), H), y_hi = max(min(H + dy, H), y_lo);
-  const int moved = (dy * W + dx) * (nhwc ? C : 1);  // element distance from source to output
+  const auto geo = d3ssl::region::composite_image(bg_index, num_bg, shift, b, H, W);
+  const int64_t source = geo.source;
+  const int moved = (geo.dy * W + geo.dx) * (nhwc ? C : 1);  // element distance from source to output
 
   int px[kVecs][kPer], py[kVecs][kPer];
   vector_pixels<kPer>(v0, C, H, W, nhwc, px, py);
@@ -198,7 +192,8 @@ __global__ void composite_vec_kernel(const uint4* __restrict__ fg, const uint4* 
   unsigned hole[kVecs];
 #pragma unroll
   for (int j = 0; j < kVecs; ++j) hole[j] = kAll;
-  replay_vectors<kPer>(rects, erase, offsets[b], offsets[b + 1], H, W, x_lo, x_hi, y_lo, y_hi, px, py, hole);
+  replay_vectors<kPer>(rects, erase, offsets[b], offsets[b + 1], H, W, geo.x_lo, geo.x_hi, geo.y_lo, geo.y_hi, px, py,
+                       hole);
 
   const int64_t at0 = static_cast<int64_t>(b) * vecs_per_image;
   const int64_t bg0 = source * vecs_per_image;

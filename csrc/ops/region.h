@@ -378,6 +378,31 @@ __device__ inline void tile_rows(int e0, int e1, const Geometry& g, int& y0, int
   }
 }
 
+// composite's per-image geometry: the background image it reads (bg_index[b]; out of range trips a
+// device assertion, as torch's own indexing kernels do), and the window [x_lo,x_hi) x [y_lo,y_hi) of
+// output pixels whose source pixel (x - dx, y - dy) lies inside the image. A shift of a whole image
+// or more leaves no foreground; clamping it keeps the sums in int.
+struct CompositeImage {
+  int64_t source;
+  int dx, dy, x_lo, x_hi, y_lo, y_hi;
+};
+
+__device__ inline CompositeImage composite_image(const int64_t* __restrict__ bg_index, int64_t num_bg,
+                                                 const int64_t* __restrict__ shift, int b, int H, int W) {
+  CompositeImage c;
+  c.source = bg_index[b];
+  CUDA_KERNEL_ASSERT(c.source >= 0 && c.source < num_bg && "composite: bg_index out of range");
+  c.source = c.source < 0 ? 0 : (c.source >= num_bg ? num_bg - 1 : c.source);
+  const int64_t sx = shift[2 * b], sy = shift[2 * b + 1];
+  c.dx = static_cast<int>(sx < -W ? -W : (sx > W ? W : sx));
+  c.dy = static_cast<int>(sy < -H ? -H : (sy > H ? H : sy));
+  c.x_lo = min(max(c.dx, 0), W);
+  c.x_hi = max(min(W + c.dx, W), c.x_lo);
+  c.y_lo = min(max(c.dy, 0), H);
+  c.y_hi = max(min(H + c.dy, H), c.y_lo);
+  return c;
+}
+
 // Reads offsets[b], offsets[b+1]; bad values (only possible from a caller bypassing the checks
 // of the samplers) trip a device assertion, as torch's own indexing kernels do.
 __device__ inline void op_range(const int64_t* __restrict__ offsets, int b, int64_t num_rects,

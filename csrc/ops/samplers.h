@@ -211,6 +211,23 @@ inline void check_shift(const at::Tensor& boxes, const at::Tensor& valid, const 
               u.device());
 }
 
+// A sampling op's three inputs made contiguous (kept alive here) and their data. On a GPU, make it
+// under the op's device guard: a non-contiguous input is copied on the current device.
+struct Inputs {
+  at::Tensor boxes_c, valid_c, u_c;
+  const float* boxes;
+  const bool* valid;
+  const double* u;
+
+  Inputs(const at::Tensor& b, const at::Tensor& v, const at::Tensor& w)
+      : boxes_c(b.contiguous()),
+        valid_c(v.contiguous()),
+        u_c(w.contiguous()),
+        boxes(boxes_c.const_data_ptr<float>()),
+        valid(valid_c.const_data_ptr<bool>()),
+        u(u_c.const_data_ptr<double>()) {}
+};
+
 // size: (H, W), or empty for no clipping where `optional` is set.
 inline Bounds bounds_of(const char* op, at::IntArrayRef size, bool optional) {
   TORCH_CHECK(size.size() == 2 || (optional && size.empty()), op, ": size must be (H, W)",

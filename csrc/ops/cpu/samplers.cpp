@@ -22,19 +22,16 @@ std::tuple<at::Tensor, at::Tensor> prc_plan_cpu(const at::Tensor& boxes, const a
   check_cpu("prc_plan", boxes);
   const Bounds bounds = sampling::bounds_of("prc_plan", size, /*optional=*/true);
   const int64_t b = boxes.size(0), k = boxes.size(1);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor rects = at::empty({b, 2 * k, 4}, boxes.options());
   at::Tensor order = at::empty({b, k}, boxes.options().dtype(at::kLong));
-  const float* bp = bx.const_data_ptr<float>();
-  const bool* vp = v.const_data_ptr<bool>();
-  const double* up = uu.const_data_ptr<double>();
   float* rp = rects.mutable_data_ptr<float>();
   int64_t* op = order.mutable_data_ptr<int64_t>();
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     sampling::PrcScratch scratch;
     for (int64_t i = begin; i < end; ++i) {
-      sampling::prc_image(bp + i * k * 4, vp + i * k, up + i * k * 3, static_cast<int>(k), bounds, lo, width,
-                          max_cover, rp + i * k * 8, op + i * k, &scratch);
+      sampling::prc_image(in.boxes + i * k * 4, in.valid + i * k, in.u + i * k * 3, static_cast<int>(k), bounds,
+                          lo, width, max_cover, rp + i * k * 8, op + i * k, &scratch);
     }
   });
   return {rects, order};
@@ -46,17 +43,14 @@ std::tuple<at::Tensor, at::Tensor> prm_plan_cpu(const at::Tensor& boxes, const a
   sampling::check_rows("prm_plan", boxes, valid, u, 4);
   check_cpu("prm_plan", boxes);
   const Bounds bounds = sampling::bounds_of("prm_plan", size, /*optional=*/false);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor rects = at::empty(boxes.sizes(), boxes.options());
   at::Tensor side = at::empty(valid.sizes(), boxes.options().dtype(at::kLong));
-  const float* bp = bx.const_data_ptr<float>();
-  const bool* vp = v.const_data_ptr<bool>();
-  const double* up = uu.const_data_ptr<double>();
   float* rp = rects.mutable_data_ptr<float>();
   int64_t* sp = side.mutable_data_ptr<int64_t>();
   for (int64_t i = 0, n = valid.numel(); i < n; ++i) {
-    sampling::prm_box(bp + 4 * i, vp[i], up + 4 * i, bounds, area_lo, area_width, ratio_lo, ratio_width, rp + 4 * i,
-                      sp + i);
+    sampling::prm_box(in.boxes + 4 * i, in.valid[i], in.u + 4 * i, bounds, area_lo, area_width, ratio_lo,
+                      ratio_width, rp + 4 * i, sp + i);
   }
   return {rects, side};
 }
@@ -68,17 +62,14 @@ std::tuple<at::Tensor, at::Tensor> jitter_plan_cpu(const at::Tensor& boxes, cons
   sampling::check_rows("jitter_plan", boxes, valid, u, 5);
   check_cpu("jitter_plan", boxes);
   const Bounds bounds = sampling::bounds_of("jitter_plan", size, /*optional=*/true);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor out = at::empty(boxes.sizes(), boxes.options());
   at::Tensor jittered = at::empty(valid.sizes(), valid.options());
-  const float* bp = bx.const_data_ptr<float>();
-  const bool* vp = v.const_data_ptr<bool>();
-  const double* up = uu.const_data_ptr<double>();
   float* op = out.mutable_data_ptr<float>();
   bool* jp = jittered.mutable_data_ptr<bool>();
   for (int64_t i = 0, n = valid.numel(); i < n; ++i) {
-    jp[i] = sampling::jitter_box(bp + 4 * i, vp[i], up + 5 * i, p, shift_lo, shift_width, scale_lo, scale_width,
-                                 bounds, op + 4 * i);
+    jp[i] = sampling::jitter_box(in.boxes + 4 * i, in.valid[i], in.u + 5 * i, p, shift_lo, shift_width, scale_lo,
+                                 scale_width, bounds, op + 4 * i);
   }
   return {out, jittered};
 }
@@ -89,14 +80,12 @@ at::Tensor shift_plan_cpu(const at::Tensor& boxes, const at::Tensor& valid, cons
   check_cpu("shift_plan", boxes);
   const Bounds bounds = sampling::bounds_of("shift_plan", size, /*optional=*/false);
   const int64_t b = boxes.size(0), k = boxes.size(1);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor shift = at::empty({b, 2}, boxes.options().dtype(at::kLong));
-  const float* bp = bx.const_data_ptr<float>();
-  const bool* vp = v.const_data_ptr<bool>();
-  const double* up = uu.const_data_ptr<double>();
   int64_t* tp = shift.mutable_data_ptr<int64_t>();
   for (int64_t i = 0; i < b; ++i) {
-    sampling::shift_image(bp + i * k * 4, vp + i * k, up + 2 * i, static_cast<int>(k), bounds.h, bounds.w, tp + 2 * i);
+    sampling::shift_image(in.boxes + i * k * 4, in.valid + i * k, in.u + 2 * i, static_cast<int>(k), bounds.h,
+                          bounds.w, tp + 2 * i);
   }
   return shift;
 }

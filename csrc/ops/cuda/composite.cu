@@ -27,16 +27,8 @@ __global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __
   const int H = g.H, W = g.W;
   const int image = g.C * H * W;
   const int base = blockIdx.x * kThreads * kPerThread + threadIdx.x;
-  int64_t source = bg_index[b];
-  CUDA_KERNEL_ASSERT(source >= 0 && source < num_bg && "composite: bg_index out of range");
-  source = source < 0 ? 0 : (source >= num_bg ? num_bg - 1 : source);
-  // A shift of a whole image or more leaves no foreground; clamping keeps the sums in int.
-  const int64_t sx = shift[2 * b], sy = shift[2 * b + 1];
-  const int dx = static_cast<int>(sx < -W ? -W : (sx > W ? W : sx));
-  const int dy = static_cast<int>(sy < -H ? -H : (sy > H ? H : sy));
-  // Output pixels whose source (x - dx, y - dy) is inside the image.
-  const int x_lo = min(max(dx, 0), W), x_hi = max(min(W + dx, W), x_lo);
-  const int y_lo = min(max(dy, 0), H), y_hi = max(min(H + dy, H), y_lo);
+  const region::CompositeImage geo = region::composite_image(bg_index, num_bg, shift, b, H, W);
+  const int64_t source = geo.source;
 
   region::TileState s;
 #pragma unroll
@@ -54,9 +46,9 @@ __global__ void composite_kernel(const word_t* __restrict__ fg, const word_t* __
   int tile_y0, tile_y1;
   const int tile_e0 = blockIdx.x * kThreads * kPerThread;
   region::tile_rows(tile_e0, min(tile_e0 + kThreads * kPerThread, image) - 1, g, tile_y0, tile_y1);
-  region::replay_tile(s, rects, erase, r0, r1, H, W, x_lo, x_hi, y_lo, y_hi, tile_y0,
+  region::replay_tile(s, rects, erase, r0, r1, H, W, geo.x_lo, geo.x_hi, geo.y_lo, geo.y_hi, tile_y0,
                        tile_y1);
-  const int moved = (dy * W + dx) * (g.nhwc ? g.C : 1);  // element distance from source to output
+  const int moved = (geo.dy * W + geo.dx) * (g.nhwc ? g.C : 1);  // element distance from source to output
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int e = base + i * kThreads;

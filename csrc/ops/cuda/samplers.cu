@@ -68,16 +68,17 @@ std::tuple<at::Tensor, at::Tensor> prc_plan_cuda(const at::Tensor& boxes, const 
   const Bounds bounds = sampling::bounds_of("prc_plan", size, /*optional=*/true);
   const c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t b = boxes.size(0), k = boxes.size(1);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor rects = at::empty({b, 2 * k, 4}, boxes.options());
   at::Tensor order = at::empty({b, k}, boxes.options().dtype(at::kLong));
   if (b == 0 || k == 0) return {rects, order};
   // Each image's working arrays in global memory (prc::Cells says why); the caching allocator's
   // blocks are 512-byte aligned and PrcScratch's size is a multiple of its alignment.
-  at::Tensor scratch = at::empty({b * static_cast<int64_t>(sizeof(sampling::PrcScratch))}, boxes.options().dtype(at::kByte));
+  at::Tensor scratch =
+      at::empty({b * static_cast<int64_t>(sizeof(sampling::PrcScratch))}, boxes.options().dtype(at::kByte));
   prc_plan_kernel<<<blocks_for(b), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bx.const_data_ptr<float>(), v.const_data_ptr<bool>(), uu.const_data_ptr<double>(), b, static_cast<int>(k),
-      bounds, lo, width, max_cover, rects.mutable_data_ptr<float>(), order.mutable_data_ptr<int64_t>(),
+      in.boxes, in.valid, in.u, b, static_cast<int>(k), bounds, lo, width, max_cover,
+      rects.mutable_data_ptr<float>(), order.mutable_data_ptr<int64_t>(),
       reinterpret_cast<sampling::PrcScratch*>(scratch.mutable_data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {rects, order};
@@ -90,14 +91,14 @@ std::tuple<at::Tensor, at::Tensor> prm_plan_cuda(const at::Tensor& boxes, const 
   check_cuda("prm_plan", boxes);
   const Bounds bounds = sampling::bounds_of("prm_plan", size, /*optional=*/false);
   const c10::cuda::CUDAGuard guard(boxes.device());
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor rects = at::empty(boxes.sizes(), boxes.options());
   at::Tensor side = at::empty(valid.sizes(), boxes.options().dtype(at::kLong));
   const int64_t n = valid.numel();
   if (n == 0) return {rects, side};
   prm_plan_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bx.const_data_ptr<float>(), v.const_data_ptr<bool>(), uu.const_data_ptr<double>(), n, bounds, area_lo,
-      area_width, ratio_lo, ratio_width, rects.mutable_data_ptr<float>(), side.mutable_data_ptr<int64_t>());
+      in.boxes, in.valid, in.u, n, bounds, area_lo, area_width, ratio_lo, ratio_width,
+      rects.mutable_data_ptr<float>(), side.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {rects, side};
 }
@@ -110,14 +111,14 @@ std::tuple<at::Tensor, at::Tensor> jitter_plan_cuda(const at::Tensor& boxes, con
   check_cuda("jitter_plan", boxes);
   const Bounds bounds = sampling::bounds_of("jitter_plan", size, /*optional=*/true);
   const c10::cuda::CUDAGuard guard(boxes.device());
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor out = at::empty(boxes.sizes(), boxes.options());
   at::Tensor jittered = at::empty(valid.sizes(), valid.options());
   const int64_t n = valid.numel();
   if (n == 0) return {out, jittered};
   jitter_plan_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bx.const_data_ptr<float>(), v.const_data_ptr<bool>(), uu.const_data_ptr<double>(), n, bounds, p, shift_lo,
-      shift_width, scale_lo, scale_width, out.mutable_data_ptr<float>(), jittered.mutable_data_ptr<bool>());
+      in.boxes, in.valid, in.u, n, bounds, p, shift_lo, shift_width, scale_lo, scale_width,
+      out.mutable_data_ptr<float>(), jittered.mutable_data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, jittered};
 }
@@ -129,12 +130,11 @@ at::Tensor shift_plan_cuda(const at::Tensor& boxes, const at::Tensor& valid, con
   const Bounds bounds = sampling::bounds_of("shift_plan", size, /*optional=*/false);
   const c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t b = boxes.size(0), k = boxes.size(1);
-  const at::Tensor bx = boxes.contiguous(), v = valid.contiguous(), uu = u.contiguous();
+  const sampling::Inputs in(boxes, valid, u);
   at::Tensor shift = at::empty({b, 2}, boxes.options().dtype(at::kLong));
   if (b == 0) return shift;
   shift_plan_kernel<<<blocks_for(b), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      bx.const_data_ptr<float>(), v.const_data_ptr<bool>(), uu.const_data_ptr<double>(), b, static_cast<int>(k),
-      bounds.h, bounds.w, shift.mutable_data_ptr<int64_t>());
+      in.boxes, in.valid, in.u, b, static_cast<int>(k), bounds.h, bounds.w, shift.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return shift;
 }
