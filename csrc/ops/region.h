@@ -234,10 +234,10 @@ class Bands {
     }
     for (int64_t band = 0; band < bands; ++band) first_[band + 1] += first_[band];
     covering_.resize(static_cast<size_t>(first_[bands]));
-    std::vector<int64_t> next(first_.begin(), first_.end() - 1);
+    next_.assign(first_.begin(), first_.end() - 1);
     for (size_t i = 0; i < spans_.size(); ++i) {
       for (int64_t band = spans_[i].band_begin; band < spans_[i].band_end; ++band) {
-        covering_[next[band]++] = static_cast<int32_t>(i);
+        covering_[next_[band]++] = static_cast<int32_t>(i);
       }
     }
   }
@@ -268,6 +268,7 @@ class Bands {
   std::vector<int64_t> ys_;         // band boundaries (rows)
   std::vector<int64_t> first_;      // CSR offsets of covering_ per band
   std::vector<int32_t> covering_;   // indices into spans_, in op order, per band
+  std::vector<int64_t> next_;       // build's fill cursor per band (kept to reuse its memory)
 };
 
 #ifdef __CUDACC__
