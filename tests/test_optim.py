@@ -1,4 +1,5 @@
 """LARS against a hand computation; the lr and momentum schedules at their defining points."""
+import copy
 import math
 
 import pytest
@@ -85,3 +86,93 @@ def test_param_groups_for_lars():
 def test_lars_rejects_bad_arguments():
     with pytest.raises(ValueError, match="momentum"):
         LARS([torch.nn.Parameter(torch.ones(1))], momentum=1.5)
+
+
+def _lars_problem(device="cpu", seed=0):
+    """Parameters of several shapes and dtypes in three groups (adapt, plain, and one that decides per
+    parameter), with the corner cases: a zero tensor (|p| = 0), a zero gradient with no weight decay
+    (|d| = 0), a parameter without a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (16, 8), (5,), (4, 4), (7,), (2, 3, 1, 1), (6,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+    ps.append(torch.nn.Parameter(torch.zeros(3, 3, device=device)))                       # |p| = 0
+    ps.append(torch.nn.Parameter(torch.randn(4, 2, generator=g).double().to(device)))     # float64
+    ps.append(torch.nn.Parameter(torch.randn(3, 3, generator=g).to(device)))              # no grad
+    ps.append(torch.nn.Parameter(torch.randn(2, 5, generator=g).to(device)))              # |d| = 0
+    groups = [{"params": [ps[0], ps[1], ps[7], ps[8], ps[9]], "lars_adapt": True, "weight_decay": 0.01},
+              {"params": [ps[2], ps[4]], "lars_adapt": False, "weight_decay": 0.0},
+              {"params": [ps[3], ps[5], ps[6]]},                     # adapt decided by ndim
+              {"params": [ps[10]], "lars_adapt": True, "weight_decay": 0.0}]
+
+    def grads(step):
+        gg = torch.Generator().manual_seed(1000 * seed + step)
+        for i, p in enumerate(ps):
+            if i == 9:
+                continue
+            p.grad = (torch.zeros_like(p) if i == 10 else
+                      torch.randn(p.shape, generator=gg, dtype=p.dtype).to(device))
+    return ps, groups, grads
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_lars_foreach_equals_the_per_parameter_loop(momentum):
+    """The multi-tensor update against the one-parameter-at-a-time reference, bit for bit on the CPU
+    over several steps (the momentum buffers carry over)."""
+    runs = []
+    for foreach in (True, False):
+        ps, groups, grads = _lars_problem()
+        opt = LARS(groups, lr=0.3, momentum=momentum, trust_coefficient=0.02, foreach=foreach)
+        before = [p.detach().clone() for p in ps]
+        for step in range(4):
+            grads(step)
+            opt.step()
+        runs.append(([p.detach().clone() for p in ps], before))
+    (a, a0), (b, _) = runs
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and torch.equal(x, y), f"parameter {i} differs"
+    assert torch.equal(a[9], a0[9])                        # no gradient: untouched
+    assert not torch.equal(a[0], a0[0]) and not torch.equal(a[2], a0[2])   # the others moved
+
+
+def test_lars_foreach_state_resumes_in_the_loop():
+    """The two paths keep the same state: a checkpoint of one continues in the other."""
+    ps, groups, grads = _lars_problem(seed=1)
+    opt = LARS(groups, lr=0.1, foreach=True)
+    grads(0)
+    opt.step()
+    state = opt.state_dict()
+    snapshot = [p.detach().clone() for p in ps]
+    results = []
+    for foreach in (False, True):
+        with torch.no_grad():
+            for p, s in zip(ps, snapshot):
+                p.copy_(s)
+        resumed = LARS(groups, lr=0.1, foreach=foreach)
+        resumed.load_state_dict(copy.deepcopy(state))   # loading shares the buffers' storage
+        grads(1)
+        resumed.step()
+        results.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_lars_rejects_sparse_gradients():
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    w.grad = torch.ones(3, 2).to_sparse()
+    for foreach in (True, False):
+        with pytest.raises(RuntimeError, match="sparse"):
+            LARS([w], lr=0.1, foreach=foreach).step()
+
+
+@pytest.mark.cuda
+def test_lars_foreach_on_cuda_matches_the_cpu_loop():
+    """On a GPU the multi-tensor norms sum in another order: equal to the CPU reference up to rounding."""
+    out = {}
+    for device, foreach in (("cpu", False), ("cuda", True)):
+        ps, groups, grads = _lars_problem(device)
+        opt = LARS(groups, lr=0.3, trust_coefficient=0.02, foreach=foreach)
+        for step in range(3):
+            grads(step)
+            opt.step()
+        out[device] = [p.detach().cpu() for p in ps]
+    for x, y in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)

@@ -100,7 +100,7 @@ class StudentTeacher(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         online, teacher = self._pairs()
-        torch._foreach_lerp_(teacher, [p.detach() for p in online], 1.0 - momentum)
+        torch._foreach_lerp_(teacher, online, 1.0 - momentum)  # no_grad: no detach needed
         src = list(self.online_backbone.buffers()) + list(self.online_projector.buffers())
         dst = list(self.teacher_backbone.buffers()) + list(self.teacher_projector.buffers())
         torch._foreach_copy_(dst, src)

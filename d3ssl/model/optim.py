@@ -52,10 +52,16 @@ class LARS(torch.optim.Optimizer):
         weight_decay: 1e-5 in the paper.
         momentum: 0.9.
         trust_coefficient: 0.001.
+        foreach: update all parameters of a group with a few multi-tensor operations (the
+            default) instead of a dozen small operations per parameter. The same arithmetic
+            either way: bit for bit on a CPU; on a GPU the norms may differ in the last bits (their
+            multi-tensor reduction sums in another order). For ResNet-50-C4 and its heads the update
+            is 24 operations instead of 1,144 (one kernel launch each but for the per-parameter
+            trust-ratio multiply), tiny kernels that the GPU would otherwise idle between.
     """
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 1e-5, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
+                 trust_coefficient: float = 0.001, foreach: bool = True):
         if lr < 0:
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -67,6 +73,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         trust_coefficient=trust_coefficient, lars_adapt=None)
         super().__init__(params, defaults)
+        self.foreach = bool(foreach)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -76,26 +83,68 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for g in self.param_groups:
             for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                adapt = g["lars_adapt"] if g["lars_adapt"] is not None else p.ndim > 1
-                if adapt:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    p_norm = torch.linalg.vector_norm(p)
-                    d_norm = torch.linalg.vector_norm(d)
-                    one = torch.ones_like(p_norm)
-                    q = torch.where(p_norm > 0,
-                                    torch.where(d_norm > 0, g["trust_coefficient"] * p_norm / d_norm, one),
-                                    one)
-                    d = d.mul(q)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+            if self.foreach:
+                self._group_foreach(g)
+            else:
+                self._group_loop(g)
         return loss
+
+    def _adapt(self, g, p) -> bool:
+        return g["lars_adapt"] if g["lars_adapt"] is not None else p.ndim > 1
+
+    def _buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+    def _group_loop(self, g):
+        """The update one parameter at a time: the reference the multi-tensor path must equal."""
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad
+            if self._adapt(g, p):
+                d = d.add(p, alpha=g["weight_decay"])
+                p_norm = torch.linalg.vector_norm(p)
+                d_norm = torch.linalg.vector_norm(d)
+                one = torch.ones_like(p_norm)
+                q = torch.where(p_norm > 0,
+                                torch.where(d_norm > 0, g["trust_coefficient"] * p_norm / d_norm, one),
+                                one)
+                d = d.mul(q)
+            buf = self._buffer(p)
+            buf.mul_(g["momentum"]).add_(d)
+            p.add_(buf, alpha=-g["lr"])
+
+    def _group_foreach(self, g):
+        """The same update with multi-tensor operations, over the group's parameters split by
+        device, dtype and whether they adapt."""
+        lists: dict[tuple, list] = {}
+        for p in g["params"]:
+            if p.grad is not None:
+                lists.setdefault((p.device, p.dtype, self._adapt(g, p)), []).append(p)
+        for (_, _, adapt), params in lists.items():
+            grads = [p.grad for p in params]
+            bufs = [self._buffer(p) for p in params]
+            if adapt:
+                d = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                p_norm = torch.stack(torch._foreach_norm(params))
+                d_norm = torch.stack(torch._foreach_norm(d))
+                one = torch.ones_like(p_norm)
+                q = torch.where(p_norm > 0,
+                                torch.where(d_norm > 0, g["trust_coefficient"] * p_norm / d_norm, one),
+                                one)
+                # One small multiply per parameter: no multi-tensor kernel scales each tensor by
+                # its own device-side scalar.
+                torch._foreach_mul_(d, list(q.unbind(0)))
+            else:
+                d = grads
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
 def param_groups_for_lars(model: nn.Module, weight_decay: float = 1e-5) -> list[dict]:
