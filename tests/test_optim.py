@@ -163,11 +163,31 @@ def test_lars_rejects_sparse_gradients():
             LARS([w], lr=0.1, foreach=foreach).step()
 
 
+def _spy_paths(monkeypatch):
+    used = []
+    for name in ("_group_foreach", "_group_loop"):
+        original = getattr(LARS, name)
+        monkeypatch.setattr(LARS, name, lambda self, g, _f=original, _n=name: (used.append(_n), _f(self, g)))
+    return used
+
+
+def test_lars_default_path_is_the_loop_on_cpu(monkeypatch):
+    used = _spy_paths(monkeypatch)
+    ps, groups, grads = _lars_problem()
+    grads(0)
+    LARS(groups, lr=0.1).step()
+    assert used == ["_group_loop"] * len(groups)
+    LARS(groups, lr=0.1, foreach=True).step()
+    assert used[len(groups):] == ["_group_foreach"] * len(groups)
+
+
 @pytest.mark.cuda
-def test_lars_foreach_on_cuda_matches_the_cpu_loop():
-    """On a GPU the multi-tensor norms sum in another order: equal to the CPU reference up to rounding."""
+def test_lars_foreach_on_cuda_matches_the_cpu_loop(monkeypatch):
+    """On a GPU the default is the multi-tensor path; its norms sum in another order: equal to the
+    CPU reference up to rounding."""
+    used = _spy_paths(monkeypatch)
     out = {}
-    for device, foreach in (("cpu", False), ("cuda", True)):
+    for device, foreach in (("cpu", False), ("cuda", None)):
         ps, groups, grads = _lars_problem(device)
         opt = LARS(groups, lr=0.3, trust_coefficient=0.02, foreach=foreach)
         for step in range(3):
@@ -176,3 +196,4 @@ def test_lars_foreach_on_cuda_matches_the_cpu_loop():
         out[device] = [p.detach().cpu() for p in ps]
     for x, y in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    assert "_group_foreach" in used

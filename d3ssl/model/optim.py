@@ -52,16 +52,19 @@ class LARS(torch.optim.Optimizer):
         weight_decay: 1e-5 in the paper.
         momentum: 0.9.
         trust_coefficient: 0.001.
-        foreach: update all parameters of a group with a few multi-tensor operations (the
-            default) instead of a dozen small operations per parameter. The same arithmetic
-            either way: bit for bit on a CPU; on a GPU the norms may differ in the last bits (their
-            multi-tensor reduction sums in another order). For ResNet-50-C4 and its heads the update
-            is 24 operations instead of 1,144 (one kernel launch each but for the per-parameter
-            trust-ratio multiply), tiny kernels that the GPU would otherwise idle between.
+        foreach: update all parameters of a group with a few multi-tensor operations instead of a
+            dozen small operations per parameter. The same arithmetic either way: bit for bit on a
+            CPU; on a GPU the norms may differ in the last bits (their multi-tensor reduction sums
+            in another order). For ResNet-50-C4 and its heads the update is 24 operations instead of
+            1,144 (one kernel launch each but for the per-parameter trust-ratio multiply), tiny
+            kernels that a GPU would otherwise idle between. On a CPU the loop is faster (each
+            tensor stays in cache through its dozen operations: 75 against 85 ms for ResNet-50-C4
+            on 2 cores). None (the default): multi-tensor for groups whose parameters are all on a
+            GPU, the loop otherwise.
     """
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 1e-5, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001, foreach: bool = True):
+                 trust_coefficient: float = 0.001, foreach: bool | None = None):
         if lr < 0:
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -73,7 +76,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         trust_coefficient=trust_coefficient, lars_adapt=None)
         super().__init__(params, defaults)
-        self.foreach = bool(foreach)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,7 +88,10 @@ class LARS(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("LARS does not support sparse gradients")
-            if self.foreach:
+            foreach = self.foreach
+            if foreach is None:
+                foreach = all(p.device.type == "cuda" for p in g["params"])
+            if foreach:
                 self._group_foreach(g)
             else:
                 self._group_loop(g)
