@@ -7,8 +7,9 @@ For the stage (batch 64 at 224 and 112, the Batch contract's dtype): per call, t
 operations and kernels by total time and count, and for region_erase and composite their kernel
 time per stage call as a share of the card's copy bandwidth (one read and one write of the views). For the step:
 per step, the wall time and where the main thread spent it (labelled phases: waiting for the loader,
-the region stage, forward, backward, reading the loss, which waits for the GPU, the optimiser and the
-teacher update), and on a GPU how busy the GPU was. The throughput benchmark (benchmarks/throughput.py)
+the region stage, forward, backward, reading the loss, which waits for the forward on the GPU, the
+optimiser and the teacher update), and on a GPU how busy the GPU was and where the host synchronised
+with it (torch's sync debug mode; reading the loss through an event is not counted). The throughput benchmark (benchmarks/throughput.py)
 says how fast; this says why.
 """
 import argparse
@@ -179,8 +180,29 @@ def profile_step(args):
                 print(f"  GPU busy {busy:.1f} ms per step ({busy / (wall * 1e3):.1%} of the wall time)")
             except Exception as e:  # noqa: BLE001
                 print(f"  (GPU busy time unavailable: {type(e).__name__}: {e})")
+        if device == "cuda":
+            _count_syncs(stepper, source, get, args.steps)
         print(events.table(sort_by=_sort_key(device, events), row_limit=args.rows))
     del stream, loader
+
+
+def _count_syncs(stepper, source, get, steps):
+    """Runs `steps` more steps under torch's CUDA sync debug mode and prints the host
+    synchronisations it reports per step, by the line of Python that caused them."""
+    import collections
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                stepper(source, get)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    print(f"  host synchronisations (sync debug mode): {sum(sites.values()) / steps:.1f} per step"
+          + "".join(f"\n    {n / steps:.1f} per step at {site}" for site, n in sites.most_common(8)))
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import DEVICES, ROOT
 from train import checkpoint as ckpt
 from train import run as trainer
 from train.logging import read_log
@@ -308,3 +308,60 @@ def test_trainer_region_stage_gives_the_functions_views(method):
         kept.append(got)   # views kept by the caller are never overwritten by later steps
     again = [plain(make_batch(seed=s), torch.Generator().manual_seed(s)) for s in range(4)]
     assert all(torch.equal(k.x1_hat, a.x1_hat) for k, a in zip(kept, again))
+
+
+def test_host_copy_reads_the_values_at_the_time_it_was_made():
+    x = torch.tensor([1.5, float("nan"), 0.0])
+    pending = trainer.HostCopy(x)
+    x.add_(1.0)                                     # later work does not change what is read
+    got = pending.get()
+    assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == 0.0
+
+
+@pytest.mark.cuda
+def test_host_copy_waits_for_its_copy_and_not_for_later_work():
+    """The trainer reads the loss this way while the backward runs: the read must not wait for the
+    work queued after the copy (here, a long sleep kernel and an in-place change)."""
+    x = torch.tensor([2.0, -3.0], device="cuda")
+    torch.cuda.synchronize()
+    pending = trainer.HostCopy(x)
+    torch.cuda._sleep(2_000_000_000)                # ~1 s of GPU cycles queued after the copy
+    x.mul_(10.0)
+    assert pending.get() == [2.0, -3.0]
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy, "get() waited for the whole stream"
+    assert x.tolist() == [20.0, -30.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_never_waits_for_the_gpu(device):
+    """The step as the trainer orders it (benchmarks' _Stepper mirrors train/run.py): on a GPU it
+    issues no synchronising operation (reading the loss goes through HostCopy's event, which torch's
+    sync debug mode does not count), so the host queues the optimiser step while the backward runs.
+    On any device the step trains: the student moves, and the teacher follows it."""
+    from benchmarks.sections.train import _Stepper
+    from tests.test_region_stage import make_batch
+    from train.config import make_config
+    cfg = make_config("default", {"model.arch": "resnet18", "view.size": 64, "model.roi_size": 4,
+                                  "data.batch_size": 4, "model.proj_hidden": 32, "model.pred_hidden": 32,
+                                  "model.proj_dim": 16, "run.device": device})
+    stepper = _Stepper(cfg, num_images=16)
+    batch = make_batch(b=4, s=64, seed=3)
+    if device == "cuda":
+        batch = batch.pin_memory()  # as the loaders hand it over
+    for _ in range(2):  # warm: cached constants, the allocator, cuDNN's choices
+        stepper("fixed", lambda: batch)
+    student = [p.detach().clone() for p in stepper.model.online_backbone.parameters()]
+    teacher = [p.detach().clone() for p in stepper.model.teacher_backbone.parameters()]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        stepper("fixed", lambda: batch)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    moved = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert moved(student, stepper.model.online_backbone)
+    assert moved(teacher, stepper.model.teacher_backbone)

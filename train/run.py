@@ -386,23 +386,31 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = forward(views)
                 loss = out["loss"] / accum
-            scaler.scale(loss).backward()
             for k, v in out.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / accum
-        # Reading the loss below waits for the GPU to finish this step's backward; the host prepares
-        # the next step's first batch meanwhile (its copy and region stage queue behind the backward),
-        # so the GPU finds that work waiting instead of idling while the host builds it. The same
-        # batch and draws as preparing it at the top of the next step (data and seeds follow `step`).
+            if micro == accum - 1:
+                # The loss terms (NaN anywhere -> NaN everywhere) and whether any rank was signalled,
+                # in one all-reduce, so that all ranks skip or stop at the same step; their copy to
+                # the host is queued before the backward, so reading it below waits for this forward
+                # only and the GPU runs the backward while the host queues the optimiser step.
+                names = sorted(terms_sum)
+                # (torch.full fills on the device; torch.tensor(x, device=...) would be a blocking
+                # copy that waits for the whole stream.)
+                values = torch.stack([terms_sum[k] for k in names] + [torch.full(
+                    (), float(stop["signal"] is not None), device=device)])
+                if world > 1:
+                    dist.all_reduce(values)
+                    values[:-1] /= world
+                pending = HostCopy(values)
+            scaler.scale(loss).backward()  # (DDP's no_sync needs to wrap only the forward)
+        # The host prepares the next step's first batch before waiting for the loss (its copy and
+        # region stage queue behind the backward), so the GPU finds it waiting. The same batch and
+        # draws as preparing it at the top of the next step (data and seeds follow `step`).
         if step + 1 < last_step and stop["signal"] is None:
             ahead = prepare(step + 1, 0)
-        # One all-reduce: the mean loss (NaN anywhere -> NaN everywhere) and whether any rank was
-        # signalled, so that all ranks skip or stop at the same step.
-        flags = torch.stack([terms_sum["loss"], torch.tensor(float(stop["signal"] is not None),
-                                                             device=device)])
-        if world > 1:
-            dist.all_reduce(flags)
-            flags[0] /= world
-        loss_value, any_stop = float(flags[0]), bool(flags[1] > 0)
+        *term_values, any_stop = pending.get()
+        terms = dict(zip(names, term_values))
+        loss_value, any_stop = terms["loss"], any_stop > 0
         if any_stop and stop["signal"] is None:
             stop["signal"] = "SIGTERM (another rank)"
         if not math.isfinite(loss_value):
@@ -441,9 +449,9 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         if step % cfg.run.log_every == 0 or step == last_step:
             rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
                    "skipped": skipped_total}
-            for k, v in terms_sum.items():
+            for k, v in terms.items():
                 if k != "loss":
-                    rec[k] = float(v)
+                    rec[k] = v
             if bar is not None:
                 rec["images_per_s"] = ips
             logger.log(rec)
@@ -488,6 +496,27 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     logger.close()
     finish_distributed(world)
     return summary
+
+
+class HostCopy:
+    """A small device tensor's values on the host, copied without waiting for the work queued after
+    it: the copy is queued at once (into pinned memory on a GPU) and `get()` waits for that copy
+    alone, not for the whole stream."""
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values.detach().clone()
+
+    def get(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def check_channels_last(views):

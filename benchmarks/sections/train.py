@@ -1,8 +1,9 @@
 """Training throughput: the full D3SSL step fed by each loader backend vs fed by data already on the device.
 
 One step = region stage (PRC, PRM, RBJ, de-positioning) -> five views through student and teacher ->
-loss -> backward -> LARS step -> teacher EMA, ordered as train/run.py orders it (the next step's batch
-copy and region stage are queued after the backward, before the loss is read). The anchor is the same step
+loss -> backward -> LARS step -> teacher EMA, ordered as train/run.py orders it (the loss's copy to the
+host is queued after the forward, the next step's batch copy and region stage after the backward, and
+the loss is read, waiting for the forward only, before the optimiser step). The anchor is the same step
 fed by one batch kept on the device (the model-only ceiling), timed in the same run, so the ratio
 fed / ceiling is the share of the ceiling the loader lets training reach (target 0.95). SoCo's step
 (its own augmentations and BYOL objective) is reported against D3SSL's ceiling for comparison.
@@ -49,7 +50,7 @@ class _Stepper:
 
     def __init__(self, cfg, num_images, compile=False):
         from d3ssl.model import LARS, param_groups_for_lars
-        from train.run import amp_dtype, build_model
+        from train.run import HostCopy, amp_dtype, build_model
         self.cfg = cfg
         self.device = torch.device(cfg.run.device)
         self.dtype = amp_dtype(cfg, self.device)
@@ -63,6 +64,7 @@ class _Stepper:
         from train.run import make_region_stage
         self.stage = make_region_stage(cfg)
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
+        self._host_copy = HostCopy
 
         self._ahead = {}
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
@@ -76,19 +78,21 @@ class _Stepper:
 
     def __call__(self, source, fetch):
         """One step, ordered as train/run.py orders it: this step's views were prepared by the
-        previous call on the same `source` (a name; `fetch()` gives its next batch), and the next
-        step's are prepared after the backward, while the trainer waits to read the loss."""
+        previous call on the same `source` (a name; `fetch()` gives its next batch); the loss's copy
+        to the host is queued after the forward, the next step's views after the backward, and then
+        the loss is read (waiting for the forward only) before the optimiser step is queued."""
         views = self._ahead.pop(source, None)
         if views is None:
             views = self._prepare(fetch())
         with self.phase("forward"), torch.autocast(self.device.type, dtype=self.dtype,
                                                    enabled=self.dtype is not None):
             loss = self.forward(views)["loss"]
+            pending = self._host_copy(loss.detach().float())  # queued before the backward, as the trainer does
         with self.phase("backward"):
             loss.backward()
         self._ahead[source] = self._prepare(fetch())
         with self.phase("read the loss"):
-            loss.item()  # the trainer's non-finite check reads the loss here
+            pending.get()  # the trainer's non-finite check: waits for the forward, not the backward
         with self.phase("optimiser"):
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
