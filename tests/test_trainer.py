@@ -365,3 +365,19 @@ def test_training_step_never_waits_for_the_gpu(device):
     moved = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert moved(student, stepper.model.online_backbone)
     assert moved(teacher, stepper.model.teacher_backbone)
+
+
+def test_configure_backends_sets_cudnn_benchmark_for_gpu_runs_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        cfg = trainer.TrainConfig()
+        torch.backends.cudnn.benchmark = False
+        trainer.configure_backends(cfg, torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        trainer.configure_backends(cfg, torch.device("cuda"))   # (sets a flag: no GPU needed)
+        assert torch.backends.cudnn.benchmark is True
+        cfg.run.cudnn_benchmark = False
+        trainer.configure_backends(cfg, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -89,6 +89,10 @@ class RunConfig:
         "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16, none")})
     channels_last: bool = field(default=True, metadata={"help": "train in channels_last memory format"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the method's forward"})
+    cudnn_benchmark: bool = field(default=True, metadata={"help": (
+        "on a GPU, let cuDNN time its convolution algorithms for the step's shapes (fixed: padded "
+        "boxes, full batches) on the first steps and keep the fastest; runs are then not bit for bit "
+        "repeatable")})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     out: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str | None = field(default=None, metadata={"help": "run folder name (default: a timestamp)"})

@@ -84,6 +84,12 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     return table[choice]
 
 
+def configure_backends(cfg: TrainConfig, device: torch.device):
+    """Process-wide settings of the GPU libraries for training on `device` (none on a CPU)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.run.cudnn_benchmark)
+
+
 def seed_everything(seed: int):
     import random
 
@@ -255,6 +261,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         save_json(cfg, os.path.join(run_dir, "config.json"))
     dtype = amp_dtype(cfg, device)
+    configure_backends(cfg, device)
     seed_everything(cfg.run.seed + rank)
 
     # --- data -------------------------------------------------------------------------------------

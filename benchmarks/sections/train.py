@@ -50,9 +50,10 @@ class _Stepper:
 
     def __init__(self, cfg, num_images, compile=False):
         from d3ssl.model import LARS, param_groups_for_lars
-        from train.run import HostCopy, amp_dtype, build_model
+        from train.run import HostCopy, amp_dtype, build_model, configure_backends
         self.cfg = cfg
         self.device = torch.device(cfg.run.device)
+        configure_backends(cfg, self.device)
         self.dtype = amp_dtype(cfg, self.device)
         self.model = build_model(cfg, num_images, self.device, world=1)
         self.model.train()
