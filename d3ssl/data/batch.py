@@ -40,15 +40,18 @@ class Batch:
         return self.view1.device
 
     def to(self, device, dtype=None, non_blocking=False) -> "Batch":
-        """Moves every tensor to `device`; `dtype` (if given) applies to the three views only."""
+        """Moves every tensor to `device`; `dtype` (if given) applies to the three views only and
+        is applied after the move, on `device`. (Asked for both at once, torch converts a CPU
+        tensor on the CPU, in the calling thread, into pageable memory, and copies that: a batch
+        of 64 at 224 px is 22 M values converted on the training thread and a copy that cannot
+        overlap the GPU's work. Moved first, the pinned views the loaders give are one DMA
+        transfer each and the GPU converts them.)"""
+        device = torch.device(device)
         out = {}
         for f in fields(self):
-            t = getattr(self, f.name)
+            t = getattr(self, f.name).to(device=device, non_blocking=non_blocking)
             if f.name.startswith("view"):
-                t = t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking,
-                         memory_format=torch.channels_last)
-            else:
-                t = t.to(device=device, non_blocking=non_blocking)
+                t = t.to(dtype=dtype or t.dtype, memory_format=torch.channels_last)
             out[f.name] = t
         return Batch(**out)
 
