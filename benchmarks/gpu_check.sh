@@ -15,8 +15,10 @@
 #   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
 #      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
-# Not yet run on a GPU (2026-11-27): the step breakdown and the experiment exp_region_vec (~1.5 min,
-# most of it compiling); add them to the first call's group.
+# Not yet run on a GPU (2026-11-27): the step breakdown, the experiment exp_region_vec (~1.5 min,
+# most of it compiling) and tests_cuda_train; add them to the first call's group. The train
+# benchmark has not run since the loss is read at the forward's end, LARS is multi-tensor on GPUs,
+# cuDNN autotunes and Batch.to converts on the GPU (2026-11-27, eighth session): rerun train_bench.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
@@ -47,7 +49,12 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 step build 240 env MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e .
 # Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
 step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py \
-  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py
+  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py tests/test_optim.py tests/test_batch.py
+# The training step's CUDA tests (no host synchronisation in a step; the loss read through an event),
+# apart: if the trainer's imports fail on the GPU image, the op tests above still run.
+step tests_cuda_train 120 python -m pytest -q -m cuda -p no:cacheprovider \
+  tests/test_trainer.py::test_host_copy_waits_for_its_copy_and_not_for_later_work \
+  tests/test_trainer.py::test_training_step_never_waits_for_the_gpu
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
