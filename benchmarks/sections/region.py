@@ -3,7 +3,11 @@ straightforward PyTorch version (per-rectangle slice assignment in a Python loop
 composite) timed in the same run on the same inputs. Batch 64 at 224 and at 112 (--quick: 16 at 64).
 
 On CUDA each op is also reported as a fraction of the card's copy bandwidth, counting one read and
-one write of the batch. On the CPU the out= variants writing into a reused buffer get rows of their
+one write of the batch, from its GPU time per call (CUDA events around each call, L2 flushed before
+it: benchmarks.common.device_seconds_per_call), beside the same fraction for a plain copy of the batch
+(what a kernel of this size can reach) and the fraction implied by the wall time of one call and a
+synchronisation (what the rows' images/s measure: at these sizes mostly Python, launch and the
+synchronisation's round trip). On the CPU the out= variants writing into a reused buffer get rows of their
 own, against the same straightforward version; for region_erase the loop writing into a reused
 buffer is timed too. (Fresh CPU outputs of 1 MiB or more come from the ops' cache of freed ones, so
 they fault in no new pages either.)
@@ -12,7 +16,7 @@ import math
 
 import torch
 
-from benchmarks.common import Row, copy_bandwidth, interleaved
+from benchmarks.common import Row, copy_bandwidth, device_seconds_per_call, interleaved
 from d3ssl.augment import samplers as S
 from d3ssl.augment.stage import RegionConfig, region_stage
 from d3ssl.data.batch import Batch
@@ -155,6 +159,8 @@ def run(args):
         # by first-touch page faults of the new memory (the anchor's clone pays them too; our CPU
         # kernels take fresh outputs from a cache of freed ones, which faults no pages at all).
         floor = interleaved({"copy": lambda: torch.empty_like(x).copy_(x)}, device, **kw)["copy"]
+        if on_cuda:
+            copy_kernel = device_seconds_per_call(lambda: reused.copy_(x), device)
         for name, (ours, plain) in cases.items():
             fns = {"ours": ours, "plain": plain}
             if name == "region_erase (out=, reused buffer)":
@@ -165,8 +171,14 @@ def run(args):
                 extra["ratio to the loop writing into a reused buffer"] = (
                     f"{sec['plain_into'] / sec['ours']:.2f}")
             if on_cuda:
-                frac = 2 * x.numel() * x.element_size() / sec["ours"] / bandwidth
-                extra["fraction of copy bandwidth"] = f"{frac:.2f} (target {TARGET_BANDWIDTH})"
+                nbytes = 2 * x.numel() * x.element_size()
+                kernel = device_seconds_per_call(ours, device)
+                extra["fraction of copy bandwidth (GPU time)"] = (
+                    f"{nbytes / kernel / bandwidth:.2f} (target {TARGET_BANDWIDTH})")
+                extra["the same for a copy of the batch"] = f"{nbytes / copy_kernel / bandwidth:.2f}"
+                extra["the same from wall time per synchronised call"] = (
+                    f"{nbytes / sec['ours'] / bandwidth:.2f}")
+                extra["GPU time per call (us)"] = f"{kernel * 1e6:.1f}"
             rows.append(Row(SECTION, f"{name} {tag}", bsz / sec["ours"], bsz / sec["plain"],
                             "slice-assignment loop", target=target, extra=extra))
         g1 = torch.Generator(device=device).manual_seed(1)
