@@ -188,19 +188,33 @@ def profile_step(args):
 
 def _count_syncs(stepper, source, get, steps):
     """Runs `steps` more steps under torch's CUDA sync debug mode and prints the host
-    synchronisations it reports per step, by the line of Python that caused them."""
+    synchronisations it reports per step, by the innermost line of the project's own code on the
+    stack (torch raises them deep inside its modules; those of the backward come back to the
+    thread that called it)."""
     import collections
+    import traceback
     import warnings
-    with warnings.catch_warnings(record=True) as caught:
+    sites = collections.Counter()
+    here = os.path.abspath(__file__)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if os.path.abspath(f.filename).startswith(ROOT + os.sep) and os.path.abspath(f.filename) != here]
+        frame = ours[-1] if ours else None
+        sites[f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}" if frame
+              else f"{filename}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(steps):
                 stepper(source, get)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = collections.Counter(f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}" for w in caught
-                                if "synchroniz" in str(w.message))
     print(f"  host synchronisations (sync debug mode): {sum(sites.values()) / steps:.1f} per step"
           + "".join(f"\n    {n / steps:.1f} per step at {site}" for site, n in sites.most_common(8)))
 

@@ -60,27 +60,31 @@ def seconds_per_call(fn, device="cpu", warmup=2, min_time=1.0, min_calls=3, max_
 
 def device_seconds_per_call(fn, device, warmup=3, calls=40, flush_bytes=512 << 20):
     """GPU time of one fn() call, median over `calls`, from CUDA events around each call, with the
-    L2 cache flushed before each (a write of `flush_bytes`, more than any L2; H100: 50 MB).
+    L2 cache flushed before each (a read of `flush_bytes`, more than any L2; H100: 50 MB).
 
     What a kernel's bandwidth is judged by. seconds_per_call times a call and a synchronisation
     on the host: for a kernel of a few tens of microseconds that is mostly Python, the launch and
     the round trip of the synchronisation. Here the flush keeps the GPU busy while the host issues
     the call, so the events enclose the call's kernels and no host time; and the inputs come from
-    memory, not from the cache, as in training, where a batch is touched once per stage."""
+    memory, not from the cache, as in training, where a batch is touched once per stage. The flush
+    reads (a sum) rather than writes, so that the call does not pay for writing back the flush's
+    dirty lines; the previous call's dirty lines are written back during the flush."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device_seconds_per_call needs a CUDA device, got {device}")
-    flush = torch.empty(flush_bytes // 4, dtype=torch.float32, device=device)
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    for start, end in zip(starts, ends):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
+    with torch.cuda.device(device):
+        flush = torch.ones(flush_bytes // 4, dtype=torch.float32, device=device)
+        total = torch.empty((), dtype=torch.float32, device=device)
+        for _ in range(warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+        for start, end in zip(starts, ends):
+            torch.sum(flush, dim=0, out=total)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
     ms = sorted(start.elapsed_time(end) for start, end in zip(starts, ends))
     return ms[len(ms) // 2] / 1e3
 

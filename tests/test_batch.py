@@ -44,6 +44,17 @@ def test_dtype_is_converted_on_the_target_device():
 
 
 @pytest.mark.cuda
+def test_gpu_batch_to_the_cpu_with_a_dtype_reads_arrived_data():
+    """A non-blocking copy to the CPU converts on the GPU (or waits): never reads a pending copy."""
+    batch = make_batch(b=4, s=64).to("cuda", dtype=torch.bfloat16)
+    torch.cuda._sleep(200_000_000)          # keep the stream busy so a pending copy would show
+    got = batch.to("cpu", dtype=torch.float32, non_blocking=True)
+    torch.cuda.synchronize()
+    for name in ("view1", "view2", "view2_small"):
+        assert torch.equal(getattr(got, name), getattr(batch, name).float().cpu())
+
+
+@pytest.mark.cuda
 def test_pinned_batch_to_gpu_is_a_pinned_copy_and_the_same_values():
     batch = make_batch(b=4, s=32).pin_memory()
     want = batch.to("cpu", dtype=torch.bfloat16)

@@ -52,3 +52,70 @@ def test_two_process_gloo_run_stays_in_sync(tmp_path):
     # per step at most (valid boxes only), written for 3 steps.
     filled = int(state["model"]["queue_filled"])
     assert 0 < filled <= min(64, 3 * 2 * 2 * 2 * 4) and filled > 3 * 2 * 2 * 2  # > one box per image
+
+
+def _children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _rank_of(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return None
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' processes in /proc")
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to rank 1 only: the ranks agree on it through the step's all-reduce and both leave
+    the loop after the same step (a rank leaving alone would leave the other waiting in a collective
+    for ever); rank 0 saves and says so."""
+    import signal
+    import time
+    from d3ssl.data.synthetic import ensure_synthetic
+    data = ensure_synthetic(root=str(tmp_path / "data"), num_train=16, num_val=4, image_size=(64, 80),
+                            workers=1)
+    args = ["--data", data, "--out", str(tmp_path), "--name", "term",
+            "--model.arch", "resnet18", "--view.size", "64", "--model.roi_size", "4",
+            "--model.proj_hidden", "32", "--model.pred_hidden", "32", "--model.proj_dim", "16",
+            "--model.queue_size", "64", "--data.batch_size", "2", "--data.workers", "0",
+            "--data.proposal_workers", "1", "--run.epochs", "100", "--run.ckpt_every", "1000",
+            "--run.log_every", "1", "--run.progress", "false", "--run.oknn", "false", "--run.threads", "1"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "term" / "log.jsonl"
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2", "-m", "train.run", *args],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and not (
+                    log.is_file() and read_log(str(log))):
+                time.sleep(0.5)
+            assert proc.poll() is None and log.is_file(), (tmp_path / "out.txt").read_text()[-4000:]
+            ranks = {_rank_of(p): p for p in _children(proc.pid)}
+            assert 1 in ranks, ranks
+            os.kill(ranks[1], signal.SIGTERM)
+            assert proc.wait(timeout=180) == 0, (tmp_path / "out.txt").read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = (tmp_path / "out.txt").read_text()
+    assert "SIGTERM (another rank): saved step" in text, text[-4000:]
+    last = read_log(str(log))[-1]["step"]
+    events = [json.loads(line) for line in open(log)]
+    assert events[-1]["kind"] == "stop" and events[-1]["step"] == last
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "term"))][-1] == last

@@ -147,8 +147,10 @@ def test_lars_foreach_state_resumes_in_the_loop():
         with torch.no_grad():
             for p, s in zip(ps, snapshot):
                 p.copy_(s)
-        resumed = LARS(groups, lr=0.1, foreach=foreach)
+        resumed = LARS(groups, lr=0.1)
         resumed.load_state_dict(copy.deepcopy(state))   # loading shares the buffers' storage
+        for g in resumed.param_groups:                   # (the saved groups say foreach=True)
+            g["foreach"] = foreach
         grads(1)
         resumed.step()
         results.append([p.detach().clone() for p in ps])
@@ -177,6 +179,8 @@ def test_lars_default_path_is_the_loop_on_cpu(monkeypatch):
     grads(0)
     LARS(groups, lr=0.1).step()
     assert used == ["_group_loop"] * len(groups)
+    ps, groups, grads = _lars_problem()   # (an optimiser writes its defaults into the group dicts)
+    grads(0)
     LARS(groups, lr=0.1, foreach=True).step()
     assert used[len(groups):] == ["_group_foreach"] * len(groups)
 
@@ -197,3 +201,20 @@ def test_lars_foreach_on_cuda_matches_the_cpu_loop(monkeypatch):
     for x, y in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
     assert "_group_foreach" in used
+
+
+def test_lars_copies_and_older_state_keep_working():
+    """foreach lives in the param groups (as in torch's optimisers): a deep copy keeps it, and a
+    state saved without it loads with the default."""
+    ps, groups, grads = _lars_problem(seed=2)
+    opt = LARS(groups, lr=0.1, foreach=True)
+    grads(0)
+    copy.deepcopy(opt).step()
+    assert all(g["foreach"] is True for g in copy.deepcopy(opt).param_groups)
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        del g["foreach"]
+    fresh = LARS(groups, lr=0.1, foreach=True)
+    fresh.load_state_dict(state)
+    assert all(g["foreach"] is None for g in fresh.param_groups)
+    fresh.step()

@@ -320,22 +320,27 @@ def test_host_copy_reads_the_values_at_the_time_it_was_made():
 
 @pytest.mark.cuda
 def test_host_copy_waits_for_its_copy_and_not_for_later_work():
-    """The trainer reads the loss this way while the backward runs: the read must not wait for the
-    work queued after the copy (here, a long sleep kernel and an in-place change)."""
+    """The trainer reads the loss this way while the backward runs: making the copy must not wait
+    for the work queued before it, and reading it must wait for that work (its values are the
+    ones after it) but not for the work queued after the copy."""
     x = torch.tensor([2.0, -3.0], device="cuda")
-    torch.cuda.synchronize()
-    pending = trainer.HostCopy(x)
-    torch.cuda._sleep(2_000_000_000)                # ~1 s of GPU cycles queued after the copy
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(1_500_000_000)               # ~1 s of GPU cycles before the copy
     x.mul_(10.0)
-    assert pending.get() == [2.0, -3.0]
-    still_busy = not torch.cuda.current_stream().query()
+    pending = trainer.HostCopy(x)
+    made_while_busy = not stream.query()
+    torch.cuda._sleep(1_500_000_000)               # and as much after it
+    x.add_(1.0)
+    assert pending.get() == [20.0, -30.0]
+    read_while_busy = not stream.query()
     torch.cuda.synchronize()
-    assert still_busy, "get() waited for the whole stream"
-    assert x.tolist() == [20.0, -30.0]
+    assert made_while_busy, "HostCopy() waited for the stream"
+    assert read_while_busy, "get() waited for the whole stream"
+    assert x.tolist() == [21.0, -29.0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_training_step_never_waits_for_the_gpu(device):
+def test_training_step_never_waits_for_the_gpu(device, monkeypatch):
     """The step as the trainer orders it (benchmarks' _Stepper mirrors train/run.py): on a GPU it
     issues no synchronising operation (reading the loss goes through HostCopy's event, which torch's
     sync debug mode does not count), so the host queues the optimiser step while the backward runs.
@@ -346,6 +351,8 @@ def test_training_step_never_waits_for_the_gpu(device):
     cfg = make_config("default", {"model.arch": "resnet18", "view.size": 64, "model.roi_size": 4,
                                   "data.batch_size": 4, "model.proj_hidden": 32, "model.pred_hidden": 32,
                                   "model.proj_dim": 16, "run.device": device})
+    # _Stepper turns cuDNN's autotuner on, as training does; monkeypatch restores the flag after.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     stepper = _Stepper(cfg, num_images=16)
     batch = make_batch(b=4, s=64, seed=3)
     if device == "cuda":

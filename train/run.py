@@ -368,7 +368,11 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     model.train()
 
     # --- the loop ------------------------------------------------------------------------------------
-    while step < last_step and stop["signal"] is None:
+    # Under DDP every rank must leave the loop after the same step: a rank stops only when the
+    # all-reduced flag says some rank was signalled (a signal that lands after this rank's
+    # all-reduce is passed on in the next step's). A single process stops on its own signal.
+    stopping = False
+    while step < last_step and not stopping:
         lr = lr_schedule(step, total_steps, warmup_steps, base_lr, cfg.optim.final_lr,
                          cfg.optim.warmup_start_factor)
         for group in optimizer.param_groups:
@@ -420,6 +424,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         loss_value, any_stop = terms["loss"], any_stop > 0
         if any_stop and stop["signal"] is None:
             stop["signal"] = "SIGTERM (another rank)"
+        stopping = any_stop if world > 1 else stop["signal"] is not None
         if not math.isfinite(loss_value):
             # Skip: no optimiser step, no EMA, and the queue / BN statistics restored.
             optimizer.zero_grad(set_to_none=True)
@@ -471,7 +476,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         signal.signal(s, h)
     save(step)
     summary = {"run_dir": run_dir, "step": step, "skipped": skipped_total}
-    if stop["signal"] is not None:
+    if stopping or (world == 1 and stop["signal"] is not None):
         logger.event("stop", step=step, signal=stop["signal"])
         logger.close()
         if master:
@@ -516,7 +521,7 @@ class HostCopy:
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(values.device))  # the copy's stream
         else:
             self._host = values.detach().clone()
 

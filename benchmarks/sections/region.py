@@ -7,7 +7,9 @@ one write of the batch, from its GPU time per call (CUDA events around each call
 it: benchmarks.common.device_seconds_per_call), beside the same fraction for a plain copy of the batch
 (what a kernel of this size can reach) and the fraction implied by the wall time of one call and a
 synchronisation (what the rows' images/s measure: at these sizes mostly Python, launch and the
-synchronisation's round trip). On the CPU the out= variants writing into a reused buffer get rows of their
+synchronisation's round trip). The bytes are the target's: one read and one write of the batch,
+whatever an op moves (composite reads a foreground and a background pixel where both are needed;
+the in-place erase need not read the pixels it keeps). On the CPU the out= variants writing into a reused buffer get rows of their
 own, against the same straightforward version; for region_erase the loop writing into a reused
 buffer is timed too. (Fresh CPU outputs of 1 MiB or more come from the ops' cache of freed ones, so
 they fault in no new pages either.)

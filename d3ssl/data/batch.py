@@ -40,18 +40,26 @@ class Batch:
         return self.view1.device
 
     def to(self, device, dtype=None, non_blocking=False) -> "Batch":
-        """Moves every tensor to `device`; `dtype` (if given) applies to the three views only and
-        is applied after the move, on `device`. (Asked for both at once, torch converts a CPU
-        tensor on the CPU, in the calling thread, into pageable memory, and copies that: a batch
-        of 64 at 224 px is 22 M values converted on the training thread and a copy that cannot
-        overlap the GPU's work. Moved first, the pinned views the loaders give are one DMA
-        transfer each and the GPU converts them.)"""
+        """Moves every tensor to `device`; `dtype` (if given) applies to the three views only.
+
+        From the CPU to a GPU (any other device) the views are moved first and converted there. (Asked for both at
+        once, torch converts a CPU tensor on the CPU, in the calling thread, into pageable memory,
+        and copies that, a copy that cannot overlap the GPU's work; moved first, pinned views are
+        one asynchronous transfer each.) Every other move converts where torch does: a non-blocking
+        copy to the CPU must not be read before it has arrived."""
         device = torch.device(device)
+        move_first = device.type != "cpu" and self.view1.device.type == "cpu"
         out = {}
         for f in fields(self):
-            t = getattr(self, f.name).to(device=device, non_blocking=non_blocking)
-            if f.name.startswith("view"):
-                t = t.to(dtype=dtype or t.dtype, memory_format=torch.channels_last)
+            t = getattr(self, f.name)
+            if not f.name.startswith("view"):
+                t = t.to(device=device, non_blocking=non_blocking)
+            elif move_first:
+                t = t.to(device=device, non_blocking=non_blocking).to(
+                    dtype=dtype or t.dtype, memory_format=torch.channels_last)
+            else:
+                t = t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking,
+                         memory_format=torch.channels_last)
             out[f.name] = t
         return Batch(**out)
 
