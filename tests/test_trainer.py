@@ -14,6 +14,7 @@ import torch
 from tests.conftest import DEVICES, ROOT
 from train import checkpoint as ckpt
 from train import run as trainer
+from train.step import HostCopy
 from train.logging import read_log
 
 
@@ -312,7 +313,7 @@ def test_trainer_region_stage_gives_the_functions_views(method):
 
 def test_host_copy_reads_the_values_at_the_time_it_was_made():
     x = torch.tensor([1.5, float("nan"), 0.0])
-    pending = trainer.HostCopy(x)
+    pending = HostCopy(x)
     x.add_(1.0)                                     # later work does not change what is read
     got = pending.get()
     assert got[0] == 1.5 and math.isnan(got[1]) and got[2] == 0.0
@@ -327,7 +328,7 @@ def test_host_copy_waits_for_its_copy_and_not_for_later_work():
     stream = torch.cuda.current_stream()
     torch.cuda._sleep(1_500_000_000)               # ~1 s of GPU cycles before the copy
     x.mul_(10.0)
-    pending = trainer.HostCopy(x)
+    pending = HostCopy(x)
     made_while_busy = not stream.query()
     torch.cuda._sleep(1_500_000_000)               # and as much after it
     x.add_(1.0)
@@ -341,37 +342,48 @@ def test_host_copy_waits_for_its_copy_and_not_for_later_work():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_step_never_waits_for_the_gpu(device, monkeypatch):
-    """The step as the trainer orders it (benchmarks' _Stepper mirrors train/run.py): on a GPU it
-    issues no synchronising operation (reading the loss goes through HostCopy's event, which torch's
-    sync debug mode does not count), so the host queues the optimiser step while the backward runs.
+    """The trainer's step (train/step.py's TrainStep, two micro-batches): on a GPU it issues no
+    synchronising operation (reading the loss goes through HostCopy's event, which torch's sync
+    debug mode does not count), so the host queues the optimiser step while the backward runs.
     On any device the step trains: the student moves, and the teacher follows it."""
-    from benchmarks.sections.train import _Stepper
+    from d3ssl.model import LARS, param_groups_for_lars
     from tests.test_region_stage import make_batch
     from train.config import make_config
+    from train.step import TrainStep
     cfg = make_config("default", {"model.arch": "resnet18", "view.size": 64, "model.roi_size": 4,
                                   "data.batch_size": 4, "model.proj_hidden": 32, "model.pred_hidden": 32,
                                   "model.proj_dim": 16, "run.device": device})
-    # _Stepper turns cuDNN's autotuner on, as training does; monkeypatch restores the flag after.
+    dev = torch.device(device)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
-    stepper = _Stepper(cfg, num_images=16)
+    trainer.configure_backends(cfg, dev)               # cuDNN's autotuner on, as in training
+    dtype = trainer.amp_dtype(cfg, dev)
+    model = trainer.build_model(cfg, 16, dev, world=1)
+    model.train()
+    step = TrainStep(model, model, model, LARS(param_groups_for_lars(model), lr=0.05),
+                     torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16),
+                     trainer.make_region_stage(cfg), torch.Generator(device=dev), device=dev,
+                     amp_dtype=dtype, accum=2, check_layout=True)
     batch = make_batch(b=4, s=64, seed=3)
     if device == "cuda":
         batch = batch.pin_memory()  # as the loaders hand it over
-    for _ in range(2):  # warm: cached constants, the allocator, cuDNN's choices
-        stepper("fixed", lambda: batch)
-    student = [p.detach().clone() for p in stepper.model.online_backbone.parameters()]
-    teacher = [p.detach().clone() for p in stepper.model.teacher_backbone.parameters()]
+    fetch = lambda: (5, batch)
+    for i in range(2):  # warm: cached constants, the allocator, cuDNN's choices
+        step(i, fetch, 0.99)
+    student = [p.detach().clone() for p in model.online_backbone.parameters()]
+    teacher = [p.detach().clone() for p in model.teacher_backbone.parameters()]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
-        stepper("fixed", lambda: batch)
+        result = step(2, fetch, 0.99)
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
+    assert not result.skipped and not result.any_stop and result.epoch == 5
+    assert set(result.terms) == {"loss", "l_dc", "l_dp"} and math.isfinite(result.terms["loss"])
     moved = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
-    assert moved(student, stepper.model.online_backbone)
-    assert moved(teacher, stepper.model.teacher_backbone)
+    assert moved(student, model.online_backbone)
+    assert moved(teacher, model.teacher_backbone)
 
 
 def test_configure_backends_sets_cudnn_benchmark_for_gpu_runs_only():

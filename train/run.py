@@ -10,13 +10,13 @@ Under ``torchrun --nproc_per_node N -m train.run ...`` it trains with DDP (NCCL 
 SyncBatchNorm and a loader sharded by rank; only rank 0 writes files.
 
 The loop reads top to bottom: config -> device -> data -> model -> optimiser -> resume -> steps ->
-final checkpoint -> O-KNN. Every step: lr and EMA momentum from pure schedule functions, region stage,
-forward/backward over `accum_steps` micro-batches, a skip if the loss is not finite anywhere, LARS step,
-teacher EMA update.
+final checkpoint -> O-KNN. Every step: lr and EMA momentum from pure schedule functions, then
+train/step.py's TrainStep: region stage, forward/backward over `accum_steps` micro-batches, a skip if
+the loss is not finite anywhere, LARS step, teacher EMA update (ordered so that the GPU never waits
+for the host; the throughput benchmark times the same code).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
@@ -25,15 +25,14 @@ import math
 import os
 import signal
 import statistics
-import sys
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint as ckpt
+from train.step import TrainStep
 from train.config import (PRESETS, TrainConfig, from_dict, load_json, make_config, parse_args,
                           save_json, to_dict, apply_overrides)
 from train.logging import NullLogger, RunLogger, plot_loss_lr
@@ -97,12 +96,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """Seed of the region-stage generator for one micro-batch: a pure function of where the run is,
-    so a resumed run draws exactly what the uninterrupted one drew."""
-    return zlib.crc32(f"{seed}/{rank}/{step}/{micro}".encode()) + (seed << 32)
 
 
 def prepare_data(cfg: TrainConfig, rank: int, world: int):
@@ -349,25 +342,18 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             epoch, skip = epoch + 1, 0
 
     data = batches()
-
-    def prepare(at_step, micro):
-        """(epoch, views): the next batch on the device through the region stage, seeded by the step."""
-        epoch, batch = next(data)
-        batch = batch.to(device, dtype=view_dtype, non_blocking=True)
-        generator.manual_seed(step_seed(cfg.run.seed, rank, at_step, micro))
-        return epoch, stage(batch, generator)
+    stepper = TrainStep(model, raw, forward, optimizer, scaler, stage, generator, device=device,
+                        amp_dtype=dtype, accum=accum, world=world, rank=rank, seed=cfg.run.seed,
+                        check_layout=cfg.run.channels_last)
 
     bar = None
     if master and cfg.run.progress:
         from tqdm import tqdm
         bar = tqdm(total=last_step, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    view_dtype = dtype if device.type == "cuda" and dtype is not None else torch.float32
-    bad_in_a_row, t_last, checked_layout = 0, time.perf_counter(), False
-    ahead = None  # the next step's first micro-batch, prepared before this step's loss is read
-    snapshot = None
+    bad_in_a_row, t_last = 0, time.perf_counter()
     model.train()
 
-    # --- the loop ------------------------------------------------------------------------------------
+    # --- the loop (one step: train/step.py) ---------------------------------------------------------
     # Under DDP every rank must leave the loop after the same step: a rank stops only when the
     # all-reduced flag says some rank was signalled (a signal that lands after this rank's
     # all-reduce is passed on in the next step's). A single process stops on its own signal.
@@ -378,60 +364,13 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
-        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step: one
-        # batched copy into tensors kept across steps (made again only if the buffers change).
-        buffers = list(raw.buffers())
-        if snapshot is None or [t.shape for t in snapshot] != [b.shape for b in buffers]:
-            snapshot = [torch.empty_like(b) for b in buffers]
-        torch._foreach_copy_(snapshot, buffers)
-        terms_sum, epoch = {}, 0
-        for micro in range(accum):
-            if micro == 0 and ahead is not None:
-                (epoch, views), ahead = ahead, None
-            else:
-                epoch, views = prepare(step, micro)
-            if not checked_layout and cfg.run.channels_last:
-                check_channels_last(views)
-                checked_layout = True
-            sync = model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = forward(views)
-                loss = out["loss"] / accum
-            for k, v in out.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / accum
-            if micro == accum - 1:
-                # The loss terms (NaN anywhere -> NaN everywhere) and whether any rank was signalled,
-                # in one all-reduce, so that all ranks skip or stop at the same step; their copy to
-                # the host is queued before the backward, so reading it below waits for this forward
-                # only and the GPU runs the backward while the host queues the optimiser step.
-                names = sorted(terms_sum)
-                # (torch.full fills on the device; torch.tensor(x, device=...) would be a blocking
-                # copy that waits for the whole stream.)
-                values = torch.stack([terms_sum[k] for k in names] + [torch.full(
-                    (), float(stop["signal"] is not None), device=device)])
-                if world > 1:
-                    dist.all_reduce(values)
-                    values[:-1] /= world
-                pending = HostCopy(values)
-            scaler.scale(loss).backward()  # (DDP's no_sync needs to wrap only the forward)
-        # The host prepares the next step's first batch before waiting for the loss (its copy and
-        # region stage queue behind the backward), so the GPU finds it waiting. The same batch and
-        # draws as preparing it at the top of the next step (data and seeds follow `step`).
-        if step + 1 < last_step and stop["signal"] is None:
-            ahead = prepare(step + 1, 0)
-        *term_values, any_stop = pending.get()
-        terms = dict(zip(names, term_values))
-        loss_value, any_stop = terms["loss"], any_stop > 0
-        if any_stop and stop["signal"] is None:
+        result = stepper(step, lambda: next(data), momentum, signalled=stop["signal"] is not None,
+                         prepare_next=step + 1 < last_step and stop["signal"] is None)
+        loss_value, epoch = result.terms["loss"], result.epoch
+        if result.any_stop and stop["signal"] is None:
             stop["signal"] = "SIGTERM (another rank)"
-        stopping = any_stop if world > 1 else stop["signal"] is not None
-        if not math.isfinite(loss_value):
-            # Skip: no optimiser step, no EMA, and the queue / BN statistics restored.
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, snapshot)
-            if scaler.is_enabled():
-                scaler.update()
+        stopping = result.any_stop if world > 1 else stop["signal"] is not None
+        if result.skipped:
             bad_in_a_row += 1
             skipped_total += 1
             logger.event("nonfinite", step=step, loss=loss_value, in_a_row=bad_in_a_row)
@@ -445,10 +384,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             step += 1
             continue
         bad_in_a_row = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        raw.update_teacher(momentum)
         step += 1
 
         # --- bookkeeping ---
@@ -461,7 +396,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         if step % cfg.run.log_every == 0 or step == last_step:
             rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
                    "skipped": skipped_total}
-            for k, v in terms.items():
+            for k, v in result.terms.items():
                 if k != "loss":
                     rec[k] = v
             if bar is not None:
@@ -508,36 +443,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     logger.close()
     finish_distributed(world)
     return summary
-
-
-class HostCopy:
-    """A small device tensor's values on the host, copied without waiting for the work queued after
-    it: the copy is queued at once (into pinned memory on a GPU) and `get()` waits for that copy
-    alone, not for the whole stream."""
-
-    def __init__(self, values: torch.Tensor):
-        self._event = None
-        if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(values.device))  # the copy's stream
-        else:
-            self._host = values.detach().clone()
-
-    def get(self) -> list:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._host.tolist()
-
-
-def check_channels_last(views):
-    """Warns once if a student/teacher view reaches the model in another layout (a hidden copy)."""
-    for name, t in vars(views).items() if hasattr(views, "__dict__") else []:
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 \
-                and not t.is_contiguous(memory_format=torch.channels_last):
-            print(f"warning: region view {name} is not channels_last; the model will copy it",
-                  file=sys.stderr)
 
 
 def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, step, run_dir):

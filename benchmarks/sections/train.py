@@ -46,11 +46,12 @@ def _data(cfg):
 
 
 class _Stepper:
-    """Everything one training step needs, built as train/run.py builds it."""
+    """Training's own step (train/step.py's TrainStep) on a model, optimiser and region stage built
+    as train/run.py builds them; one TrainStep per feed, so that each keeps its own prepared batch."""
 
     def __init__(self, cfg, num_images, compile=False):
         from d3ssl.model import LARS, param_groups_for_lars
-        from train.run import HostCopy, amp_dtype, build_model, configure_backends
+        from train.run import amp_dtype, build_model, configure_backends, make_region_stage
         self.cfg = cfg
         self.device = torch.device(cfg.run.device)
         configure_backends(cfg, self.device)
@@ -58,47 +59,31 @@ class _Stepper:
         self.model = build_model(cfg, num_images, self.device, world=1)
         self.model.train()
         self.forward = torch.compile(self.model) if compile else self.model
-        self.opt = LARS(param_groups_for_lars(self.model), lr=0.01, momentum=cfg.optim.momentum,
-                        weight_decay=cfg.optim.weight_decay,
+        self.opt = LARS(param_groups_for_lars(self.model, cfg.optim.weight_decay), lr=0.01,
+                        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                         trust_coefficient=cfg.optim.trust_coefficient)
-        self.gen = torch.Generator(device=self.device).manual_seed(0)
-        from train.run import make_region_stage
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.gen = torch.Generator(device=self.device)
         self.stage = make_region_stage(cfg)
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
-        self._host_copy = HostCopy
-
-        self._ahead = {}
+        self._steps = {}
+        self._count = 0
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
         # them for the profiler); none by default.
         self.phase = lambda name: contextlib.nullcontext()
 
-    def _prepare(self, batch):
-        batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
-        with self.phase("region stage"):
-            return self.stage(batch, self.gen)
-
     def __call__(self, source, fetch):
-        """One step, ordered as train/run.py orders it: this step's views were prepared by the
-        previous call on the same `source` (a name; `fetch()` gives its next batch); the loss's copy
-        to the host is queued after the forward, the next step's views after the backward, and then
-        the loss is read (waiting for the forward only) before the optimiser step is queued."""
-        views = self._ahead.pop(source, None)
-        if views is None:
-            views = self._prepare(fetch())
-        with self.phase("forward"), torch.autocast(self.device.type, dtype=self.dtype,
-                                                   enabled=self.dtype is not None):
-            loss = self.forward(views)["loss"]
-            pending = self._host_copy(loss.detach().float())  # queued before the backward, as the trainer does
-        with self.phase("backward"):
-            loss.backward()
-        self._ahead[source] = self._prepare(fetch())
-        with self.phase("read the loss"):
-            pending.get()  # the trainer's non-finite check: waits for the forward, not the backward
-        with self.phase("optimiser"):
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        with self.phase("teacher update"):
-            self.model.update_teacher(0.99)
+        """One step fed by `source` (a name; `fetch()` gives its next batch): its views were
+        prepared by the previous call on the same source, and it prepares the next ones."""
+        from train.step import TrainStep
+        step = self._steps.get(source)
+        if step is None:
+            step = self._steps[source] = TrainStep(
+                self.model, self.model, self.forward, self.opt, self.scaler, self.stage, self.gen,
+                device=self.device, amp_dtype=self.dtype, seed=self.cfg.run.seed)
+        step.phase = self.phase
+        self._count += 1
+        return step(self._count, lambda: (0, fetch()), 0.99)
 
 
 def _backends(args):

@@ -1,0 +1,181 @@
+"""One optimiser step: what train/run.py runs and the throughput benchmark times, the same code.
+
+The order is chosen so that a GPU never waits for the host:
+
+    views of micro-batch 0 (prepared by the previous step) ─▶ forward ─▶ backward ─▶ micro-batch 1 ...
+    after the last forward: loss terms + stop flag ─ all-reduce ─ copy to the host queued (HostCopy)
+    last backward queued
+    next step's first micro-batch: copy to the device and region stage, queued behind the backward
+    read the loss terms: waits for the last forward only, while the GPU runs the backward
+    finite everywhere: LARS step + teacher EMA, queued behind the backward
+    otherwise: no update, the buffers (queue, BN statistics) restored, the step counted as skipped
+
+so the host issues the optimiser's and the next step's work while the GPU computes this step's
+backward. Nothing in a step reads a GPU value on the host but the loss terms (checked by a CUDA test
+under torch's sync debug mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """Seed of the region-stage generator for one micro-batch: a pure function of where the run is,
+    so a resumed run draws exactly what the uninterrupted one drew."""
+    return zlib.crc32(f"{seed}/{rank}/{step}/{micro}".encode()) + (seed << 32)
+
+
+class HostCopy:
+    """A small device tensor's values on the host, copied without waiting for the work queued after
+    it: the copy is queued at once (into pinned memory on a GPU) and `get()` waits for that copy
+    alone, not for the whole stream."""
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(values.device))  # the copy's stream
+        else:
+            self._host = values.detach().clone()
+
+    def get(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def check_channels_last(views):
+    """Warns if a student/teacher view reaches the model in another layout (a hidden copy)."""
+    for name, t in vars(views).items() if hasattr(views, "__dict__") else []:
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 \
+                and not t.is_contiguous(memory_format=torch.channels_last):
+            print(f"warning: region view {name} is not channels_last; the model will copy it",
+                  file=sys.stderr)
+
+
+@dataclass
+class StepResult:
+    terms: dict       # loss terms (float), mean over micro-batches and ranks; NaN if not finite
+    any_stop: bool    # some rank had been signalled when the terms were all-reduced
+    skipped: bool     # the loss was not finite (on some rank): no update, buffers restored
+    epoch: int        # epoch of the step's last micro-batch
+
+
+class TrainStep:
+    """Runs optimiser steps in the order above.
+
+    Args:
+        model: what the forward runs (the method, or its DDP wrapper: ``no_sync`` is used for all
+            micro-batches but the last).
+        raw: the method itself (buffers, ``update_teacher``).
+        forward: ``model`` or a compiled version of it.
+        optimizer, scaler: the optimiser (its groups' lr set by the caller) and a GradScaler.
+        stage: ``stage(batch, generator) -> RegionViews`` (the region stage).
+        generator: the stage's generator on the device, seeded per micro-batch by ``step_seed``.
+        device, amp_dtype: where, and the autocast dtype (None: no autocast).
+        accum: micro-batches per step; world, rank: DDP's; seed: the run's seed.
+        check_layout: warn once if the views reach the model in another layout than channels_last.
+        phase: ``phase(name)`` -> a context manager around each phase (benchmarks/breakdown.py
+            labels them for the profiler); none by default.
+    """
+
+    def __init__(self, model, raw, forward, optimizer, scaler, stage, generator, *, device,
+                 amp_dtype=None, accum: int = 1, world: int = 1, rank: int = 0, seed: int = 0,
+                 check_layout: bool = False, phase=None):
+        self.model, self.raw, self.forward = model, raw, forward
+        self.optimizer, self.scaler, self.stage, self.generator = optimizer, scaler, stage, generator
+        self.device, self.amp_dtype = torch.device(device), amp_dtype
+        # The Batch contract: views in the autocast dtype on a GPU, float32 on the CPU.
+        self.view_dtype = amp_dtype if self.device.type == "cuda" and amp_dtype is not None else torch.float32
+        self.accum, self.world, self.rank, self.seed = accum, world, rank, seed
+        self.check_layout = check_layout
+        self.phase = phase or (lambda name: contextlib.nullcontext())
+        self.ahead = None       # (epoch, views) of the next step's first micro-batch
+        self._snapshot = None   # the buffers before the step, to undo a skipped one
+
+    def prepare(self, fetch, at_step: int, micro: int):
+        """(epoch, views): `fetch()`'s (epoch, batch) on the device through the region stage, with
+        the draws of (step, micro-batch)."""
+        epoch, batch = fetch()
+        batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
+        with self.phase("region stage"):
+            self.generator.manual_seed(step_seed(self.seed, self.rank, at_step, micro))
+            return epoch, self.stage(batch, self.generator)
+
+    def __call__(self, step: int, fetch, momentum: float, *, signalled: bool = False,
+                 prepare_next: bool = True) -> StepResult:
+        """Step `step`: `fetch()` gives (epoch, batch) of the CPU or device loader; `momentum` is
+        the teacher's EMA momentum; `signalled`: this rank was asked to stop (all-reduced with the
+        loss); `prepare_next`: prepare the next step's first micro-batch during the backward."""
+        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step: one
+        # batched copy into tensors kept across steps (made again only if the buffers change).
+        buffers = list(self.raw.buffers())
+        if self._snapshot is None or [t.shape for t in self._snapshot] != [b.shape for b in buffers]:
+            self._snapshot = [torch.empty_like(b) for b in buffers]
+        torch._foreach_copy_(self._snapshot, buffers)
+
+        terms_sum, epoch, names, pending = {}, 0, None, None
+        for micro in range(self.accum):
+            if micro == 0 and self.ahead is not None:
+                (epoch, views), self.ahead = self.ahead, None
+            else:
+                epoch, views = self.prepare(fetch, step, micro)
+            if self.check_layout:
+                check_channels_last(views)
+                self.check_layout = False
+            last = micro == self.accum - 1
+            sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with self.phase("forward"), sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                                             enabled=self.amp_dtype is not None):
+                out = self.forward(views)
+                loss = out["loss"] / self.accum
+                for k, v in out.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / self.accum
+                if last:
+                    # The loss terms (NaN anywhere -> NaN everywhere) and whether any rank was
+                    # signalled, in one all-reduce, so that all ranks skip or stop at the same step.
+                    # (torch.full fills on the device; torch.tensor(x, device=...) would be a
+                    # blocking copy that waits for the whole stream.)
+                    names = sorted(terms_sum)
+                    values = torch.stack([terms_sum[k] for k in names]
+                                         + [torch.full((), float(signalled), device=self.device)])
+                    if self.world > 1:
+                        dist.all_reduce(values)
+                        values[:-1] /= self.world
+                    pending = HostCopy(values)
+            with self.phase("backward"):
+                self.scaler.scale(loss).backward()  # (DDP's no_sync needs to wrap only the forward)
+        if prepare_next:
+            # The same batch and draws as preparing it at the top of the next step (data and seeds
+            # follow the step), queued behind the backward.
+            self.ahead = self.prepare(fetch, step + 1, 0)
+        with self.phase("read the loss"):
+            *term_values, stop_flag = pending.get()
+        terms = dict(zip(names, term_values))
+        result = StepResult(terms=terms, any_stop=stop_flag > 0, epoch=epoch,
+                            skipped=not math.isfinite(terms["loss"]))
+        if result.skipped:
+            # No optimiser step, no EMA, and the queue / BN statistics restored.
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, self._snapshot)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            return result
+        with self.phase("optimiser"):
+            # (With fp16 the GradScaler reads whether the gradients are finite: a synchronisation.)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.phase("teacher update"):
+            self.raw.update_teacher(momentum)
+        return result
