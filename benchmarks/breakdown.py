@@ -8,11 +8,13 @@ operations and kernels by total time and count, and for region_erase and composi
 time per stage call as a share of the card's copy bandwidth (one read and one write of the views). For the step:
 per step, the wall time and where the main thread spent it (labelled phases: waiting for the loader,
 the region stage, forward, backward, reading the loss, which waits for the forward on the GPU, the
-optimiser and the teacher update), and on a GPU how busy the GPU was and where the host synchronised
-with it (torch's sync debug mode; reading the loss through an event is not counted). The throughput benchmark (benchmarks/throughput.py)
+optimiser and the teacher update), the operations each phase sends to torch's dispatcher (on a GPU,
+kernel launches), and on a GPU how busy the GPU was and where the host synchronised with it (torch's
+sync debug mode; reading the loss through an event is not counted). The throughput benchmark (benchmarks/throughput.py)
 says how fast; this says why.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -180,10 +182,43 @@ def profile_step(args):
                 print(f"  GPU busy {busy:.1f} ms per step ({busy / (wall * 1e3):.1%} of the wall time)")
             except Exception as e:  # noqa: BLE001
                 print(f"  (GPU busy time unavailable: {type(e).__name__}: {e})")
+        _count_ops(stepper, source, get)
         if device == "cuda":
             _count_syncs(stepper, source, get, args.steps)
         print(events.table(sort_by=_sort_key(device, events), row_limit=args.rows))
     del stream, loader
+
+
+def _count_ops(stepper, source, get):
+    """Runs one more step and prints the operations it sends to torch's dispatcher, per phase: each
+    one that computes is at least one kernel launch on a GPU."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    label = ["other"]
+    counts = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[label[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def phase(name):
+        outer, label[0] = label[0], name
+        try:
+            yield
+        finally:
+            label[0] = outer
+
+    labelled, stepper.phase = stepper.phase, phase
+    try:
+        with Count():
+            stepper(source, get)
+    finally:
+        stepper.phase = labelled
+    print(f"  operations per step at torch's dispatcher: {sum(counts.values())} ("
+          + ", ".join(f"{name} {n}" for name, n in counts.most_common()) + ")")
 
 
 def _count_syncs(stepper, source, get, steps):
