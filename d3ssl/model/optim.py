@@ -56,7 +56,7 @@ class LARS(torch.optim.Optimizer):
             dozen small operations per parameter (a group may set its own). The same arithmetic
             either way: bit for bit on a CPU; on a GPU the norms may differ in the last bits (their
             multi-tensor reduction sums in another order). For ResNet-50-C4 and its heads the update
-            is 24 operations instead of 1,144; on a GPU a multi-tensor operation is one or a few
+            is 22 operations instead of 1,142; on a GPU a multi-tensor operation is one or a few
             kernels, but the trust ratios' multiply is one small kernel per adapted parameter (57),
             so about a hundred kernels instead of ~1,150. It holds the adapted gradients' updates
             all at once (one extra copy of those parameters' size). On a CPU the loop is faster
