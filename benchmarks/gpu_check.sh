@@ -16,9 +16,11 @@
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
 #      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
 # Not yet run on a GPU (2026-11-27): the step breakdown, the experiment exp_region_vec (~1.5 min,
-# most of it compiling) and tests_cuda_train; add them to the first call's group. The train
-# benchmark has not run since the loss is read at the forward's end, LARS is multi-tensor on GPUs,
-# cuDNN autotunes and Batch.to converts on the GPU (2026-11-27, eighth session): rerun train_bench.
+# most of it compiling) and tests_cuda_train. The train benchmark has not run since the step moved
+# to train/step.py (loss read at the forward's end, multi-tensor LARS on GPUs, cuDNN's autotuner).
+# Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun):
+#   GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region breakdown train_bench"
+# then, if device time is left, "exp_region_vec bench_ops" (~2.5 min).
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
