@@ -19,9 +19,13 @@ def test_breakdown_reports_the_stage_and_the_steps_phases():
     assert "== region stage, B=8 S=64" in text and "d3ssl::region_erase" in text
     for feed in ("fed by the CPU loader", "batch on the device (ceiling)"):
         assert f"{feed}, on cpu:" in text
-    for phase in ("region stage", "forward", "backward", "optimiser", "teacher update"):
+    from train.step import PHASES
+    for phase in PHASES:
         assert f"  {phase} " in text, phase
     assert "wait for the loader" in text  # only the loader-fed steps wait for it
+    # operations per phase, once per feed: the optimiser's and the forward's among them
+    counts = [line for line in text.splitlines() if "operations per step at torch's dispatcher" in line]
+    assert len(counts) == 2 and all("forward " in c and "optimiser " in c for c in counts), counts
 
 
 def test_breakdown_rejects_unknown_parts():

@@ -359,23 +359,23 @@ def test_training_step_never_waits_for_the_gpu(device, monkeypatch):
     dtype = trainer.amp_dtype(cfg, dev)
     model = trainer.build_model(cfg, 16, dev, world=1)
     model.train()
-    step = TrainStep(model, model, model, LARS(param_groups_for_lars(model), lr=0.05),
-                     torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16),
-                     trainer.make_region_stage(cfg), torch.Generator(device=dev), device=dev,
-                     amp_dtype=dtype, accum=2, check_layout=True)
+    train_step = TrainStep(method=model, forward=model, optimizer=LARS(param_groups_for_lars(model), lr=0.05),
+                           scaler=torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16),
+                           stage=trainer.make_region_stage(cfg), generator=torch.Generator(device=dev),
+                           device=dev, amp_dtype=dtype, accum=2, check_layout=True)
     batch = make_batch(b=4, s=64, seed=3)
     if device == "cuda":
         batch = batch.pin_memory()  # as the loaders hand it over
     fetch = lambda: (5, batch)
     for i in range(2):  # warm: cached constants, the allocator, cuDNN's choices
-        step(i, fetch, 0.99)
+        train_step(i, fetch, 0.99)
     student = [p.detach().clone() for p in model.online_backbone.parameters()]
     teacher = [p.detach().clone() for p in model.teacher_backbone.parameters()]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
-        result = step(2, fetch, 0.99)
+        result = train_step(2, fetch, 0.99)
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")

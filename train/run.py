@@ -342,9 +342,10 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             epoch, skip = epoch + 1, 0
 
     data = batches()
-    stepper = TrainStep(model, raw, forward, optimizer, scaler, stage, generator, device=device,
-                        amp_dtype=dtype, accum=accum, world=world, rank=rank, seed=cfg.run.seed,
-                        check_layout=cfg.run.channels_last)
+    train_step = TrainStep(method=raw, forward=forward, ddp=model if world > 1 else None,
+                           optimizer=optimizer, scaler=scaler, stage=stage, generator=generator,
+                           device=device, amp_dtype=dtype, accum=accum, world=world, rank=rank,
+                           seed=cfg.run.seed, check_layout=cfg.run.channels_last)
 
     bar = None
     if master and cfg.run.progress:
@@ -364,8 +365,11 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
-        result = stepper(step, lambda: next(data), momentum, signalled=stop["signal"] is not None,
-                         prepare_next=step + 1 < last_step and stop["signal"] is None)
+        # (The stop flag is read after the step's last forward, and whether to prepare the next
+        # step's batch after its backward: a signal during the step counts for this step.)
+        result = train_step(step, lambda: next(data), momentum,
+                            signalled=lambda: stop["signal"] is not None,
+                            prepare_next=lambda: step + 1 < last_step and stop["signal"] is None)
         loss_value, epoch = result.terms["loss"], result.epoch
         if result.any_stop and stop["signal"] is None:
             stop["signal"] = "SIGTERM (another rank)"

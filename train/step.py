@@ -2,17 +2,19 @@
 
 The order is chosen so that a GPU never waits for the host:
 
-    views of micro-batch 0 (prepared by the previous step) ─▶ forward ─▶ backward ─▶ micro-batch 1 ...
-    after the last forward: loss terms + stop flag ─ all-reduce ─ copy to the host queued (HostCopy)
-    last backward queued
-    next step's first micro-batch: copy to the device and region stage, queued behind the backward
+    snapshot of the buffers (queue, BN statistics), to undo a skipped step
+    for each micro-batch: its views (the first one prepared by the previous step, or now)
+                          ─▶ forward ─▶ [last one: loss terms + stop flag ─ all-reduce ─ copy to
+                          the host queued (HostCopy)] ─▶ backward
+    the next step's first micro-batch: copy to the device and region stage, queued behind the backward
     read the loss terms: waits for the last forward only, while the GPU runs the backward
     finite everywhere: LARS step + teacher EMA, queued behind the backward
-    otherwise: no update, the buffers (queue, BN statistics) restored, the step counted as skipped
+    otherwise: no update, the buffers restored, and the result says the step was skipped
 
 so the host issues the optimiser's and the next step's work while the GPU computes this step's
-backward. Nothing in a step reads a GPU value on the host but the loss terms (checked by a CUDA test
-under torch's sync debug mode).
+backward. In bf16 or float32 nothing in a step reads a GPU value on the host but the loss terms
+(checked by a CUDA test under torch's sync debug mode); with fp16 the GradScaler also reads whether
+the gradients were finite.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# The phases a step's work is labelled with (``TrainStep(phase=...)``; benchmarks/breakdown.py).
+PHASES = ("buffer snapshot", "copy to device", "region stage", "forward", "loss terms", "backward",
+          "read the loss", "optimiser", "teacher update")
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -64,100 +70,117 @@ def check_channels_last(views):
 
 @dataclass
 class StepResult:
-    terms: dict       # loss terms (float), mean over micro-batches and ranks; NaN if not finite
+    terms: dict       # loss terms (float), mean over micro-batches and ranks; NaN or inf if not finite
     any_stop: bool    # some rank had been signalled when the terms were all-reduced
     skipped: bool     # the loss was not finite (on some rank): no update, buffers restored
     epoch: int        # epoch of the step's last micro-batch
 
 
+def _now(flag) -> bool:
+    return bool(flag() if callable(flag) else flag)
+
+
 class TrainStep:
-    """Runs optimiser steps in the order above.
+    """Runs optimiser steps in the order above. All arguments are by keyword:
 
     Args:
-        model: what the forward runs (the method, or its DDP wrapper: ``no_sync`` is used for all
-            micro-batches but the last).
-        raw: the method itself (buffers, ``update_teacher``).
-        forward: ``model`` or a compiled version of it.
+        method: the method (its parameters' owner: buffers, ``update_teacher``).
+        forward: what runs the forward: ``method``, its DDP wrapper, or a compiled version of
+            either. Under DDP (``world > 1``) ``ddp.no_sync()`` wraps all micro-batches but the last.
+        ddp: the DDP wrapper when ``world > 1`` (for ``no_sync``), else None.
         optimizer, scaler: the optimiser (its groups' lr set by the caller) and a GradScaler.
         stage: ``stage(batch, generator) -> RegionViews`` (the region stage).
         generator: the stage's generator on the device, seeded per micro-batch by ``step_seed``.
         device, amp_dtype: where, and the autocast dtype (None: no autocast).
         accum: micro-batches per step; world, rank: DDP's; seed: the run's seed.
-        check_layout: warn once if the views reach the model in another layout than channels_last.
-        phase: ``phase(name)`` -> a context manager around each phase (benchmarks/breakdown.py
-            labels them for the profiler); none by default.
+        check_layout: warn if the first views reach the model in another layout than channels_last.
+        phase: ``phase(name)`` -> a context manager around each phase (names: PHASES); none by
+            default. benchmarks/breakdown.py labels them for the profiler.
     """
 
-    def __init__(self, model, raw, forward, optimizer, scaler, stage, generator, *, device,
+    def __init__(self, *, method, forward, optimizer, scaler, stage, generator, device, ddp=None,
                  amp_dtype=None, accum: int = 1, world: int = 1, rank: int = 0, seed: int = 0,
                  check_layout: bool = False, phase=None):
-        self.model, self.raw, self.forward = model, raw, forward
+        if world > 1 and ddp is None:
+            raise ValueError("TrainStep: world > 1 needs the DDP wrapper (ddp=...) for no_sync")
+        self.method, self.forward, self.ddp = method, forward, ddp
         self.optimizer, self.scaler, self.stage, self.generator = optimizer, scaler, stage, generator
         self.device, self.amp_dtype = torch.device(device), amp_dtype
         # The Batch contract: views in the autocast dtype on a GPU, float32 on the CPU.
         self.view_dtype = amp_dtype if self.device.type == "cuda" and amp_dtype is not None else torch.float32
         self.accum, self.world, self.rank, self.seed = accum, world, rank, seed
-        self.check_layout = check_layout
         self.phase = phase or (lambda name: contextlib.nullcontext())
-        self.ahead = None       # (epoch, views) of the next step's first micro-batch
+        self._check_layout = check_layout
+        self._ahead = None      # (step, epoch, views): the first micro-batch of the step prepared
         self._snapshot = None   # the buffers before the step, to undo a skipped one
 
     def prepare(self, fetch, at_step: int, micro: int):
         """(epoch, views): `fetch()`'s (epoch, batch) on the device through the region stage, with
         the draws of (step, micro-batch)."""
         epoch, batch = fetch()
-        batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
+        with self.phase("copy to device"):
+            batch = batch.to(self.device, dtype=self.view_dtype, non_blocking=True)
         with self.phase("region stage"):
             self.generator.manual_seed(step_seed(self.seed, self.rank, at_step, micro))
             return epoch, self.stage(batch, self.generator)
 
-    def __call__(self, step: int, fetch, momentum: float, *, signalled: bool = False,
-                 prepare_next: bool = True) -> StepResult:
-        """Step `step`: `fetch()` gives (epoch, batch) of the CPU or device loader; `momentum` is
-        the teacher's EMA momentum; `signalled`: this rank was asked to stop (all-reduced with the
-        loss); `prepare_next`: prepare the next step's first micro-batch during the backward."""
-        # Buffers (queue, its pointer, BN statistics) as they were, to undo a non-finite step: one
-        # batched copy into tensors kept across steps (made again only if the buffers change).
-        buffers = list(self.raw.buffers())
-        if self._snapshot is None or [t.shape for t in self._snapshot] != [b.shape for b in buffers]:
-            self._snapshot = [torch.empty_like(b) for b in buffers]
-        torch._foreach_copy_(self._snapshot, buffers)
+    def __call__(self, step: int, fetch, momentum: float, *, signalled=False,
+                 prepare_next=True) -> StepResult:
+        """Runs step number `step`.
+
+        fetch: ``fetch() -> (epoch, batch)``, the loader's next batch (CPU or device).
+        momentum: the teacher's EMA momentum for this step.
+        signalled: whether this rank was asked to stop, a bool or a callable read after the last
+            forward (all-reduced with the loss: every rank learns that one was).
+        prepare_next: whether to prepare step + 1's first micro-batch during the backward (a bool or
+            a callable read then). That step must be the next call's; a call for another step
+            raises rather than train on draws made for another step.
+        """
+        buffers = list(self.method.buffers())
+        with self.phase("buffer snapshot"):  # one batched copy into tensors kept across steps
+            if self._snapshot is None or [t.shape for t in self._snapshot] != [b.shape for b in buffers]:
+                self._snapshot = [torch.empty_like(b) for b in buffers]
+            torch._foreach_copy_(self._snapshot, buffers)
 
         terms_sum, epoch, names, pending = {}, 0, None, None
         for micro in range(self.accum):
-            if micro == 0 and self.ahead is not None:
-                (epoch, views), self.ahead = self.ahead, None
+            if micro == 0 and self._ahead is not None:
+                (ahead_step, epoch, views), self._ahead = self._ahead, None
+                if ahead_step != step:
+                    raise ValueError(f"TrainStep: the prepared batch is for step {ahead_step}, but step "
+                                     f"{step} was asked for (calls must follow each other)")
             else:
                 epoch, views = self.prepare(fetch, step, micro)
-            if self.check_layout:
+            if self._check_layout:
                 check_channels_last(views)
-                self.check_layout = False
+                self._check_layout = False
             last = micro == self.accum - 1
-            sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            sync = self.ddp.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
             with self.phase("forward"), sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
                                                              enabled=self.amp_dtype is not None):
                 out = self.forward(views)
                 loss = out["loss"] / self.accum
-                for k, v in out.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / self.accum
-                if last:
+            for k, v in out.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / self.accum
+            if last:
+                with self.phase("loss terms"):
                     # The loss terms (NaN anywhere -> NaN everywhere) and whether any rank was
                     # signalled, in one all-reduce, so that all ranks skip or stop at the same step.
                     # (torch.full fills on the device; torch.tensor(x, device=...) would be a
                     # blocking copy that waits for the whole stream.)
                     names = sorted(terms_sum)
-                    values = torch.stack([terms_sum[k] for k in names]
-                                         + [torch.full((), float(signalled), device=self.device)])
+                    values = torch.stack([terms_sum[k] for k in names] + [
+                        torch.full((), float(_now(signalled)), device=self.device)])
                     if self.world > 1:
                         dist.all_reduce(values)
                         values[:-1] /= self.world
                     pending = HostCopy(values)
             with self.phase("backward"):
                 self.scaler.scale(loss).backward()  # (DDP's no_sync needs to wrap only the forward)
-        if prepare_next:
+        if _now(prepare_next):
             # The same batch and draws as preparing it at the top of the next step (data and seeds
             # follow the step), queued behind the backward.
-            self.ahead = self.prepare(fetch, step + 1, 0)
+            self._ahead = (step + 1, *self.prepare(fetch, step + 1, 0))
         with self.phase("read the loss"):
             *term_values, stop_flag = pending.get()
         terms = dict(zip(names, term_values))
@@ -172,10 +195,9 @@ class TrainStep:
                 self.scaler.update()
             return result
         with self.phase("optimiser"):
-            # (With fp16 the GradScaler reads whether the gradients are finite: a synchronisation.)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         with self.phase("teacher update"):
-            self.raw.update_teacher(momentum)
+            self.method.update_teacher(momentum)
         return result

@@ -66,24 +66,28 @@ class _Stepper:
         self.gen = torch.Generator(device=self.device)
         self.stage = make_region_stage(cfg)
         self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
-        self._steps = {}
-        self._count = 0
+        self._steps = {}   # feed name -> (TrainStep, number of its last step)
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
         # them for the profiler); none by default.
         self.phase = lambda name: contextlib.nullcontext()
 
-    def __call__(self, source, fetch):
-        """One step fed by `source` (a name; `fetch()` gives its next batch): its views were
+    def __call__(self, source, next_batch):
+        """One step fed by `source` (a name; `next_batch()` gives its next batch): its views were
         prepared by the previous call on the same source, and it prepares the next ones."""
         from train.step import TrainStep
-        step = self._steps.get(source)
-        if step is None:
-            step = self._steps[source] = TrainStep(
-                self.model, self.model, self.forward, self.opt, self.scaler, self.stage, self.gen,
-                device=self.device, amp_dtype=self.dtype, seed=self.cfg.run.seed)
+        if source not in self._steps:
+            self._steps[source] = (TrainStep(
+                method=self.model, forward=self.forward, optimizer=self.opt, scaler=self.scaler,
+                stage=self.stage, generator=self.gen, device=self.device, amp_dtype=self.dtype,
+                seed=self.cfg.run.seed), -1)
+        step, number = self._steps[source]
+        number += 1
+        self._steps[source] = (step, number)
         step.phase = self.phase
-        self._count += 1
-        return step(self._count, lambda: (0, fetch()), 0.99)
+        result = step(number, lambda: (0, next_batch()), 0.99)
+        if result.skipped:  # a step without the update would be timed as a fast one
+            raise RuntimeError(f"train benchmark: the loss was not finite at step {number} ({source})")
+        return result
 
 
 def _backends(args):
