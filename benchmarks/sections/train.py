@@ -1,9 +1,9 @@
 """Training throughput: the full D3SSL step fed by each loader backend vs fed by data already on the device.
 
 One step = region stage (PRC, PRM, RBJ, de-positioning) -> five views through student and teacher ->
-loss -> backward -> LARS step -> teacher EMA, ordered as train/run.py orders it (the loss's copy to the
-host is queued after the forward, the next step's batch copy and region stage after the backward, and
-the loss is read, waiting for the forward only, before the optimiser step). The anchor is the same step
+loss -> backward -> LARS step -> teacher EMA: the trainer's own step (train/step.py's TrainStep, whose
+docstring gives the order: the loss is read after the forward while the backward runs, the next
+step's batch copy and region stage are queued behind the backward). The anchor is the same step
 fed by one batch kept on the device (the model-only ceiling), timed in the same run, so the ratio
 fed / ceiling is the share of the ceiling the loader lets training reach (target 0.95). SoCo's step
 (its own augmentations and BYOL objective) is reported against D3SSL's ceiling for comparison.
@@ -21,6 +21,7 @@ import os
 import torch
 
 from benchmarks.common import COCO_SIZE, Row, bench_dataset, interleaved
+from train.step import TrainStep
 
 
 def _config(args, method):
@@ -74,7 +75,6 @@ class _Stepper:
     def __call__(self, source, next_batch):
         """One step fed by `source` (a name; `next_batch()` gives its next batch): its views were
         prepared by the previous call on the same source, and it prepares the next ones."""
-        from train.step import TrainStep
         if source not in self._steps:
             self._steps[source] = (TrainStep(
                 method=self.model, forward=self.forward, optimizer=self.opt, scaler=self.scaler,
