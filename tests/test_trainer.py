@@ -110,6 +110,21 @@ def test_main_job_leaves_complete_run_folder(tmp_path, capsys):
         trainer.main(tiny_args(tiny_data, tmp_path, "job"))
 
 
+@pytest.mark.slow
+def test_compiled_forward_trains_like_the_eager_one(tiny_data, tmp_path):
+    """--compile (torch.compile of the method's forward, inductor on the CPU here): the same losses
+    as the eager run, step after step, up to the compiled kernels' rounding."""
+    logs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        summary = trainer.main(tiny_args(tiny_data, tmp_path, name, "--run.max_steps", "3", *extra))
+        assert summary["step"] == 3
+        logs[name] = read_log(str(tmp_path / name / "log.jsonl"))
+    assert [r["step"] for r in logs["compiled"]] == [1, 2, 3]
+    for eager, compiled in zip(logs["eager"], logs["compiled"]):
+        for key in ("loss", "l_dc", "l_dp"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-4), (eager["step"], key)
+
+
 class _Wrap(torch.nn.Module):
     """Wraps the real method to observe (and poison) calls; test-only."""
 
