@@ -28,21 +28,34 @@ def _region_stage():
 
 
 def _epoch_fn(loader, device, region_stage):
-    """One call = one epoch of `loader` (and the region stage on every batch); returns images seen."""
+    """One call = one epoch of `loader` (and the region stage on every batch); returns images seen.
+    ``epoch.arrivals`` holds, per call, the host time at which each batch's stage had been issued."""
     state = {"epoch": 0}
     generator = torch.Generator(device=device).manual_seed(0)
 
     def epoch():
         loader.set_epoch(state["epoch"])
         state["epoch"] += 1
-        n = 0
+        n, times = 0, []
         for batch in loader:
             if region_stage is not None:
                 region_stage(batch, generator)
             n += batch.size
+            times.append(time.perf_counter())
         sync(device)
+        times[-1] = time.perf_counter()  # the last batch counts once the device is done
+        epoch.arrivals.append((times, n // max(len(times), 1)))
         return n
+    epoch.arrivals = []
     return epoch
+
+
+def steady_rate(arrivals, skip: int) -> float:
+    """Images/s within epochs, after each epoch's first `skip` batches (the pipeline filling after
+    the epoch boundary): the median over the timed epochs of (batches after `skip`) x batch size /
+    (time from batch `skip` to the last)."""
+    rates = sorted((len(t) - 1 - skip) * bs / (t[-1] - t[skip]) for t, bs in arrivals if len(t) > skip + 1)
+    return rates[len(rates) // 2] if rates else float("nan")
 
 
 def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=None) -> list[Row]:
@@ -64,13 +77,23 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
     for f in fns.values():     # start the workers and build the pipeline outside the timing
         f()
     startup = time.perf_counter() - t0
+    for f in fns.values():
+        f.arrivals.clear()
     secs = interleaved(fns, device=str(device), rounds=2 if args.quick else 3, warmup=0, min_time=0.0,
                        min_calls=1)
+    # An epoch here is a few dozen batches, and each begins with the pipeline (DALI) or the workers'
+    # prefetch (DataLoader) filling again; a COCO epoch is ~1,850 batches of 64. Also reported: the
+    # rate within epochs, past their first quarter.
+    skip = max(1, len(cpu) // 4)
+    steady = {name: steady_rate(f.arrivals, skip) for name, f in fns.items()}
     mode = "GPU graph" if device.type == "cuda" else "CPU-only mode"
     what = "views + region stage" if region_stage is not None else "views"
     extra = {"workers": workers, "batch": batch_size, "images/epoch": images,
              "image size": f"{COCO_SIZE[0]}-{COCO_SIZE[1]} px", "first epochs incl. startup (s)":
-             round(startup, 1)}
+             round(startup, 1),
+             f"within an epoch, after its first {skip} batches (images/s)":
+             f"DALI {steady['dali']:.0f}, CPU loader {steady['cpu']:.0f}, ratio "
+             f"{steady['dali'] / steady['cpu']:.2f}"}
     if region_stage is None:
         extra["region stage"] = "not timed (d3ssl.augment.stage.region_stage not available)"
     if device.type == "cuda":
