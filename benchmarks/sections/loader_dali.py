@@ -54,7 +54,8 @@ def steady_rate(arrivals, skip: int) -> float:
     """Images/s within epochs, after each epoch's first `skip` batches (the pipeline filling after
     the epoch boundary): the median over the timed epochs of (batches after `skip`) x batch size /
     (time from batch `skip` to the last)."""
-    rates = sorted((len(t) - 1 - skip) * bs / (t[-1] - t[skip]) for t, bs in arrivals if len(t) > skip + 1)
+    rates = sorted((len(t) - 1 - skip) * bs / (t[-1] - t[skip]) for t, bs in arrivals
+                   if len(t) > skip + 1 and t[-1] > t[skip])
     return rates[len(rates) // 2] if rates else float("nan")
 
 
