@@ -1,0 +1,21 @@
+"""The benchmarks' timing helpers that the GPU figures depend on, where they can be checked here."""
+import math
+
+import pytest
+
+from benchmarks.common import device_seconds_per_call
+from benchmarks.sections.loader_dali import steady_rate
+
+
+def test_steady_rate_counts_batches_after_the_skipped_ones():
+    # batches of 32 arriving at t = 0, 5, 6, 7, 8 s: after the first, 3 batches in 3 s
+    assert steady_rate([([0.0, 5.0, 6.0, 7.0, 8.0], 32)], skip=1) == pytest.approx(32.0)
+    # the median over epochs; epochs too short, or without elapsed time, are left out
+    epochs = [([0, 1, 2, 3], 10), ([0, 1, 3, 5], 10), ([0, 1, 1.5, 2], 10), ([0, 1], 10), ([0, 2, 2, 2], 10)]
+    assert steady_rate(epochs, skip=1) == pytest.approx(10.0)
+    assert math.isnan(steady_rate([([0, 1], 8)], skip=1))
+
+
+def test_device_timing_needs_a_gpu():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        device_seconds_per_call(lambda: None, "cpu")
