@@ -20,7 +20,8 @@
 # to train/step.py (loss read at the forward's end, multi-tensor LARS on GPUs, cuDNN's autotuner).
 # Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun):
 #   GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region breakdown train_bench"
-# then, if device time is left, "exp_region_vec bench_ops" (~2.5 min).
+# then, if device time is left, "exp_region_vec bench_ops" (~2.5 min); train_bench_compile (the
+# step under torch.compile, minutes of compiling) wants a lease of its own.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
@@ -70,6 +71,10 @@ step exp_region_vec 240 python benchmarks/experiments/region_vec.py
 step dali 300 bash benchmarks/gpu_check_dali.sh "${DALI_PARTS:-.dali-parts}" "$out/dali"
 step train_bench 300 env PYTHONPATH="${DALI_SITE:-/tmp/dali-site}${PYTHONPATH:+:$PYTHONPATH}" \
   python benchmarks/throughput.py --section train --device cuda --backend both --json "$out/train.json"
+# The same step with torch.compile of the methods' forward (compiling takes minutes: not in the
+# default groups; run it alone when a lease has the time).
+step train_bench_compile 540 python benchmarks/throughput.py --section train --device cuda --backend cpu \
+  --compile --json "$out/train_compile.json"
 # A short main job on the GPU and the trainer tests (see the script).
 step train 300 bash benchmarks/gpu_check_train.sh "$out/train"
 
