@@ -11,22 +11,28 @@ from train import checkpoint as ckpt
 from train.logging import read_log
 
 
-@pytest.mark.slow
-def test_two_process_gloo_run_stays_in_sync(tmp_path):
+def _tiny_ddp_run(tmp_path, name, *extra):
+    """(torchrun command, environment) of a 2-process gloo run of a tiny preset on 16 synthetic
+    images (batch 2 per rank: 4 steps per epoch)."""
     from d3ssl.data.synthetic import ensure_synthetic
     data = ensure_synthetic(root=str(tmp_path / "data"), num_train=16, num_val=4, image_size=(64, 80),
                             workers=1)
-    args = ["--data", data, "--out", str(tmp_path), "--name", "ddp",
+    args = ["--data", data, "--out", str(tmp_path), "--name", name,
             "--model.arch", "resnet18", "--view.size", "64", "--model.roi_size", "4",
             "--model.proj_hidden", "32", "--model.pred_hidden", "32", "--model.proj_dim", "16",
             "--model.queue_size", "64", "--data.batch_size", "2", "--data.workers", "0",
-            "--data.proposal_workers", "1", "--run.epochs", "1", "--run.max_steps", "3",
-            "--run.log_every", "1", "--run.progress", "false", "--run.oknn", "false",
-            "--run.threads", "1", "--run.debug_checksum", "true"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "-m", "train.run", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            "--data.proposal_workers", "1", "--run.log_every", "1", "--run.progress", "false",
+            "--run.oknn", "false", "--run.threads", "1", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "train.run", *args]
+    return cmd, {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_stays_in_sync(tmp_path):
+    cmd, env = _tiny_ddp_run(tmp_path, "ddp", "--run.epochs", "1", "--run.max_steps", "3",
+                             "--run.debug_checksum", "true")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run = tmp_path / "ddp"
     sums = [json.loads((run / f"checksum.rank{r}").read_text()) for r in (0, 1)]
@@ -85,21 +91,10 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     for ever); rank 0 saves and says so."""
     import signal
     import time
-    from d3ssl.data.synthetic import ensure_synthetic
-    data = ensure_synthetic(root=str(tmp_path / "data"), num_train=16, num_val=4, image_size=(64, 80),
-                            workers=1)
-    args = ["--data", data, "--out", str(tmp_path), "--name", "term",
-            "--model.arch", "resnet18", "--view.size", "64", "--model.roi_size", "4",
-            "--model.proj_hidden", "32", "--model.pred_hidden", "32", "--model.proj_dim", "16",
-            "--model.queue_size", "64", "--data.batch_size", "2", "--data.workers", "0",
-            "--data.proposal_workers", "1", "--run.epochs", "100", "--run.ckpt_every", "1000",
-            "--run.log_every", "1", "--run.progress", "false", "--run.oknn", "false", "--run.threads", "1"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd, env = _tiny_ddp_run(tmp_path, "term", "--run.epochs", "100", "--run.ckpt_every", "1000")
     log = tmp_path / "term" / "log.jsonl"
     with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node", "2", "-m", "train.run", *args],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 240
             while time.time() < deadline and proc.poll() is None and not (

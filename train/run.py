@@ -204,6 +204,13 @@ def build_model(cfg: TrainConfig, num_images: int, device, world: int, seed: int
     return model
 
 
+def make_optimizer(cfg: TrainConfig, method, lr: float):
+    """LARS over `method`'s trainable parameters with the config's settings (its lr is set per step)."""
+    from d3ssl.model import LARS, param_groups_for_lars
+    return LARS(param_groups_for_lars(method, cfg.optim.weight_decay), lr=lr, momentum=cfg.optim.momentum,
+                weight_decay=cfg.optim.weight_decay, trust_coefficient=cfg.optim.trust_coefficient)
+
+
 def make_region_stage(cfg: TrainConfig):
     """The method's region stage as `stage(batch, generator) -> RegionViews`, made once per loop.
 
@@ -274,7 +281,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     base_lr = cfg.optim.lr_per_256 * images_per_step / 256
 
     # --- model and optimiser ------------------------------------------------------------------------
-    from d3ssl.model import LARS, lr_schedule, momentum_schedule, param_groups_for_lars
+    from d3ssl.model import lr_schedule, momentum_schedule
     model = build_model(cfg, len(dataset), device, world)
     raw = model  # the method itself: update_teacher, online_backbone, state_dict
     if world > 1:
@@ -286,9 +293,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     **{sync_kw: not synced_bn})
     forward = torch.compile(model) if cfg.run.compile else model
-    optimizer = LARS(param_groups_for_lars(raw, cfg.optim.weight_decay), lr=base_lr,
-                     momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                     trust_coefficient=cfg.optim.trust_coefficient)
+    optimizer = make_optimizer(cfg, raw, base_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device=device)
     stage = make_region_stage(cfg)

@@ -32,6 +32,12 @@ PHASES = ("buffer snapshot", "copy to device", "region stage", "forward", "loss 
           "read the loss", "optimiser", "teacher update")
 
 
+def view_dtype(device, amp_dtype) -> torch.dtype:
+    """The Batch contract's view dtype for training on `device`: the autocast dtype on a GPU,
+    float32 on the CPU."""
+    return amp_dtype if torch.device(device).type == "cuda" and amp_dtype is not None else torch.float32
+
+
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """Seed of the region-stage generator for one micro-batch: a pure function of where the run is,
     so a resumed run draws exactly what the uninterrupted one drew."""
@@ -106,8 +112,7 @@ class TrainStep:
         self.method, self.forward, self.ddp = method, forward, ddp
         self.optimizer, self.scaler, self.stage, self.generator = optimizer, scaler, stage, generator
         self.device, self.amp_dtype = torch.device(device), amp_dtype
-        # The Batch contract: views in the autocast dtype on a GPU, float32 on the CPU.
-        self.view_dtype = amp_dtype if self.device.type == "cuda" and amp_dtype is not None else torch.float32
+        self.view_dtype = view_dtype(self.device, amp_dtype)
         self.accum, self.world, self.rank, self.seed = accum, world, rank, seed
         self.phase = phase or (lambda name: contextlib.nullcontext())
         self._check_layout = check_layout

@@ -21,7 +21,7 @@ import os
 import torch
 
 from benchmarks.common import COCO_SIZE, Row, bench_dataset, interleaved
-from train.step import TrainStep
+from train.step import TrainStep, view_dtype
 
 
 def _config(args, method):
@@ -51,8 +51,7 @@ class _Stepper:
     as train/run.py builds them; one TrainStep per feed, so that each keeps its own prepared batch."""
 
     def __init__(self, cfg, num_images, compile=False):
-        from d3ssl.model import LARS, param_groups_for_lars
-        from train.run import amp_dtype, build_model, configure_backends, make_region_stage
+        from train.run import amp_dtype, build_model, configure_backends, make_optimizer, make_region_stage
         self.cfg = cfg
         self.device = torch.device(cfg.run.device)
         configure_backends(cfg, self.device)
@@ -60,13 +59,11 @@ class _Stepper:
         self.model = build_model(cfg, num_images, self.device, world=1)
         self.model.train()
         self.forward = torch.compile(self.model) if compile else self.model
-        self.opt = LARS(param_groups_for_lars(self.model, cfg.optim.weight_decay), lr=0.01,
-                        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                        trust_coefficient=cfg.optim.trust_coefficient)
+        self.opt = make_optimizer(cfg, self.model, lr=0.01)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.gen = torch.Generator(device=self.device)
         self.stage = make_region_stage(cfg)
-        self.view_dtype = self.dtype if self.device.type == "cuda" and self.dtype else torch.float32
+        self.view_dtype = view_dtype(self.device, self.dtype)
         self._steps = {}   # feed name -> (TrainStep, number of its last step)
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
         # them for the profiler); none by default.
