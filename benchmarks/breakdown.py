@@ -1,7 +1,7 @@
 """Where the time goes, from torch.profiler: the region stage, and the training step fed by the CPU
 loader next to the same step fed by a batch kept on the device (the benchmark's ceiling).
 
-  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step]
+  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step,dali]
 
 For the stage (batch 64 at 224 and 112, the Batch contract's dtype): per call, the host time, the
 operations and kernels by total time and count, and for region_erase and composite their kernel
@@ -10,8 +10,11 @@ per step, the wall time and where the main thread spent it (labelled phases: wai
 the region stage, forward, backward, reading the loss, which waits for the forward on the GPU, the
 optimiser and the teacher update), the operations each phase sends to torch's dispatcher (on a GPU,
 kernel launches), and on a GPU how busy the GPU was and where the host synchronised with it (torch's
-sync debug mode; reading the loss through an event is not counted). The throughput benchmark (benchmarks/throughput.py)
-says how fast; this says why.
+sync debug mode; reading the loss through an event is not counted). For the DALI graph (`dali`, not
+in the default; needs NVIDIA DALI): images/s within epochs of the graph cut after each of its stages
+(the source alone, + decode, + resizes, + colour, + normalisation), of the loader's Batch and of the
+loader followed by the region stage. The throughput benchmark (benchmarks/throughput.py) says how
+fast; this says why.
 """
 import argparse
 import contextlib
@@ -33,7 +36,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--what", default="stage,step", help="comma-separated: stage, step (default: both)")
+    p.add_argument("--what", default="stage,step",
+                   help="comma-separated: stage, step, dali (default: stage,step)")
     p.add_argument("--steps", type=int, default=6, help="profiled training steps per feed (default: 6)")
     p.add_argument("--quick", action="store_true", help="small inputs (a smoke test of the script)")
     p.add_argument("--rows", type=int, default=18, help="rows of each table (default: 18)")
@@ -44,9 +48,9 @@ def parse_args(argv=None):
         p.error("--device cuda was asked for but no GPU is visible to torch")
     if args.steps < 1:
         p.error("--steps must be at least 1")
-    unknown = set(args.what.split(",")) - {"stage", "step"}
+    unknown = set(args.what.split(",")) - {"stage", "step", "dali"}
     if unknown:
-        p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from stage, step")
+        p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from stage, step, dali")
     return args
 
 
@@ -256,6 +260,31 @@ def _count_syncs(stepper, source, get, steps):
           + "".join(f"\n    {n / steps:.1f} per step at {site}" for site, n in sites.most_common(8)))
 
 
+def profile_dali(args):
+    """The DALI graph stage by stage (benchmarks/sections/loader_dali.py's graph_stage_rates), on
+    COCO-sized JPEGs with the loader benchmark's sizes: on a GPU 32 batches of 64 per epoch, 8 workers."""
+    from benchmarks.common import COCO_SIZE, bench_dataset
+    from benchmarks.sections.loader_dali import graph_stage_rates
+    from d3ssl.data.dali import dali_available
+
+    if not dali_available():
+        print("\n== DALI graph: NVIDIA DALI is not installed (pip install -e .[dali]); skipped")
+        return
+    gpu = args.device == "cuda"
+    workers = max(1, min(8, os.cpu_count() or 1))
+    batch = 16 if args.quick else (64 if gpu else 32)
+    batches = 4 if args.quick else (32 if gpu else 8)
+    dataset, store = bench_dataset(batch * batches)
+    print(f"\n== DALI {'GPU graph' if gpu else 'CPU-only mode'}, cut after each stage: batch {batch}, "
+          f"{batches} batches per epoch, {workers} workers, {COCO_SIZE[0]}-{COCO_SIZE[1]} px JPEGs; "
+          "images/s within epochs")
+    rates = graph_stage_rates(dataset, store, device=args.device, workers=workers, batch_size=batch,
+                              epochs=2 if args.quick else 3)
+    print(f"  {'up to':<24} {'images/s':>10} {'ms / batch':>11}")
+    for name, rate in rates.items():
+        print(f"  {name:<24} {rate:>10.0f} {batch * 1e3 / rate:>11.2f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import d3ssl  # noqa: F401  (fails early with a clear message if the library is not built)
@@ -266,6 +295,8 @@ def main(argv=None):
         profile_stage(args)
     if "step" in what:
         profile_step(args)
+    if "dali" in what:
+        profile_dali(args)
 
 
 if __name__ == "__main__":

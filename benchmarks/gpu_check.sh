@@ -14,8 +14,9 @@
 #      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region" (~3 min);
 #   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
-#      GPU_CHECK_STEPS="dali train_bench" (~2.5 min).
-# Not yet run on a GPU (2026-11-27): the step breakdown, the experiment exp_region_vec (~1.5 min,
+#      GPU_CHECK_STEPS="dali train_bench" (~2.5 min; a lease with DALI now also names dali_breakdown
+#      after dali, about a minute more).
+# Not yet run on a GPU (2026-11-27): the step breakdown, dali_breakdown, the experiment exp_region_vec (~1.5 min,
 # most of it compiling) and tests_cuda_train. The train benchmark has not run since the step moved
 # to train/step.py (loss read at the forward's end, multi-tensor LARS on GPUs, cuDNN's autotuner).
 # Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun):
@@ -69,6 +70,10 @@ step exp_region_vec 240 python benchmarks/experiments/region_vec.py
 # the full step fed by every loader backend that imports (the CPU loader, and DALI once installed)
 # against the model-only ceiling.
 step dali 300 bash benchmarks/gpu_check_dali.sh "${DALI_PARTS:-.dali-parts}" "$out/dali"
+# Where the DALI graph's time goes: images/s of the graph cut after each stage (source, decode,
+# resizes, colour, normalisation), of the loader's Batch and of the loader + region stage (~1 min).
+step dali_breakdown 180 env PYTHONPATH="${DALI_SITE:-/tmp/dali-site}${PYTHONPATH:+:$PYTHONPATH}" \
+  python benchmarks/breakdown.py --what dali --device cuda
 step train_bench 300 env PYTHONPATH="${DALI_SITE:-/tmp/dali-site}${PYTHONPATH:+:$PYTHONPATH}" \
   python benchmarks/throughput.py --section train --device cuda --backend both --json "$out/train.json"
 # The same step with torch.compile of the methods' forward (compiling takes minutes: not in the

@@ -203,6 +203,44 @@ def test_view2_small_is_the_2x2_average_of_view2(data):
 
 
 @needs_dali
+def test_graph_cut_after_each_stage(data):
+    """loader.pipeline(upto=...) (benchmarks/breakdown.py --what dali times it) is the loader's own
+    graph stopped after a stage: the source hands over the files' bytes, the decode has each image's
+    size, the uint8 views before colour equal the colour cut's when colour is off, and the whole
+    graph gives the loader's batch."""
+    ds, store, truth = data
+    loader = _dali(ds, store, colour_cfg=NO_COLOUR, seed=5)
+    first = next(iter(_dali(ds, store, colour_cfg=NO_COLOUR, seed=5)))
+    ids = first.image_id.tolist()
+
+    def samples(tl):
+        return [np.array(tl.at(i)) for i in range(len(tl))]
+
+    out = {}
+    for stage in dali_mod.GRAPH_STAGES:
+        pipe = loader.pipeline(upto=stage)
+        out[stage] = [samples(tl) for tl in pipe.run()]
+        del pipe
+    encoded, params, kernel1, kernel2, meta = out["source"]
+    assert [m[-1] for m in meta] == ids
+    assert [e.tobytes() for e in encoded] == [ds.read_bytes(i) for i in ids]
+    image, meta = out["decode"]
+    assert [im.shape for im in image] == [(truth[ds.key(i)][1], truth[ds.key(i)][0], 3) for i in ids]
+    for cut in ("resize", "colour"):
+        views = out[cut][:3]
+        assert [v.shape for v in views[0] + views[1]] == [(S, S, 3)] * (2 * len(ids))
+        assert all(v.shape == (S // 2, S // 2, 3) and v.dtype == np.uint8 for v in views[2])
+    for a, b in zip(out["resize"][:3], out["colour"][:3]):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    for k, name in enumerate(("view1", "view2", "view2_small")):
+        want = getattr(first, name).permute(0, 2, 3, 1).numpy()
+        got = np.stack(out["normalise"][k])
+        assert got.dtype == np.float32 and np.array_equal(got, want), name
+    with pytest.raises(ValueError, match="upto must be one of"):
+        loader.pipeline(upto="resized")
+
+
+@needs_dali
 def test_boxes_land_on_their_regions(data):
     """Colour augmentation off: inside every valid box, view 1, view 2 and view2_small show the
     colour of that box's proposal, and the boxes are the view sampler's for the sample's seed."""

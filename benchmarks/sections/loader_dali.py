@@ -108,6 +108,66 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
                 target=1.0 if device.type == "cpu" else None, extra=extra)]
 
 
+def _pipeline_epoch_fn(pipe, device):
+    """One call = one epoch of a built DALI pipeline (run until the source ends, then reset);
+    ``epoch.arrivals`` as in :func:`_epoch_fn`. The outputs are dropped as they come."""
+    def epoch():
+        n, times = 0, []
+        while True:
+            try:
+                outputs = pipe.run()
+            except StopIteration:
+                break
+            n += len(outputs[0])
+            times.append(time.perf_counter())
+        pipe.reset()
+        sync(device)
+        times[-1] = time.perf_counter()
+        epoch.arrivals.append((times, n // max(len(times), 1)))
+        return n
+    epoch.arrivals = []
+    return epoch
+
+
+def graph_stage_rates(dataset, store, *, device, workers: int, batch_size: int,
+                      epochs: int = 3) -> dict[str, float]:
+    """Images/s within epochs (:func:`steady_rate`, median of `epochs` epochs after a first one that
+    starts the workers) of the DALI graph cut after each of its stages
+    (:data:`d3ssl.data.dali.GRAPH_STAGES`: the source's Python alone, + decode, + the three resizes,
+    + colour, + normalisation), then of the loader (+ Batch on the device) and of the loader followed
+    by the region stage, as the training step takes it. Each cut is timed alone, one after another.
+
+    The cuts run in one pipeline whose stages overlap (the source's workers, DALI's CPU threads and
+    the GPU), so a stage's cost shows as the drop in rate only where it is on the slowest path."""
+    from d3ssl.data.dali import GRAPH_STAGES
+    from d3ssl.data.loader import make_loader
+
+    device = torch.device(device)
+    kw = dict(batch_size=batch_size, workers=workers, seed=0, drop_last=True)
+    rates = {}
+    for stage in GRAPH_STAGES:
+        loader = make_loader(dataset, store, backend="dali", device=device, **kw)
+        skip = max(1, len(loader) // 4)
+        pipe = loader.pipeline(upto=stage)
+        epoch = _pipeline_epoch_fn(pipe, device)
+        for _ in range(epochs + 1):
+            epoch()
+        rates[stage] = steady_rate(epoch.arrivals[1:], skip)
+        del pipe, loader
+    region_stage = _region_stage()
+    for name, stage in (("loader (Batch)", None), ("loader + region stage", region_stage)):
+        if name.endswith("region stage") and region_stage is None:
+            continue
+        loader = make_loader(dataset, store, backend="dali", device=device, **kw)
+        skip = max(1, len(loader) // 4)
+        epoch = _epoch_fn(loader, device, stage)
+        for _ in range(epochs + 1):
+            epoch()
+        rates[name] = steady_rate(epoch.arrivals[1:], skip)
+        loader.close()
+    return rates
+
+
 def run(args) -> list[Row]:
     workers = max(1, min(8, os.cpu_count() or 1))   # the issue's bar: at most 8 CPU workers
     batch = 16 if args.quick else 64

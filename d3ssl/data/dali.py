@@ -369,28 +369,41 @@ def _colour(view, colour, twist, blur, kernel, solarize, device, threshold):
     return view
 
 
+# The graph's stages in order; a graph cut after one of them (`upto`) is for profiling
+# (benchmarks/breakdown.py --what dali): each cut's outputs are that stage's results.
+GRAPH_STAGES = ("source", "decode", "resize", "colour", "normalise")
+
+
 @pipeline_def(enable_conditionals=True)
 def d3ssl_views(source, device: str = "gpu", size: int = 224, antialias: bool = True,
-                solarize_threshold: int = 128, out_dtype=None):
+                solarize_threshold: int = 128, out_dtype=None, upto: str = "normalise"):
     """The D3SSL view graph. `device`: "gpu" (decode on device="mixed", the rest on the GPU) or "cpu"
     (the same graph in DALI's CPU-only mode; build the pipeline with device_id=None).
 
     Outputs (B = batch, S = `size`): view1 [B,S,S,3], view2 [B,S,S,3], view2_small [B,S/2,S/2,3]
     (HWC, normalised, `out_dtype`) and meta float64 [B,9K+1], the source's boxes1 [K,4], boxes2 [K,4],
-    box_valid [K] and image index per sample, packed (the loader unpacks them)."""
+    box_valid [K] and image index per sample, packed (the loader unpacks them).
+
+    `upto` (one of :data:`GRAPH_STAGES`) cuts the graph after that stage, for profiling: "source"
+    returns the source's arrays, "decode" the decoded images, "resize" the three uint8 views before
+    their colour augmentation, "colour" after it; "normalise" (default) is the whole graph."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if upto not in GRAPH_STAGES:
+        raise ValueError(f"upto must be one of {GRAPH_STAGES}, got {upto!r}")
     outputs = fn.external_source(source=source, num_outputs=len(_OUTPUTS), batch=True, batch_info=True,
                                  parallel=True)
     return _views_graph(dict(zip(_OUTPUTS, outputs)), device, size, antialias=antialias,
-                        solarize_threshold=solarize_threshold, out_dtype=out_dtype)
+                        solarize_threshold=solarize_threshold, out_dtype=out_dtype, upto=upto)
 
 
 def _views_graph(src: dict, device: str, size: int, antialias: bool = True, solarize_threshold: int = 128,
-                 out_dtype=None):
+                 out_dtype=None, upto: str = "normalise"):
     """The body of :func:`d3ssl_views` on the source's outputs (`src`: name in :data:`_OUTPUTS` ->
-    DataNode); returns the graph's outputs."""
+    DataNode); returns the graph's outputs (those of stage `upto`)."""
     encoded, params, kernel1, kernel2, meta = (src[k] for k in _OUTPUTS)
+    if upto == "source":
+        return encoded, params, kernel1, kernel2, meta
 
     def flag(name):  # a 0/1 entry of params as the boolean a DALI conditional takes
         return fn.cast(params[_P[name]], dtype=types.BOOL)
@@ -406,15 +419,21 @@ def _views_graph(src: dict, device: str, size: int, antialias: bool = True, sola
     twist1, twist2 = twist("twist1"), twist("twist2")
     # Decode once; every view is a resize of this one image.
     image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if upto == "decode":
+        return image, meta
     # View 1: the whole image, aspect not kept (SoCo). View 2: the sampler's crop window.
     view1 = fn.resize(image, size=(size, size), antialias=antialias)
     view2 = fn.resize(image, size=(size, size), roi_start=crop_start, roi_end=crop_end,
                       antialias=antialias)
+    if upto == "resize":
+        return view1, view2, fn.resize(view2, size=(size // 2, size // 2), antialias=False), meta
     view1 = _colour(view1, colour1, twist1, blur1, kernel1, solarize1, device, solarize_threshold)
     view2 = _colour(view2, colour2, twist2, blur2, kernel2, solarize2, device, solarize_threshold)
     # Exactly half of view 2: DALI's linear filter without its antialiasing widening averages each
     # 2x2 block, which is the CPU loader's INTER_AREA at this factor (and cheaper than antialiasing).
     view2_small = fn.resize(view2, size=(size // 2, size // 2), antialias=False)
+    if upto == "colour":
+        return view1, view2, view2_small, meta
     out_dtype = types.FLOAT if out_dtype is None else out_dtype
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
@@ -490,6 +509,12 @@ class DaliLoader:
 
     def _build(self, start_batch: int = 0):
         self.close()
+        self._pipe, self._pipe_epoch = self.pipeline(start_batch), self.epoch
+
+    def pipeline(self, start_batch: int = 0, upto: str = "normalise"):
+        """A built DALI pipeline of this loader's graph for its current epoch, from batch
+        `start_batch` on; `upto` cuts it after one of :data:`GRAPH_STAGES` (profiling). Iterating the
+        loader builds its own; this one is the caller's to run and drop."""
         source = ViewSource(self.dataset, self.store, self.view_cfg, self.colour_cfg,
                             EpochBatchSampler(**{k: getattr(self.sampler, k) for k in (
                                 "n", "batch_size", "seed", "rank", "world_size", "drop_last", "shuffle")}),
@@ -504,9 +529,12 @@ class DaliLoader:
                            out_dtype=out_dtype, batch_size=self.batch_size, num_threads=self.threads,
                            device_id=device_id, py_num_workers=max(1, self.workers),
                            py_start_method=self._start_method(), prefetch_queue_depth=self.prefetch,
-                           seed=self.seed, exec_dynamic=True)  # outputs are not recycled: _to_batch
-        pipe.build()
-        self._pipe, self._pipe_epoch = pipe, self.epoch
+                           seed=self.seed, exec_dynamic=True,  # outputs are not recycled: _to_batch
+                           upto=upto)
+        with warnings.catch_warnings():  # a cut graph leaves some of the source's outputs unused
+            warnings.filterwarnings("ignore", message=".*outputs at the indices.*are not used")
+            pipe.build()
+        return pipe
 
     def _start_method(self) -> str:
         """fork is cheap, but DALI refuses it (rightly) once the CUDA driver is initialised in this
