@@ -194,6 +194,17 @@ def test_tile_grid_repeats_the_tile():
         np.testing.assert_array_equal(image[y1:y2, x1:x2], centre)
 
 
+
+def test_tile_grid_shrinks_without_aliasing():
+    """A crop of 1-px stripes (one bright column in four) shrunk 4x into a tile averages them (63.75);
+    a bilinear resize would sample only dark columns. A crop smaller than the tile is enlarged."""
+    crop = np.zeros((384, 384, 3), np.uint8)
+    crop[:, ::4] = 255
+    image, _ = positional.tile_grid(crop, 96)
+    np.testing.assert_allclose(image, 63.75, atol=0.5)
+    small, _ = positional.tile_grid(crop[:48, :48], 96)
+    assert small.shape == (288, 288, 3) and small.max() > 200
+
 # --- on a tiny synthetic dataset ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -235,6 +246,21 @@ def test_load_objects_errors(tmp_path, synthetic_root):
         probe.load_objects(str(tmp_path))
     objects = probe.load_objects(synthetic_root, "val", min_size=24)
     assert all(o.box[2] - o.box[0] >= 24 and o.box[3] - o.box[1] >= 24 for o in objects)
+
+
+def test_load_objects_finds_coco2017_names(tmp_path, synthetic_root):
+    """A COCO 2017 layout (annotations/instances_val2017.json, val2017/) gives the same objects as
+    the synthetic set's own names, with the image paths in val2017/."""
+    root = tmp_path / "coco"
+    os.makedirs(root / "annotations")
+    os.symlink(os.path.join(synthetic_root, "val"), root / "val2017")
+    with open(os.path.join(synthetic_root, "annotations", "instances_val.json")) as f:
+        ann = f.read()
+    (root / "annotations" / "instances_val2017.json").write_text(ann)
+    want = probe.load_objects(synthetic_root, "val", min_size=24)
+    got = probe.load_objects(str(root), "val", min_size=24)
+    assert [(o.box, o.category) for o in got] == [(o.box, o.category) for o in want]
+    assert all(o.image_path.startswith(str(root / "val2017")) and os.path.isfile(o.image_path) for o in got)
 
 
 def test_summarize():
@@ -320,6 +346,54 @@ def test_disturbed_oknn_runs_and_differs(synthetic_root):
     assert clean_x.shape == dist_x.shape and not torch.allclose(clean_x, dist_x)
     res = disturbed.evaluate_disturbed_oknn(backbone, synthetic_root, seed=0, **kw)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and res["num_queries"] > 0
+
+
+@pytest.mark.parametrize("disturb_bank", [True, False])
+def test_disturbed_oknn_disturbs_every_image_it_should(synthetic_root, monkeypatch, disturb_bank):
+    """The background hook runs once on every query image and, with disturb_bank, on every bank
+    image, each time with the boxes O-KNN selected for that image; its output is what is embedded."""
+    from d3ssl.eval import oknn
+    from d3ssl.model import ResNetC4
+    calls = []
+    replace = disturbed.BackgroundReplacer.__call__
+
+    def spy(self, records, index, image, boxes):
+        calls.append((os.path.basename(os.path.dirname(records[index][0])), index, boxes.copy()))
+        return replace(self, records, index, image, boxes)
+
+    monkeypatch.setattr(disturbed.BackgroundReplacer, "__call__", spy)
+    backbone = ResNetC4("resnet18")
+    kw = dict(max_objects_per_image=2, image_size=64, batch_size=8, k=5)
+    disturbed.evaluate_disturbed_oknn(backbone, synthetic_root, seed=0, disturb_bank=disturb_bank, **kw)
+    want = []
+    for split, per_image in (("train", 2), ("val", None)):
+        if split == "train" and not disturb_bank:
+            continue
+        want += [(split, i, r[1]) for i, r in enumerate(oknn.load_objects(synthetic_root, split, per_image))]
+    key = lambda c: (c[0], c[1])  # noqa: E731
+    assert sorted(map(key, calls)) == sorted(map(key, want))
+    for (_, _, got), (_, _, boxes) in zip(sorted(calls, key=key), sorted(want, key=key)):
+        np.testing.assert_array_equal(got, boxes)
+
+
+def test_oknn_images_shrink_without_aliasing(tmp_path):
+    """A 256-px image of 1-px stripes, one bright column in four, shrunk to 64 px for O-KNN: every
+    output pixel averages four columns (63.75), as the training views' resize does. A plain bilinear
+    resize samples between two dark columns and would give 0."""
+    import cv2
+    from d3ssl.data.cpu_loader import resize_square
+    from d3ssl.eval import oknn
+    img = np.zeros((256, 256, 3), np.uint8)
+    img[:, ::4] = 255
+    path = str(tmp_path / "stripes.png")
+    cv2.imwrite(path, img)
+    records = [(path, np.array([[0, 0, 128, 128]], np.float32), np.array([1]), (256, 256))]
+    image, boxes, _ = oknn.ObjectImages(records, 64)[0]
+    pixels = image.numpy().transpose(1, 2, 0) * STD * 255 + MEAN * 255
+    np.testing.assert_allclose(pixels, 63.75, atol=0.6)
+    np.testing.assert_allclose(pixels, resize_square(img, 64), atol=1e-3)
+    torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
+    assert cv2.resize(img, (64, 64), interpolation=cv2.INTER_LINEAR).max() == 0  # what aliasing looks like
 
 
 # --- the report ---------------------------------------------------------------------------------------

@@ -415,3 +415,27 @@ def test_configure_backends_sets_cudnn_benchmark_for_gpu_runs_only():
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_oknn_runs_on_coco_roots_under_either_naming(tmp_path):
+    """The end-of-run O-KNN needs train and val ground truth with their images, named as the
+    synthetic set does (instances_val.json, val/) or as COCO 2017 does (instances_val2017.json,
+    val2017/); anything else skips it (None)."""
+    def coco_root(name, splits):
+        root = tmp_path / name
+        (root / "annotations").mkdir(parents=True)
+        for split in splits:
+            (root / "annotations" / f"instances_{split}.json").write_text("{}")
+            (root / split).mkdir()
+        return str(root)
+
+    for splits in (("train", "val"), ("train2017", "val2017")):
+        root = coco_root("-".join(splits), splits)
+        assert trainer.oknn_root(root) == root
+    assert trainer.oknn_root(coco_root("train-only", ("train2017",))) is None
+    no_images = coco_root("no-val-images", ("train", "val"))
+    os.rmdir(os.path.join(no_images, "val"))
+    assert trainer.oknn_root(no_images) is None
+    (tmp_path / "folder").mkdir()
+    assert trainer.oknn_root(str(tmp_path / "folder")) is None
+    assert trainer.oknn_root(os.path.join(no_images, "annotations", "instances_train.json")) is None

@@ -129,8 +129,22 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     if rank != 0:
         root, dataset, store_path = make()  # everything exists now: only opens
     store = ProposalStore(store_path)
-    has_gt = os.path.isfile(os.path.join(root, "annotations", "instances_val.json"))
-    return dataset, store, (root if has_gt else None)
+    return dataset, store, oknn_root(root)
+
+
+def oknn_root(root: str) -> str | None:
+    """`root` when O-KNN can run on it (COCO-format train and val splits with ground truth, under
+    the names d3ssl.eval.oknn.resolve_split accepts: instances_val.json or instances_val2017.json),
+    else None."""
+    from d3ssl.eval.oknn import resolve_split
+    if not os.path.isdir(root):
+        return None
+    try:
+        for split in ("train", "val"):
+            resolve_split(root, split)
+    except FileNotFoundError:
+        return None
+    return root
 
 
 def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
@@ -448,7 +462,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
                                                          step, run_dir)
         elif cfg.run.oknn:
-            print("O-KNN skipped: the dataset has no COCO ground truth (annotations/instances_val.json)")
+            print("O-KNN skipped: --data is not a COCO-format root with ground truth for both splits "
+                  "(annotations/instances_{train,val}[2017].json and their image folders)")
     logger.close()
     finish_distributed(world)
     return summary

@@ -28,7 +28,7 @@ from .views import ViewConfig, sample_seed, sample_views
 MAX_REPLACEMENTS = 16   # consecutive unreadable files before the loader gives up with an error
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Resizes uint8 [H,W,3] to [size,size,3] without aliasing, fast.
 
     While the image is at least twice the target in both directions it is halved by exact 2x2
@@ -87,9 +87,9 @@ class ViewDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         p = sample_views(w, h, props, rng, cfg)
         s = cfg.size
-        view1 = _resize(img, s)
+        view1 = resize_square(img, s)
         x0, y0, cw, ch = (int(v) for v in p.crop)
-        view2 = _resize(img[y0:y0 + ch, x0:x0 + cw], s)
+        view2 = resize_square(img[y0:y0 + ch, x0:x0 + cw], s)
         if p.flip1:
             view1 = cv2.flip(view1, 1)
         if p.flip2:

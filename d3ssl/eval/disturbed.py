@@ -3,8 +3,11 @@ ground-truth boxes replaced by another image.
 
 The object features are extracted exactly as for O-KNN (:mod:`d3ssl.eval.oknn`); only the image
 changes, through O-KNN's image hook. Of the n images O-KNN reads from a split, image i's background
-is image ``background_index(n, seed)[i]`` (never i itself), resized to image i's size. Bank and
-queries are both disturbed. A fixed seed gives the same disturbed images every time, so checkpoints
+is image ``background_index(n, seed)[i]`` (never i itself), resized to image i's size.
+
+The paper keeps "the feature extraction pipeline the same" and does not say whether the bank's
+images are disturbed too. Named default ``disturb_bank=True``: bank and queries alike, so that both
+sides of the vote see the same kind of image (False disturbs the queries only). A fixed seed gives the same disturbed images every time, so checkpoints
 are compared on the same inputs.
 """
 from __future__ import annotations
@@ -74,15 +77,18 @@ class BackgroundReplacer:
         return replace_background(image, boxes, read_rgb(records[int(self._partner[index])][0]))
 
 
-def evaluate_disturbed_oknn(backbone, data_root: str, seed: int = 0, **oknn_kwargs) -> dict:
+def evaluate_disturbed_oknn(backbone, data_root: str, seed: int = 0, disturb_bank: bool = True,
+                            **oknn_kwargs) -> dict:
     """Disturbed O-KNN: :func:`~d3ssl.eval.oknn.evaluate_oknn` with every image's background (all
-    pixels outside its selected boxes) replaced by another image of its split, bank and queries alike.
+    pixels outside its selected boxes) replaced by another image of its split.
 
     Args:
         backbone, data_root, **oknn_kwargs: as for ``evaluate_oknn``.
         seed: choice of the background images.
+        disturb_bank: also disturb the bank's (train split's) images (default); False: queries only.
     Returns:
         {"top1", "top5" (percent), "bank_size", "num_queries"}.
     """
     from .oknn import evaluate_oknn
-    return evaluate_oknn(backbone, data_root, image_hook=BackgroundReplacer(seed), **oknn_kwargs)
+    return evaluate_oknn(backbone, data_root, image_hook=BackgroundReplacer(seed), hook_bank=disturb_bank,
+                         **oknn_kwargs)

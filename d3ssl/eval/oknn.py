@@ -1,7 +1,8 @@
-"""Object-level k-NN (O-KNN, paper §5.3, DESIGN.md §6).
+"""Object-level k-NN (O-KNN, paper §5.3).
 
 Each ground-truth box of a COCO-format dataset becomes one object feature: the image resized to
-S x S (aspect not kept, as the training views), the backbone's C5 map (stride 32), RoIAlign 7x7
+S x S as the CPU loader resizes the training views (aspect not kept; area averaging where it shrinks
+by more than 1.5, so a 640 px COCO image does not alias at 224), the backbone's C5 map (stride 32), RoIAlign 7x7
 on the box, average pool, L2 normalisation. A memory bank is built from the train split (at most N
 objects per image, picked so that the classes stay balanced); every val object is classified by a
 weighted vote of its k nearest bank objects (cosine similarity, weight exp(sim / T)); top-1 and
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from d3ssl import ops
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
+from d3ssl.data.cpu_loader import resize_square
 
 ROI_SIZE = 7          # RoIAlign output side on C5 (paper)
 C5_STRIDE = 32
@@ -132,7 +134,7 @@ class ObjectImages(torch.utils.data.Dataset):
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if self.image_hook is not None:
             img = self.image_hook(self.records, i, img, boxes)
-        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR)
+        img = resize_square(img, s)
         img = (img.astype(np.float32) - self.mean) / self.std
         scale = np.array([s / w, s / h, s / w, s / h], np.float32)
         return (torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(boxes * scale),
@@ -285,17 +287,18 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
                   max_objects_per_image: int = DEFAULT_OBJECTS_PER_IMAGE, k: int = 20,
                   temperature: float = 0.07, image_size: int = 224, device="cpu", batch_size: int = 32,
                   num_workers: int = 0, max_train_images: int | None = None,
-                  max_val_images: int | None = None, image_hook=None) -> dict:
+                  max_val_images: int | None = None, image_hook=None, hook_bank: bool = True) -> dict:
     """O-KNN of a backbone: a class-balanced bank from `train_split` (at most
     max_objects_per_image per image), every object of `val_split` as a query.
 
-    image_hook (see ObjectImages) edits the images of both splits.
+    image_hook (see ObjectImages) edits the images of the queries and, with `hook_bank` (default),
+    those of the bank too.
     Returns {"top1", "top5" (percent), "bank_size", "num_queries", "position_share" (of the val
     features, see :func:`position_share`; left out with fewer than 3 queries)}.
     """
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
-                                             image_hook)
+                                             image_hook if hook_bank else None)
     val_records = load_objects(data_root, val_split, None, max_images=max_val_images)
     val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
                                            batch_size, num_workers, max_val_images, image_hook,

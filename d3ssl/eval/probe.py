@@ -149,22 +149,24 @@ class GroundTruthObject:
 def load_objects(data_root: str, split: str = "val", min_size: float = 16.0) -> list[GroundTruthObject]:
     """Non-crowd ground-truth objects of a COCO-format dataset, at least ``min_size`` px wide and high.
 
-    The layout is ``data_root/<split>/`` (images) and ``data_root/annotations/instances_<split>.json``.
-    Objects come in annotation order, so sampling from the list with a seed is reproducible.
+    The layout is O-KNN's (:func:`~d3ssl.eval.oknn.resolve_split`): ``annotations/instances_<split>.json``
+    with the images in ``<split>/``, or COCO 2017's names (split "val" also finds
+    ``instances_val2017.json`` and ``val2017/``). Objects come in annotation order, so sampling from
+    the list with a seed is reproducible.
     """
-    ann_file = os.path.join(data_root, "annotations", f"instances_{split}.json")
+    from .oknn import resolve_split
     if not os.path.isdir(data_root):
         raise FileNotFoundError(f"data: dataset folder {data_root!r} does not exist")
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(
-            f"data: {data_root!r} has no ground truth for split {split!r} (expected {ann_file}); the "
-            f"diagnostics need COCO-format instance annotations")
+    try:
+        ann_file, image_dir = resolve_split(data_root, split)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data: {e}; the diagnostics need COCO-format instance annotations") from None
     with open(ann_file) as f:
         coco = json.load(f)
     for key in ("images", "annotations"):
         if key not in coco:
             raise ValueError(f"data: {ann_file} is not a COCO instances file (no {key!r} entry)")
-    files = {img["id"]: os.path.join(data_root, split, img["file_name"]) for img in coco["images"]}
+    files = {img["id"]: os.path.join(image_dir, img["file_name"]) for img in coco["images"]}
     objects = []
     for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
