@@ -4,10 +4,12 @@
 # against the CPU loader, same workers, same run).
 #
 #   usage: benchmarks/gpu_check_dali.sh [PARTS_DIR] [OUT_DIR]
-#     PARTS_DIR  folder with the dali-part-NN files made by dali-wheels-in-parts.sh
+#     PARTS_DIR  folder with the dali-part-NN files: where pip works,
+#                  pip download nvidia-dali-cuda130 -d W && tar -C W -cf - . | split -b 62M -d -a 2 - dali-part-
+#                (the wheels of DALI and its dependencies at the tar's top level)
 #                (default: $DALI_PARTS, else .dali-parts in the repository root)
 #     OUT_DIR    where the logs and the benchmark JSON go (default: $OUT, else ./gpu-check-out)
-#   environment: DALI_SHA256  sha256 of the whole archive, as the packing script prints it (checked
+#   environment: DALI_SHA256  sha256sum of the whole tar, before it was cut (checked
 #                             when set); DALI_SITE  install folder (default /tmp/dali-site)
 #
 # The parts (about 0.4 GB together) may arrive over several calls: each call moves the parts it finds
@@ -31,8 +33,9 @@ if ! PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" $py -c "import nvidia.dali" 2
   fi
   n=$(ls "$stage"/dali-part-* 2>/dev/null | wc -l)
   if [ "$n" -eq 0 ]; then
-    echo "gpu_check_dali: no DALI wheel parts in $parts or $stage; make them where pip works with" \
-         "dali-wheels-in-parts.sh OUTDIR and carry OUTDIR as $parts" >&2
+    echo "gpu_check_dali: no DALI wheel parts in $parts or $stage; where pip works, make them with" \
+         "'pip download nvidia-dali-cuda130 -d W && tar -C W -cf - . | split -b 62M -d -a 2 - dali-part-'" \
+         "in a folder, and carry that folder as $parts" >&2
     exit 3
   fi
   cat "$stage"/dali-part-* > /tmp/dali-all.tar

@@ -1,4 +1,4 @@
-// PRC planning (proposal-based random cutout, DESIGN.md §4): the sequential part of the sampler,
+// PRC planning (proposal-based random cutout; README, "The method"): the sequential part of the sampler,
 // one image at a time, shared by the CPU and CUDA kernels (through samplers.h, which sorts the
 // proposals and calls plan_image).
 //

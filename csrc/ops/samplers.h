@@ -1,4 +1,4 @@
-// The samplers' geometry after the draw (DESIGN.md §4), one proposal or one image at a time, shared
+// The samplers' geometry after the draw (README, "The method"), one proposal or one image at a time, shared
 // by the CPU and CUDA kernels: PRC (spans, visiting order, then prc.h's turns), PRM, box jitter (RBJ
 // and the baseline's) and the de-positioning shift. The random numbers come in as float64 U[0,1)
 // drawn by the Python sampler; everything here is deterministic.

@@ -1,4 +1,4 @@
-"""Samplers of the region-level augmentations (DESIGN.md §4), vectorised over the batch.
+"""Samplers of the region-level augmentations (the README's *The method*), vectorised over the batch.
 
 Every sampler takes proposals `boxes` float32 [B,K,4] (x1, y1, x2, y2 in pixels of one view) with
 `valid` bool [B,K] (False for padding rows), draws from a `torch.Generator`, and returns plain
@@ -186,7 +186,7 @@ def _erased_fraction(span, rects, erase):
 
 
 def sample_prc(boxes, valid, generator, scale=(0.2, 0.5), max_cover=0.5, image_size=None) -> PRC:
-    """Proposal-based random cutout (DESIGN.md §4), as ordered restore/erase operations per image.
+    """Proposal-based random cutout (the README's *The method*), as ordered restore/erase operations per image.
 
     boxes float32 [B,K,4] pixels, valid bool [B,K]. Per image, proposals are visited from largest to
     smallest (pixel area; ties by index). For proposal j: target a ~ U(scale); c = exact fraction of
@@ -251,7 +251,7 @@ def prc_rects_reference(span, u, live, scale, max_cover):
 
 
 def sample_prm(boxes, valid, image_size, generator, scale=(0.2, 0.6), ratio=(3 / 4, 4 / 3)) -> PRM:
-    """Proposal-based random mask (DESIGN.md §4): one erase rectangle per proposal.
+    """Proposal-based random mask (the README's *The method*): one erase rectangle per proposal.
 
     boxes float32 [B,K,4] pixels, valid bool [B,K], image_size int or (H, W). Per proposal: area
     fraction f ~ U(scale) of the proposal's pixels, aspect ratio w/h ~ U(ratio), both sides rounded
@@ -321,7 +321,7 @@ def jitter_reference(boxes, valid, u, p, shift, scale, image_size=None):
 
 
 def sample_rbj(boxes, valid, generator, p=0.5, ratio=0.1) -> RBJ:
-    """Restricted box jitter (DESIGN.md §4): with probability p per box, shift the centre by
+    """Restricted box jitter (the README's *The method*): with probability p per box, shift the centre by
     U(-ratio, ratio)*(w, h) and scale w and h by 1 + U(-ratio, 0) each, then clip to the original box;
     a jittered box never extends past the proposal and is never empty. Pixels, float32 [B,K,4].
     Draws B*K*5 uniforms (apply, centre x, centre y, w, h)."""

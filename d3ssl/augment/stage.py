@@ -1,5 +1,5 @@
 """The region stage: what training calls once per step to turn a Batch into the student and teacher
-inputs (DESIGN.md §4). Everything runs on the batch's device, vectorised over the batch: the
+inputs (the README's *The method*). Everything runs on the batch's device, vectorised over the batch: the
 samplers draw the rectangles, one fused region_erase per student view applies PRC then PRM, and
 one fused composite builds the de-positioning view.
 

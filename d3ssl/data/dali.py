@@ -1,6 +1,6 @@
 """The NVIDIA DALI loader backend: decode and build the D3SSL views in a DALI graph, hand out a Batch.
 
-Data flow (DESIGN.md §2)::
+Data flow::
 
     parallel external_source  (Python workers: read bytes, check them, run the view sampler)
       │  encoded bytes; crop window of view 2, flips, colour parameters (one packed vector);

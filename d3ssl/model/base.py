@@ -1,5 +1,5 @@
 """What the D3SSL and SoCo methods share: the config, the student and its EMA teacher, and the
-region encoders (DESIGN.md §5).
+region encoders (the README's *The method*).
 
 Student f_q = backbone + projector + predictor; teacher f_k = backbone + projector, an exponential
 moving average of the student's, never trained by gradients.

@@ -1,4 +1,4 @@
-"""D3SSL (paper §4, DESIGN.md §4): de-coupling and de-positioning losses against a queue.
+"""D3SSL (paper §4; the README's *The method*): de-coupling and de-positioning losses against a queue.
 
 Student inputs (region-augmented): x̂1 (S px), x̂2s (S/2 px), x3 (S px, de-positioning composite).
 Teacher inputs: x1, x2 (S px). With z_s = predictor(projector(student)), z_t = projector(teacher):

@@ -1,4 +1,4 @@
-"""LARS and the per-step schedules (DESIGN.md §5). Schedules are pure functions of the step."""
+"""LARS and the per-step schedules (the README's *The method*). Schedules are pure functions of the step."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""ResNet-C4 backbone with RoIAlign region features (paper §4, DESIGN.md §5).
+"""ResNet-C4 backbone with RoIAlign region features (paper §4).
 
 The torchvision ResNet (stride on the 3x3 conv) is cut after layer3: stem + layer1..3 form the C4
 trunk (stride 16; 1024 channels for ResNet-50, 256 for ResNet-18). Regions are pooled from C4 with
