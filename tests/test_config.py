@@ -154,3 +154,37 @@ def test_parse_value_generic_types():
     assert r.leaf == Leaf(2e-3, (0.1, 0.4), (3, 4, 5), "abc")
     C.set_field(r, "leaf.s", "none")
     assert r.leaf.s is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.oknn_k=0", "run.oknn_k must be >= 1"),
+    ("run.oknn_temperature=0", "run.oknn_temperature must be > 0"),
+    ("run.oknn_image_size=16", "run.oknn_image_size must be >= 32"),
+    ("run.log_every=0", "run.log_every must be >= 1"),
+    ("run.ckpt_every=0", "run.ckpt_every must be >= 1"),
+    ("run.threads=0", "run.threads must be >= 1"),
+    ("run.max_steps=0", "none for no limit"),
+    ("run.device=tpu", "run.device must be"),
+    ("data.workers=-1", "data.workers must be >= 0"),
+    ("data.batch_size=0", "data.batch_size must be >= 1"),
+    ("optim.lr_per_256=nan", "optim.lr_per_256 must be > 0"),
+    ("optim.momentum=1", "optim.momentum must be in"),
+    ("region.prc_scale=0.5", "takes 2 comma-separated values"),
+    ("region.prm_ratio=1.5,0.5", "min must not exceed max"),
+    ("data.synthetic_size=300,200", "min must not exceed max"),
+    ("region.rbj_p=1.5", "probability"),
+    ("colour.blur_p=1.0,1.5", "probability"),
+    ("region.fill=inf", "must be finite"),
+    ("run.epochs=0.5", "optim.warmup_epochs .* is longer than run.epochs"),
+])
+def test_bad_values_are_refused_naming_the_field(override, message):
+    name, value = override.split("=")
+    with pytest.raises(ValueError, match=message):
+        C.make_config("default", {name: value})
+
+
+def test_values_at_the_limits_are_accepted():
+    cfg = C.make_config("default", {"run.max_steps": "none", "run.threads": "1", "data.workers": "0",
+                                    "region.rbj_p": "1", "colour.blur_p": "0,0", "region.prc_scale": "0.3,0.3",
+                                    "optim.warmup_epochs": "15", "run.epochs": "15", "run.device": "cuda:1"})
+    assert cfg.run.max_steps is None and cfg.region.prc_scale == (0.3, 0.3) and cfg.run.device == "cuda:1"

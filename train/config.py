@@ -17,6 +17,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import re
 import tokenize
 import types
@@ -55,6 +56,13 @@ class DataConfig:
         "cache folder of the synthetic set (default: $D3SSL_CACHE or ~/.cache/d3ssl)")})
 
 
+    def __post_init__(self):
+        _at_least(self, "data", batch_size=1, workers=0, synthetic_train=1, synthetic_val=0)
+        if self.proposal_workers is not None:
+            _at_least(self, "data", proposal_workers=1)
+        if self.backend not in ("cpu", "dali"):
+            raise ValueError(f"data.backend must be cpu or dali, got {self.backend!r}")
+
     def ensure_synthetic(self, workers: int | None = None) -> str:
         """The embedded synthetic set these fields describe, generated on first use; its root."""
         from d3ssl.data.synthetic import ensure_synthetic
@@ -77,12 +85,22 @@ class OptimConfig:
     accum_steps: int = field(default=1, metadata={"help": (
         "gradient accumulation: micro-batches per optimiser step")})
 
+    def __post_init__(self):
+        _at_least(self, "optim", accum_steps=1, final_lr=0.0, warmup_epochs=0.0, weight_decay=0.0)
+        for name in ("lr_per_256", "trust_coefficient"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise ValueError(f"optim.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+
 
 @dataclass
 class RunConfig:
     epochs: float = field(default=800.0, metadata={"help": "training length in epochs (paper: 800)"})
     max_steps: int | None = field(default=None, metadata={"help": (
-        "stop after this many optimiser steps (schedules still span `epochs`); for short tests")})
+        "stop after this many optimiser steps (schedules still span `epochs`); none: no limit")})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda"})
     amp: str = field(default="auto", metadata={"help": (
@@ -117,8 +135,26 @@ class RunConfig:
 
 
     def __post_init__(self):
-        if self.oknn_random_draws < 1:
-            raise ValueError(f"run.oknn_random_draws must be >= 1, got {self.oknn_random_draws}")
+        _at_least(self, "run", oknn_random_draws=1, ckpt_every=1, keep_ckpts=1, log_every=1, max_bad_steps=1,
+                  oknn_k=1, oknn_max_per_image=1, oknn_image_size=32, oknn_batch_size=1)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"run.max_steps must be >= 1, or none for no limit; got {self.max_steps}")
+        if self.threads is not None:
+            _at_least(self, "run", threads=1)
+        if not self.epochs > 0:
+            raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
+        if not self.oknn_temperature > 0:
+            raise ValueError(f"run.oknn_temperature must be > 0, got {self.oknn_temperature}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+def _at_least(section, prefix: str, **minimum):
+    """Raises ValueError naming the first field of `section` below its minimum."""
+    for name, low in minimum.items():
+        value = getattr(section, name)
+        if not value >= low:
+            raise ValueError(f"{prefix}.{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -133,6 +169,39 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        check_leaves(self)
+        if self.optim.warmup_epochs > self.run.epochs:
+            raise ValueError(f"optim.warmup_epochs ({self.optim.warmup_epochs}) is longer than run.epochs "
+                             f"({self.run.epochs}): lower optim.warmup_epochs")
+
+
+# Tuple fields that are a (min, max) range; fields ending in _p are probabilities (each of a tuple's).
+_RANGE_FIELD = re.compile(r"(scale|ratio|sigma|size|objects|frac)$")
+
+
+def check_leaves(cfg):
+    """The rules every field of a TrainConfig follows: numbers finite, probabilities (*_p) in [0, 1],
+    tuples as long as their default, ranges (*scale, *ratio, *sigma, *size, ...) with min <= max.
+    Raises ValueError naming the field."""
+    for name, f, _ in leaf_fields(cfg):
+        value = get_field(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+            continue
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{name} must hold numbers, got {value!r}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if name.rsplit(".", 1)[-1].endswith("_p") and not all(0 <= v <= 1 for v in values):
+            raise ValueError(f"{name} is a probability: each value must be in [0, 1], got {value!r}")
+        if isinstance(value, (tuple, list)):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if len(values) != len(default):
+                raise ValueError(f"{name} takes {len(default)} comma-separated values, got {value!r}")
+            if _RANGE_FIELD.search(name) and len(values) == 2 and values[0] > values[1]:
+                raise ValueError(f"{name} is a (min, max) range: min must not exceed max, got {value!r}")
 
 
 # Presets: small override dicts on top of TrainConfig(). `default` is the main job: the embedded
