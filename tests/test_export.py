@@ -156,7 +156,11 @@ def test_cli_errors(tmp_path, capsys):
     assert export.main(["--ckpt", ckpt, "--format", "detectron2", "--out", out]) == 2
     assert "resnet50 backbone" in capsys.readouterr().err
     assert export.main(["--ckpt", ckpt, "--arch", "resnet50", "--format", "torchvision", "--out", out]) == 2
-    assert "does not hold a resnet50 backbone" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a resnet18 backbone, but resnet50 was asked for" in err and len(err) < 400
+    (tmp_path / "notes.pt").write_text("hello")
+    assert export.main(["--ckpt", str(tmp_path / "notes.pt"), "--format", "torchvision", "--out", out]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
     torch.save({"weights": {}}, str(tmp_path / "other.pt"))
     assert export.main(["--ckpt", str(tmp_path / "other.pt"), "--format", "torchvision", "--out", out]) == 2
     assert "not a d3ssl training checkpoint" in capsys.readouterr().err

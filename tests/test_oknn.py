@@ -247,3 +247,23 @@ def test_fixed_edge_features_beat_chance_on_synthetic_set(tmp_path):
     res = oknn.evaluate_oknn(OrientedEdgeBank(), root, image_size=128)
     assert res["num_queries"] > 300
     assert res["top1"] > 2.0 * 100.0 / NUM_CLASSES, res
+
+
+def test_cli_refuses_bad_input_before_any_work(tiny_coco, tmp_path, capsys):
+    """Each bad input stops the command with a one-line error (exit status 2), not a traceback."""
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    cases = [
+        (["--ckpt", str(text)], "not a PyTorch checkpoint"),
+        (["--ckpt", str(tmp_path / "missing")], "neither a checkpoint file nor a run folder"),
+        (["--random-init", "--val-split", "test"], "no COCO-format split 'test'"),
+        (["--random-init", "--k", "0"], "--k: must be >= 1"),
+        (["--random-init", "--image-size", "8"], "--image-size must be >= 32"),
+        (["--random-init", "--temperature", "0"], "--temperature must be > 0"),
+        (["--random-init", "--device", "tpu"], "--device"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            oknn.main(["--arch", "resnet18", "--data", str(tiny_coco), *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err, (args, err[-500:])

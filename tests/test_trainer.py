@@ -439,3 +439,17 @@ def test_oknn_runs_on_coco_roots_under_either_naming(tmp_path):
     (tmp_path / "folder").mkdir()
     assert trainer.oknn_root(str(tmp_path / "folder")) is None
     assert trainer.oknn_root(os.path.join(no_images, "annotations", "instances_train.json")) is None
+
+
+def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
+    """Bad data stops the run with a one-line error before the run folder exists, so the same
+    command with the data fixed starts, and --resume auto never picks up the failed attempt."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit, match="^error: data: .*no images"):
+        trainer.main(["--data", str(empty), "--out", str(tmp_path / "runs"), "--name", "r1"])
+    assert not os.path.exists(tmp_path / "runs" / "r1")
+    with pytest.raises(SystemExit, match="^error: data: "):
+        trainer.main(["--data", str(empty / "notes.txt"), "--out", str(tmp_path / "runs")])
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")

@@ -168,6 +168,10 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
             raise TrainingError(f"--dali: the DALI backend is not available ({e}). Install DALI with "
                                 "`pip install -e .[dali]`, or drop --dali to use the CPU loader.") from e
         raise
+    except ValueError as e:
+        if "no full batch" in str(e):
+            raise TrainingError(f"{e.args[0].split(';')[0]}: lower --data.batch_size") from None
+        raise TrainingError(f"data: {e}") from None
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | None]:
@@ -271,15 +275,17 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                                           if k not in ("run.name", "run.out")})
         except ValueError as e:
             raise TrainingError(f"--resume: {e}") from None
-    if master:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        save_json(cfg, os.path.join(run_dir, "config.json"))
     dtype = amp_dtype(cfg, device)
     configure_backends(cfg, device)
     seed_everything(cfg.run.seed + rank)
 
     # --- data -------------------------------------------------------------------------------------
-    dataset, store, eval_root = prepare_data(cfg, rank, world)
+    # (before the run folder exists: a run that cannot start leaves no folder behind to block its
+    # retry, or for --resume auto to pick up)
+    try:
+        dataset, store, eval_root = prepare_data(cfg, rank, world)
+    except (ValueError, OSError) as e:  # unreadable, empty or mismatched data, proposals store
+        raise TrainingError(f"data: {e}") from None
     loader = make_data_loader(cfg, dataset, store, rank, world, device)
     accum = cfg.optim.accum_steps
     if accum < 1:
@@ -293,6 +299,9 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     images_per_step = cfg.data.batch_size * accum * world
     base_lr = cfg.optim.lr_per_256 * images_per_step / 256
+    if master:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        save_json(cfg, os.path.join(run_dir, "config.json"))
 
     # --- model and optimiser ------------------------------------------------------------------------
     from d3ssl.model import lr_schedule, momentum_schedule

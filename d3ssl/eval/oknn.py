@@ -339,11 +339,19 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
     if ckpt is None:
         return ResNetC4(arch or "resnet50"), arch or "resnet50", None
     path = _checkpoint_file(ckpt)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many types for foreign or torn files)
+        raise ValueError(f"{path} is not a PyTorch checkpoint, or a damaged one (torch.load said "
+                         f"{type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a d3ssl training checkpoint (no 'model' entry)")
     model_cfg = (state.get("config") or {}).get("model") or {}
-    arch = arch or model_cfg.get("arch", "resnet50")
+    recorded = model_cfg.get("arch")
+    if arch is not None and recorded is not None and arch != recorded:
+        raise ValueError(f"{path} holds a {recorded} backbone, but {arch} was asked for; leave the "
+                         "arch out to use the checkpoint's own")
+    arch = arch or recorded or "resnet50"
     prefix = "online_backbone."
     weights = {}
     for key, value in state["model"].items():
@@ -354,40 +362,72 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
     if not weights:
         raise ValueError(f"{path} holds no '{prefix}*' weights; is it a d3ssl method checkpoint?")
     backbone = ResNetC4(arch)
-    backbone.load_state_dict(weights)
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as e:  # missing keys / shape mismatches: a wall of text; keep its first lines
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"{path} does not hold a {arch} backbone: {' '.join(lines[:2])[:300]}...") from None
     return backbone, arch, path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def positive(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
                                     "(its latest checkpoints/step_<N>.pt)")
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised network")
-    p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
+    p.add_argument("--data", required=True, help=(
+        "COCO-format folder: annotations/instances_<split>.json (or <split>2017) and <split>/ images"))
     p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,
                    help="backbone (default: the checkpoint's, or resnet50 with --random-init)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--objects-per-image", type=int, default=DEFAULT_OBJECTS_PER_IMAGE,
-                   help="N: at most this many bank objects per train image (class-balanced)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-train-images", type=int, default=None)
-    p.add_argument("--max-val-images", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--train-split", default="train", help="split of the bank (default: train)")
+    p.add_argument("--val-split", default="val", help="split of the queries (default: val)")
+    p.add_argument("--objects-per-image", type=positive, default=DEFAULT_OBJECTS_PER_IMAGE,
+                   help=f"N: at most this many bank objects per train image, class-balanced "
+                        f"(default: {DEFAULT_OBJECTS_PER_IMAGE})")
+    p.add_argument("--k", type=positive, default=20, help="neighbours in the vote (default: 20)")
+    p.add_argument("--temperature", type=float, default=0.07,
+                   help="vote weights exp(similarity / T) (default: 0.07)")
+    p.add_argument("--image-size", type=positive, default=224,
+                   help="images are resized to this square side in px (default: 224)")
+    p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0, in this process)")
+    p.add_argument("--max-train-images", type=positive, default=None, help="use at most this many bank images")
+    p.add_argument("--max-val-images", type=positive, default=None, help="use at most this many query images")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when a GPU is visible)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     a = p.parse_args(argv)
+    if not a.temperature > 0:
+        p.error(f"--temperature must be > 0, got {a.temperature}")
+    if a.image_size < 32:
+        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
+    if a.workers < 0:
+        p.error(f"--workers must be >= 0, got {a.workers}")
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu or cuda[:N], got {a.device!r}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
     torch.manual_seed(a.seed)
-    backbone, arch, path = load_backbone(None if a.random_init else a.ckpt, a.arch)
-    backbone = backbone.to(a.device, memory_format=torch.channels_last)
+    try:
+        backbone, arch, path = load_backbone(None if a.random_init else a.ckpt, a.arch)
+        for split in (a.train_split, a.val_split):  # before any feature is extracted
+            resolve_split(a.data, split)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"error: {e}\n")
+    backbone = backbone.to(device, memory_format=torch.channels_last)
     res = evaluate_oknn(backbone, a.data, a.train_split, a.val_split, a.objects_per_image, a.k,
-                        a.temperature, a.image_size, a.device, a.batch_size, a.workers,
+                        a.temperature, a.image_size, device, a.batch_size, a.workers,
                         a.max_train_images, a.max_val_images)
     res.update(arch=arch, checkpoint=path or "random-init")
     if a.json:
