@@ -37,6 +37,10 @@ def parse_args(argv=None):
                    help="train section: torch.compile the methods' forward, as --compile does for training")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
     args = p.parse_args(argv)
+    from d3ssl.cli import check_output_file
+    check_output_file(p, "--json", args.json)   # before minutes of measuring
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

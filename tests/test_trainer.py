@@ -211,6 +211,10 @@ def test_bad_input_errors(tiny_data, tmp_path):
         trainer.main(["--set", "optim.lrr=1"])
     with pytest.raises(SystemExit, match="--resume '/no/such.pt'"):
         trainer.main(tiny_args(tiny_data, tmp_path, "y", "--resume", "/no/such.pt"))
+    loose = tmp_path / "loose.pt"    # not in a run folder's checkpoints/: where would the run go?
+    loose.write_bytes(b"")
+    with pytest.raises(SystemExit, match="must sit in a run folder's checkpoints/"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "z", "--resume", str(loose)))
 
 
 def test_gpu_without_the_libraries_cuda_kernels_is_a_clear_error(monkeypatch):

@@ -474,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train D3SSL (or the SoCo baseline). With no arguments: the main job on the "
                     "embedded synthetic set, then O-KNN of the trained and the randomly initialised "
                     "network.",
-        epilog=f"presets:\n{preset_lines}\n\nEvery field below is also settable as --set NAME=VALUE. "
-               "Tuples are comma-separated; booleans true/false.",
+        epilog=f"presets:\n{preset_lines}\n\nEvery field listed above is also settable as --set NAME=VALUE. "
+               "Tuples are comma-separated; booleans true/false; optional fields take none. The "
+               "defaults shown are the default preset's; another --preset changes some of them.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="named configuration to start from (default: default)")
@@ -487,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="alias of --run.compile true")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help=(
         "continue a run: `auto` = newest checkpoint of the run folder (--name, else the newest run "
-        "folder under --out; a fresh run if there is none), or a checkpoint file / run folder"))
+        "folder under --out; a fresh run if there is none), a run folder, or a checkpoint file in a run "
+        "folder's checkpoints/ (the run continues in that folder)"))
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any config field by dotted name (repeatable)")
     groups = {}

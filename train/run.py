@@ -185,7 +185,12 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | No
                 raise TrainingError(f"--resume {resume!r}: no checkpoints in {run_dir}/checkpoints")
         elif os.path.isfile(resume):
             path = resume
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+            parent = os.path.dirname(os.path.abspath(resume))
+            if os.path.basename(parent) != "checkpoints":  # the run folder would be a guess
+                raise TrainingError(f"--resume {resume!r}: a checkpoint file must sit in a run folder's "
+                                    "checkpoints/ (the run continues in that folder); give the run "
+                                    "folder, or copy the file into <run folder>/checkpoints/")
+            run_dir = os.path.dirname(parent)
         else:
             raise TrainingError(f"--resume {resume!r}: expected `auto`, a run folder or a checkpoint file")
         return run_dir, path

@@ -182,12 +182,13 @@ def draw(views, out, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m d3ssl.augment.show", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a dataset (COCO root or image folder) with its proposals store, an image "
                                "folder, or an image file")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
     p.add_argument("--num", type=int, default=4, help="images to show (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of views, proposals and augmentations")
+    p.add_argument("--seed", type=int, default=0, help="seed of views, proposals and augmentations (default 0)")
     p.add_argument("--size", type=int, default=224, help="view size S (default 224)")
     p.add_argument("--k", type=int, default=4, help="proposals per image (default 4)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -195,6 +196,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num < 1 or args.k < 1 or args.size < 2 or args.size % 2:
         raise SystemExit("error: --num and --k must be >= 1 and --size an even number >= 2")
+    from d3ssl.cli import check_output_file
+    check_output_file(p, "--out", args.out)
     cfg = region_config(args.set)
     import d3ssl  # noqa: F401  (loads the operator library)
 

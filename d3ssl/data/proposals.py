@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..cli import check_output_file, positive_int
+
 MAGIC = b"D3SSLPS1"
 ALIGN = 64
 STATUS_OK, STATUS_UNREADABLE = 0, 1
@@ -402,14 +404,21 @@ def main(argv=None):
     src.add_argument("--coco", metavar="JSON", help="a COCO instances JSON")
     p.add_argument("--image-root", metavar="DIR", help="images of --coco (default: found from the JSON path)")
     p.add_argument("--out", metavar="FILE", help="store path (default: <image folder>.proposals)")
-    p.add_argument("--max-side", type=int, default=ProposalConfig.max_side,
+    p.add_argument("--max-side", type=positive_int, default=ProposalConfig.max_side,
                    help=f"longer side of the copy selective search runs on (default {ProposalConfig.max_side})")
-    p.add_argument("--max-boxes", type=int, default=ProposalConfig.max_boxes,
+    p.add_argument("--max-boxes", type=positive_int, default=ProposalConfig.max_boxes,
                    help=f"cap on boxes per image (default {ProposalConfig.max_boxes})")
-    p.add_argument("--mode", choices=["fast", "quality"], default="fast")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--chunk-size", type=int, default=32, help="images per journaled chunk (default 32)")
+    p.add_argument("--mode", choices=["fast", "quality"], default="fast",
+                   help="OpenCV's selective search strategy: fast (default, as SoCo) or quality (slower, more boxes)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--chunk-size", type=positive_int, default=32, help="images per journaled chunk (default 32)")
     args = p.parse_args(argv)
+    if args.images and not os.path.isdir(args.images):
+        p.error(f"--images {args.images!r} is not a folder" if os.path.exists(args.images)
+                else f"--images {args.images!r} does not exist")
+    if args.images and args.image_root:
+        p.error("--image-root goes with --coco (the images of its JSON); --images already names them")
+    check_output_file(p, "--out", args.out)
     from .datasets import CocoDataset, ImageFolder, open_dataset
     if args.images:
         dataset = ImageFolder(args.images)

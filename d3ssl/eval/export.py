@@ -191,11 +191,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d3ssl.eval.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint (train.run's format)")
-    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                        help="torchvision: a ResNet state_dict; detectron2: an R50-C4 checkpoint (ResNet-50 only)")
     parser.add_argument("--out", required=True, help="output file (.pth for torchvision, .pkl for detectron2)")
     parser.add_argument("--arch", choices=ARCHS, default=None,
                         help="expected backbone (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
+    from d3ssl.cli import check_output_file
+    check_output_file(parser, "--out", args.out)
     try:
         backbone, arch = load_backbone(args.ckpt, args.arch)
         state = export(backbone, args.fmt, args.out, arch)

@@ -373,12 +373,7 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def positive(text):
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-        return value
+    from d3ssl.cli import positive_int as positive
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
                                     "(its latest checkpoints/step_<N>.pt)")
