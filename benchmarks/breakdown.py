@@ -48,6 +48,9 @@ def parse_args(argv=None):
         p.error("--device cuda was asked for but no GPU is visible to torch")
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    args.what = ",".join(w.strip() for w in args.what.split(",") if w.strip())
+    if not args.what:
+        p.error("--what: name at least one of stage, step, dali")
     unknown = set(args.what.split(",")) - {"stage", "step", "dali"}
     if unknown:
         p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from stage, step, dali")

@@ -188,3 +188,19 @@ def test_values_at_the_limits_are_accepted():
                                     "region.rbj_p": "1", "colour.blur_p": "0,0", "region.prc_scale": "0.3,0.3",
                                     "optim.warmup_epochs": "15", "run.epochs": "15", "run.device": "cuda:1"})
     assert cfg.run.max_steps is None and cfg.region.prc_scale == (0.3, 0.3) and cfg.run.device == "cuda:1"
+
+
+def test_help_shows_the_chosen_presets_values(capsys):
+    for preset, queue in (("default", "256"), ("coco", "65536")):
+        with pytest.raises(SystemExit):
+            C.parse_args(["--preset", preset, "--help"] if preset != "default" else ["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"--model.queue_size V negatives" in out and f"{preset} preset: {queue}" in out, preset
+
+
+def test_print_config_prints_what_the_command_line_gives(capsys):
+    from train import run as trainer
+    trainer.main(["--preset", "coco", "--set", "run.epochs=20", "--data", "/somewhere", "--print-config"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "coco" and cfg["model"]["arch"] == "resnet50" and cfg["run"]["epochs"] == 20
+    assert cfg["data"]["path"] == "/somewhere"

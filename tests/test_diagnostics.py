@@ -483,3 +483,17 @@ def test_compare_reports_on_the_data_the_runs_trained_on(tmp_path):
                                   objects=d.synthetic_objects, object_frac=d.synthetic_object_frac, workers=1)
     assert eval_data_root("compare-d3ssl", sets, None) == trained_on
     assert eval_data_root("compare-d3ssl", sets, "/some/coco") == "/some/coco"
+
+
+def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsys):
+    from d3ssl.eval import compare, report
+    with pytest.raises(SystemExit, match="--skip-train: no trained run for d3ssl"):
+        compare.main(["--out", str(tmp_path / "cmp"), "--skip-train", "--methods", "d3ssl"])
+    for argv, message in ((["--pairs", "0"], "--pairs: must be >= 1"),
+                          (["--ckpt", "x", "--arch", "resnet18"], "--arch sets the random-init"),
+                          (["--image-size", "16"], "--image-size must be >= 32"),
+                          (["--device", "tpu"], "--device tpu")):
+        with pytest.raises(SystemExit) as stop:
+            report.main(["--data", str(tmp_path), "--out", str(tmp_path / "rep"), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not os.path.exists(tmp_path / "rep")

@@ -264,6 +264,8 @@ PRESET_HELP = {
     "compare-soco": "SoCo side of the comparison (identical to compare-d3ssl but the method)",
     "compare-no_dp": "D3SSL without L_dp and x3, the comparison's ablation (paper's table 7)",
 }
+# Presets made for a dataset the user gives with --data: the trainer says so when there is none.
+PRESET_WANTS_DATA = {"coco": "COCO"}
 
 
 # ----------------------------------------------------------------------------- field help
@@ -467,8 +469,11 @@ def load_json(path) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    preset_lines = "\n".join(f"  {k:<8} {PRESET_HELP.get(k, '')}" for k in PRESETS)
+def build_parser(preset: str = "default") -> argparse.ArgumentParser:
+    """The command line; each field's help shows its value under `preset` (that of --preset when
+    parse_args is given one)."""
+    width = max(map(len, PRESETS))
+    preset_lines = "\n".join(f"  {k:<{width}}  {PRESET_HELP.get(k, '')}" for k in PRESETS)
     p = argparse.ArgumentParser(
         prog="python -m train.run",
         description="Train D3SSL (or the SoCo baseline). With no arguments: the main job on the "
@@ -476,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "network.",
         epilog=f"presets:\n{preset_lines}\n\nEvery field listed above is also settable as --set NAME=VALUE. "
                "Tuples are comma-separated; booleans true/false; optional fields take none. The "
-               "defaults shown are the default preset's; another --preset changes some of them.",
+               f"values shown are the {preset} preset's (`--preset NAME --help` shows another's; "
+               "--print-config prints the whole config a command line gives).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="named configuration to start from (default: default)")
@@ -492,8 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's checkpoints/ (the run continues in that folder)"))
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any config field by dotted name (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config this command line gives (preset and overrides), as JSON, and exit")
     groups = {}
-    defaults = make_config("default")
+    defaults = make_config(preset if preset in PRESETS else "default")
     for name, f, tp in leaf_fields(TrainConfig()):
         if name == "preset":
             continue
@@ -502,15 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
             groups[section] = p.add_argument_group(f"{section} fields")
         doc = field_help(_resolve(defaults, name)[0], f).rstrip(".")
         default = get_field(defaults, name)
-        helptext = f"{doc + '; ' if doc else ''}{_type_name(tp)}, default preset: {default!r}"
+        helptext = f"{doc + '; ' if doc else ''}{_type_name(tp)}, {preset} preset: {default!r}"
         groups[section].add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="V",
                                      help=helptext.replace("%", "%%"))
     return p
 
 
-def parse_args(argv=None):
-    """Returns (preset or None, overrides {dotted: string or value}, resume or None)."""
-    args = build_parser().parse_args(argv)
+def parse_args(argv=None, with_flags: bool = False):
+    """Returns (preset or None, overrides {dotted: string or value}, resume or None), and with
+    `with_flags` a fourth item: {"print_config": bool}."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default=None)
+    known, _ = first.parse_known_args(argv)
+    args = build_parser(known.preset or "default").parse_args(argv)
     overrides = {}
     aliases = {"data.path": args.data, "data.proposals": args.proposals, "run.out": args.out,
                "run.name": args.name}
@@ -529,4 +541,6 @@ def parse_args(argv=None):
             raise SystemExit(f"--set expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v
+    if with_flags:
+        return args.preset, overrides, args.resume, {"print_config": args.print_config}
     return args.preset, overrides, args.resume

@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint as ckpt
 from train.step import TrainStep
-from train.config import (PRESETS, TrainConfig, from_dict, load_json, make_config, parse_args,
-                          save_json, to_dict, apply_overrides)
+from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, load_json, make_config,
+                          parse_args, save_json, to_dict, apply_overrides)
 from train.logging import NullLogger, RunLogger, plot_loss_lr
 
 
@@ -533,10 +533,16 @@ def finish_distributed(world):
 
 def main(argv=None):
     try:
-        preset, overrides, resume = parse_args(argv)
+        preset, overrides, resume, flags = parse_args(argv, with_flags=True)
         cfg = make_config(preset or "default", overrides)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if flags["print_config"]:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return {"config": to_dict(cfg)}
+    if cfg.preset != "default" and not cfg.data.path and PRESET_WANTS_DATA.get(cfg.preset):
+        print(f"note: --preset {cfg.preset} is meant for {PRESET_WANTS_DATA[cfg.preset]} (--data); without "
+              "--data it trains on the embedded synthetic set", flush=True)
     # What this command line asks for explicitly; a resumed run applies only these to its saved config.
     explicit = {**(PRESETS[preset] if preset else {}), **overrides}
     t0 = time.time()

@@ -23,6 +23,7 @@ one continues, a finished one is not trained again.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import subprocess
 import sys
@@ -58,22 +59,27 @@ def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    from d3ssl.cli import positive_int
+    first, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=first,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     p.add_argument("--out", required=True, help="folder for the runs (OUT/runs/<method>) and the report (OUT/report)")
     p.add_argument("--data", default=None, help="COCO-format dataset (default: the embedded synthetic set)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="trainer override applied to every run (repeatable), e.g. run.epochs=10")
-    p.add_argument("--image-size", type=int, default=128, help="report: O-KNN image side, px (the synthetic "
-                   "images are 128-160 px)")
-    p.add_argument("--pairs", type=int, default=200, help="report: CR object pairs")
-    p.add_argument("--objects", type=int, default=200, help="report: MCS objects")
-    p.add_argument("--max-train-images", type=int, default=None, help="report: O-KNN bank from the first train images")
+    p.add_argument("--image-size", type=positive_int, default=128, help="report: O-KNN image side, px "
+                   "(default 128: the synthetic images are 128-160 px)")
+    p.add_argument("--pairs", type=positive_int, default=200, help="report: CR object pairs (default 200)")
+    p.add_argument("--objects", type=positive_int, default=200, help="report: MCS objects (default 200)")
+    p.add_argument("--max-train-images", type=positive_int, default=None,
+                   help="report: O-KNN bank from the first train images (default: all)")
     p.add_argument("--device", default=None, help="report device (default: cuda if available)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated runs to train and report, "
                    f"among {', '.join(METHODS)}")
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
+    if a.image_size < 32:
+        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
     try:
         methods = parse_methods(a.methods)
     except ValueError as e:
@@ -82,6 +88,11 @@ def main(argv=None) -> int:
         if "=" not in item:
             raise SystemExit(f"error: --set expects NAME=VALUE, got {item!r}")
     runs = os.path.join(a.out, "runs")
+    if a.skip_train:
+        missing = [name for name in methods if not glob.glob(os.path.join(runs, name, "checkpoints", "*.pt"))]
+        if missing:
+            raise SystemExit(f"error: --skip-train: no trained run for {', '.join(missing)} in {runs} "
+                             "(a run folder with checkpoints/); leave out --skip-train to train them")
     for name in methods:
         if a.skip_train:
             continue

@@ -133,36 +133,42 @@ def plot(results: dict, key: str, ylabel: str, path: str, ideal: float = 1.0) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from d3ssl.cli import DefaultsHelpFormatter, positive_int
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", action="append", default=[], help="checkpoint file or run folder (repeatable)")
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--ckpt", action="append", default=[],
+                   help="checkpoint file or run folder (repeatable; none: only the random-init network)")
     p.add_argument("--label", action="append", default=[],
-                   help="name of each --ckpt in the tables, in order (default: its run folder's name)")
+                   help="name of each --ckpt in the tables, in order (none: each run folder's name)")
     p.add_argument("--no-random", action="store_true", help="leave out the random-init network")
     p.add_argument("--arch", choices=("resnet50", "resnet18"), default=None,
-                   help="random-init architecture when no --ckpt is given")
+                   help="random-init architecture when no --ckpt is given (none: resnet50); with "
+                        "--ckpt the random network takes each checkpoint's")
     p.add_argument("--data", required=True, help="COCO-format folder (annotations/instances_<split>.json)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--objects-per-image", type=int, default=DEFAULT_OBJECTS_PER_IMAGE,
+    p.add_argument("--train-split", default="train", help="O-KNN: split of the bank")
+    p.add_argument("--val-split", default="val", help="O-KNN queries and the CR/MCS objects: their split")
+    p.add_argument("--objects-per-image", type=positive_int, default=DEFAULT_OBJECTS_PER_IMAGE,
                    help="O-KNN: at most this many bank objects per train image (class-balanced)")
-    p.add_argument("--k", type=int, default=20, help="O-KNN neighbours")
+    p.add_argument("--k", type=positive_int, default=20, help="O-KNN neighbours")
     p.add_argument("--temperature", type=float, default=0.07, help="O-KNN vote temperature")
-    p.add_argument("--max-train-images", type=int, default=None, help="O-KNN: use only the first train images")
-    p.add_argument("--max-val-images", type=int, default=None, help="O-KNN: use only the first val images")
-    p.add_argument("--image-size", type=int, default=224, help="O-KNN: side the images are resized to, px")
-    p.add_argument("--pairs", type=int, default=200, help="CR: object pairs")
-    p.add_argument("--cr-image-size", type=int, default=224, help="CR: side of the synthetic pair images, px")
-    p.add_argument("--object-size", type=int, default=96, help="CR: longer side of each pasted object, px")
+    p.add_argument("--max-train-images", type=positive_int, default=None,
+                   help="O-KNN: use only the first train images (none: all)")
+    p.add_argument("--max-val-images", type=positive_int, default=None,
+                   help="O-KNN: use only the first val images (none: all)")
+    p.add_argument("--image-size", type=positive_int, default=224, help="O-KNN: side the images are resized to, px")
+    p.add_argument("--pairs", type=positive_int, default=200, help="CR: object pairs")
+    p.add_argument("--cr-image-size", type=positive_int, default=224,
+                   help="CR: side of the synthetic pair images, px")
+    p.add_argument("--object-size", type=positive_int, default=96, help="CR: longer side of each pasted object, px")
     p.add_argument("--gap", type=int, default=0, help="CR: black pixels between the two objects")
-    p.add_argument("--objects", type=int, default=200, help="MCS: objects")
-    p.add_argument("--tile-size", type=int, default=96, help="MCS: side of a grid tile, px")
+    p.add_argument("--objects", type=positive_int, default=200, help="MCS: objects")
+    p.add_argument("--tile-size", type=positive_int, default=96, help="MCS: side of a grid tile, px")
     p.add_argument("--min-object-size", type=float, default=16.0,
                    help="CR/MCS: use objects at least this many px wide and high")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="random init, pair/object sampling, disturbed backgrounds")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (none: cuda when a GPU is visible)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -172,9 +178,22 @@ def main(argv=None) -> dict:
 
     from .export import load_backbone
 
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
     if not a.ckpt and a.no_random:
         raise SystemExit("error: nothing to evaluate: give --ckpt, or leave out --no-random")
+    if a.ckpt and a.arch:
+        p.error("--arch sets the random-init network's architecture when no --ckpt is given; with "
+                "--ckpt it follows each checkpoint's: leave --arch out")
+    if a.image_size < 32:
+        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
+    if not a.temperature > 0:
+        p.error(f"--temperature must be > 0, got {a.temperature}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out!r} is a file; give a folder for the report")
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.device.split(":")[0] not in ("cpu", "cuda") or (a.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
     if a.label and len(a.label) != len(a.ckpt):
         raise SystemExit(f"error: --label: give one per --ckpt ({len(a.ckpt)}), got {len(a.label)}")
     progress = not a.no_progress
