@@ -211,6 +211,8 @@ def test_bad_input_errors(tiny_data, tmp_path):
         trainer.main(["--set", "optim.lrr=1"])
     with pytest.raises(SystemExit, match="--resume '/no/such.pt'"):
         trainer.main(tiny_args(tiny_data, tmp_path, "y", "--resume", "/no/such.pt"))
+    with pytest.raises(SystemExit, match="--proposals .* is a folder"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "p", "--proposals", str(tmp_path)))
     loose = tmp_path / "loose.pt"    # not in a run folder's checkpoints/: where would the run go?
     loose.write_bytes(b"")
     with pytest.raises(SystemExit, match="must sit in a run folder's checkpoints/"):

@@ -103,6 +103,13 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     from d3ssl.data.datasets import open_dataset
     from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
 
+    proposals = cfg.data.proposals  # checked now: a missing store is made after minutes of selective search
+    if proposals and os.path.isdir(proposals):
+        raise TrainingError(f"--proposals {proposals!r} is a folder; give the store's file path (the store "
+                            "is made there if it is missing)")
+    if proposals and not os.path.isdir(os.path.dirname(os.path.abspath(proposals))):
+        raise TrainingError(f"--proposals {proposals!r}: its folder does not exist")
+
     def make():
         if cfg.data.path:
             root = cfg.data.path
