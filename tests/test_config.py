@@ -163,7 +163,9 @@ def test_parse_value_generic_types():
     ("run.log_every=0", "run.log_every must be >= 1"),
     ("run.ckpt_every=0", "run.ckpt_every must be >= 1"),
     ("run.threads=0", "run.threads must be >= 1"),
-    ("run.max_steps=0", "none for no limit"),
+    ("run.max_steps=-1", "run.max_steps must be >= 0"),
+    ("run.keep_ckpts=-1", "run.keep_ckpts must be >= 0"),
+    ("run.amp=fp8", "run.amp must be"),
     ("run.device=tpu", "run.device must be"),
     ("data.workers=-1", "data.workers must be >= 0"),
     ("data.batch_size=0", "data.batch_size must be >= 1"),
@@ -184,6 +186,9 @@ def test_bad_values_are_refused_naming_the_field(override, message):
 
 
 def test_values_at_the_limits_are_accepted():
+    # 0 keeps its meaning where it had one: keep every checkpoint, no step limit, all cores
+    cfg = C.make_config("default", {"run.keep_ckpts": "0", "run.max_steps": "0", "data.proposal_workers": "0"})
+    assert cfg.run.keep_ckpts == 0 and cfg.run.max_steps == 0 and cfg.data.proposal_workers == 0
     cfg = C.make_config("default", {"run.max_steps": "none", "run.threads": "1", "data.workers": "0",
                                     "region.rbj_p": "1", "colour.blur_p": "0,0", "region.prc_scale": "0.3,0.3",
                                     "optim.warmup_epochs": "15", "run.epochs": "15", "run.device": "cuda:1"})
@@ -204,3 +209,14 @@ def test_print_config_prints_what_the_command_line_gives(capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["preset"] == "coco" and cfg["model"]["arch"] == "resnet50" and cfg["run"]["epochs"] == 20
     assert cfg["data"]["path"] == "/somewhere"
+
+
+def test_a_saved_config_that_the_checks_refuse_can_be_overridden_on_resume():
+    """A run's saved config is checked only with the resuming command line's changes applied, so a
+    value an older version accepted can be replaced there."""
+    saved = C.to_dict(C.make_config("default"))
+    saved["run"]["log_every"] = 0
+    with pytest.raises(ValueError, match="run.log_every must be >= 1"):
+        C.from_dict(saved)
+    cfg = C.apply_overrides(C.from_dict(saved, check=False), {"run.log_every": "5"})
+    assert cfg.run.log_every == 5

@@ -202,6 +202,10 @@ def test_tile_grid_shrinks_without_aliasing():
     crop[:, ::4] = 255
     image, _ = positional.tile_grid(crop, 96)
     np.testing.assert_allclose(image, 63.75, atol=0.5)
+    for elongated in (crop[:60], crop.transpose(1, 0, 2)[:, :60]):   # shrinks along one axis, grows along the other
+        stripes = 0 if elongated.shape[0] == 60 else 1
+        image, _ = positional.tile_grid(np.ascontiguousarray(elongated), 96)
+        np.testing.assert_allclose(image, 63.75, atol=0.5, err_msg=f"stripes along axis {stripes}")
     small, _ = positional.tile_grid(crop[:48, :48], 96)
     assert small.shape == (288, 288, 3) and small.max() > 200
 
@@ -351,7 +355,7 @@ def test_disturbed_oknn_runs_and_differs(synthetic_root):
 @pytest.mark.parametrize("disturb_bank", [True, False])
 def test_disturbed_oknn_disturbs_every_image_it_should(synthetic_root, monkeypatch, disturb_bank):
     """The background hook runs once on every query image and, with disturb_bank, on every bank
-    image, each time with the boxes O-KNN selected for that image; its output is what is embedded."""
+    image, each time with the boxes O-KNN selected for that image."""
     from d3ssl.eval import oknn
     from d3ssl.model import ResNetC4
     calls = []
@@ -489,6 +493,11 @@ def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsy
     from d3ssl.eval import compare, report
     with pytest.raises(SystemExit, match="--skip-train: no trained run for d3ssl"):
         compare.main(["--out", str(tmp_path / "cmp"), "--skip-train", "--methods", "d3ssl"])
+    for argv, message in ((["--device", "tpu"], "--device tpu"), (["--data", str(tmp_path)], "--data: no COCO")):
+        with pytest.raises(SystemExit) as stop:
+            compare.main(["--out", str(tmp_path / "cmp"), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not os.path.exists(tmp_path / "cmp")
     for argv, message in ((["--pairs", "0"], "--pairs: must be >= 1"),
                           (["--ckpt", "x", "--arch", "resnet18"], "--arch sets the random-init"),
                           (["--image-size", "16"], "--image-size must be >= 32"),

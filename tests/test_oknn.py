@@ -267,3 +267,19 @@ def test_cli_refuses_bad_input_before_any_work(tiny_coco, tmp_path, capsys):
             oknn.main(["--arch", "resnet18", "--data", str(tiny_coco), *args])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err, (args, err[-500:])
+
+
+def test_resolve_split_accepts_the_training_loaders_layouts(tmp_path):
+    """The names open_dataset trains on: COCO 2017's annotations with plain split folders, and the
+    reverse; a missing image folder names the folders looked for."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
+    (tmp_path / "train").mkdir()
+    assert oknn.resolve_split(str(tmp_path), "train") == (
+        str(tmp_path / "annotations" / "instances_train2017.json"), str(tmp_path / "train"))
+    (tmp_path / "annotations" / "instances_val.json").write_text("{}")
+    (tmp_path / "val2017").mkdir()
+    assert oknn.resolve_split(str(tmp_path), "val")[1] == str(tmp_path / "val2017")
+    (tmp_path / "annotations" / "instances_test.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no image folder .*test/ or test2017/"):
+        oknn.resolve_split(str(tmp_path), "test")

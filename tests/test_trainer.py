@@ -437,14 +437,16 @@ def test_oknn_runs_on_coco_roots_under_either_naming(tmp_path):
 
     for splits in (("train", "val"), ("train2017", "val2017")):
         root = coco_root("-".join(splits), splits)
-        assert trainer.oknn_root(root) == root
-    assert trainer.oknn_root(coco_root("train-only", ("train2017",))) is None
+        assert trainer.oknn_root(root) == (root, "")
+    root, why = trainer.oknn_root(coco_root("train-only", ("train2017",)))
+    assert root is None and "no COCO-format split 'val'" in why
     no_images = coco_root("no-val-images", ("train", "val"))
     os.rmdir(os.path.join(no_images, "val"))
-    assert trainer.oknn_root(no_images) is None
+    root, why = trainer.oknn_root(no_images)
+    assert root is None and "no image folder" in why
     (tmp_path / "folder").mkdir()
-    assert trainer.oknn_root(str(tmp_path / "folder")) is None
-    assert trainer.oknn_root(os.path.join(no_images, "annotations", "instances_train.json")) is None
+    assert trainer.oknn_root(str(tmp_path / "folder"))[0] is None
+    assert trainer.oknn_root(os.path.join(no_images, "annotations", "instances_train.json"))[0] is None
 
 
 def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
@@ -453,9 +455,9 @@ def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    with pytest.raises(SystemExit, match="^error: data: .*no images"):
+    with pytest.raises(SystemExit, match=r"^error: data \(--data, --proposals\): .*no images"):
         trainer.main(["--data", str(empty), "--out", str(tmp_path / "runs"), "--name", "r1"])
     assert not os.path.exists(tmp_path / "runs" / "r1")
-    with pytest.raises(SystemExit, match="^error: data: "):
+    with pytest.raises(SystemExit, match=r"^error: data \(--data, --proposals\): "):
         trainer.main(["--data", str(empty / "notes.txt"), "--out", str(tmp_path / "runs")])
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")

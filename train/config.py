@@ -41,7 +41,7 @@ class DataConfig:
     batch_size: int = field(default=64, metadata={"help": "images per step per process"})
     workers: int = field(default=2, metadata={"help": "loader worker processes per process"})
     proposal_workers: int | None = field(default=None, metadata={"help": (
-        "processes for proposal generation when the store is missing (default: all cores)")})
+        "processes for proposal generation when the store is missing (none or 0: all cores)")})
     synthetic_seed: int = field(default=0, metadata={"help": "seed of the embedded synthetic set"})
     synthetic_train: int = field(default=2000, metadata={"help": "synthetic set: train images"})
     synthetic_val: int = field(default=300, metadata={"help": "synthetic set: val images (O-KNN queries)"})
@@ -59,7 +59,7 @@ class DataConfig:
     def __post_init__(self):
         _at_least(self, "data", batch_size=1, workers=0, synthetic_train=1, synthetic_val=0)
         if self.proposal_workers is not None:
-            _at_least(self, "data", proposal_workers=1)
+            _at_least(self, "data", proposal_workers=0)
         if self.backend not in ("cpu", "dali"):
             raise ValueError(f"data.backend must be cpu or dali, got {self.backend!r}")
 
@@ -100,7 +100,7 @@ class OptimConfig:
 class RunConfig:
     epochs: float = field(default=800.0, metadata={"help": "training length in epochs (paper: 800)"})
     max_steps: int | None = field(default=None, metadata={"help": (
-        "stop after this many optimiser steps (schedules still span `epochs`); none: no limit")})
+        "stop after this many optimiser steps (schedules still span `epochs`); none or 0: no limit")})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda"})
     amp: str = field(default="auto", metadata={"help": (
@@ -115,7 +115,7 @@ class RunConfig:
     out: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str | None = field(default=None, metadata={"help": "run folder name (default: a timestamp)"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N optimiser steps"})
-    keep_ckpts: int = field(default=3, metadata={"help": "keep the newest N checkpoints"})
+    keep_ckpts: int = field(default=3, metadata={"help": "keep the newest N checkpoints (0: keep all)"})
     log_every: int = field(default=10, metadata={"help": "log every N optimiser steps"})
     max_bad_steps: int = field(default=20, metadata={"help": (
         "stop after this many non-finite losses in a row")})
@@ -135,16 +135,18 @@ class RunConfig:
 
 
     def __post_init__(self):
-        _at_least(self, "run", oknn_random_draws=1, ckpt_every=1, keep_ckpts=1, log_every=1, max_bad_steps=1,
+        _at_least(self, "run", oknn_random_draws=1, ckpt_every=1, keep_ckpts=0, log_every=1, max_bad_steps=1,
                   oknn_k=1, oknn_max_per_image=1, oknn_image_size=32, oknn_batch_size=1)
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"run.max_steps must be >= 1, or none for no limit; got {self.max_steps}")
+        if self.max_steps is not None:
+            _at_least(self, "run", max_steps=0)
         if self.threads is not None:
             _at_least(self, "run", threads=1)
         if not self.epochs > 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
         if not self.oknn_temperature > 0:
             raise ValueError(f"run.oknn_temperature must be > 0, got {self.oknn_temperature}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ValueError(f"run.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -235,6 +237,8 @@ PRESETS: dict[str, dict] = {
     "coco": {
         "model.arch": "resnet50", "view.size": 224, "data.batch_size": 256, "data.workers": 8,
         "run.epochs": 800.0, "optim.warmup_epochs": 10.0, "run.ckpt_every": 1000, "run.log_every": 20,
+        # O-KNN over COCO (118k bank images, four networks) is a job of its own: python -m d3ssl.eval.oknn
+        "run.oknn": False,
     },
 }
 # The SoCo baseline and the ablations of the paper's tables 5-7, each on top of `default`.
@@ -443,8 +447,9 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Rebuilds a TrainConfig from to_dict() output (e.g. a run's config.json); unknown keys are errors."""
+def from_dict(d: dict, base: TrainConfig | None = None, check: bool = True) -> TrainConfig:
+    """Rebuilds a TrainConfig from to_dict() output (e.g. a run's config.json); unknown keys are errors.
+    `check` False leaves the values unchecked (validate), for a caller that changes some first."""
     cfg = base or TrainConfig()
 
     def walk(prefix, sub):
@@ -454,7 +459,7 @@ def from_dict(d: dict, base: TrainConfig | None = None) -> TrainConfig:
             else:
                 set_field(cfg, prefix + k, v)
     walk("", d)
-    return validate(cfg)
+    return validate(cfg) if check else cfg
 
 
 def save_json(cfg, path):
@@ -462,9 +467,9 @@ def save_json(cfg, path):
         json.dump(to_dict(cfg), f, indent=2)
 
 
-def load_json(path) -> TrainConfig:
+def load_json(path, check: bool = True) -> TrainConfig:
     with open(path) as f:
-        return from_dict(json.load(f))
+        return from_dict(json.load(f), check=check)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -520,9 +525,9 @@ def parse_args(argv=None, with_flags: bool = False):
     """Returns (preset or None, overrides {dotted: string or value}, resume or None), and with
     `with_flags` a fourth item: {"print_config": bool}."""
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default=None)
+    first.add_argument("--preset", nargs="?", default=None)   # errors are the full parser's to report
     known, _ = first.parse_known_args(argv)
-    args = build_parser(known.preset or "default").parse_args(argv)
+    args = build_parser(known.preset if known.preset in PRESETS else "default").parse_args(argv)
     overrides = {}
     aliases = {"data.path": args.data, "data.proposals": args.proposals, "run.out": args.out,
                "run.name": args.name}

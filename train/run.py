@@ -99,7 +99,7 @@ def seed_everything(seed: int):
 
 
 def prepare_data(cfg: TrainConfig, rank: int, world: int):
-    """(dataset, store, eval_root or None). Rank 0 generates what is missing; the others wait."""
+    """(dataset, store, oknn_root(root)). Rank 0 generates what is missing; the others wait."""
     from d3ssl.data.datasets import open_dataset
     from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
 
@@ -139,19 +139,19 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     return dataset, store, oknn_root(root)
 
 
-def oknn_root(root: str) -> str | None:
-    """`root` when O-KNN can run on it (COCO-format train and val splits with ground truth, under
-    the names d3ssl.eval.oknn.resolve_split accepts: instances_val.json or instances_val2017.json),
-    else None."""
+def oknn_root(root: str) -> tuple[str | None, str]:
+    """(`root`, "") when O-KNN can run on it: COCO-format train and val splits with ground truth,
+    under the names d3ssl.eval.oknn.resolve_split accepts (instances_val.json or
+    instances_val2017.json, ...); else (None, why not)."""
     from d3ssl.eval.oknn import resolve_split
     if not os.path.isdir(root):
-        return None
+        return None, f"--data {root!r} is not a COCO-format folder with train and val ground truth"
     try:
         for split in ("train", "val"):
             resolve_split(root, split)
-    except FileNotFoundError:
-        return None
-    return root
+    except FileNotFoundError as e:
+        return None, str(e)
+    return root, ""
 
 
 def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
@@ -280,13 +280,16 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         run_dir, resume_path = shared
     if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
         # Continue with the run's own config; only what was given on this command line changes it.
+        # The saved values are checked together with this command line's, so that one of them that
+        # the checks refuse (a config saved by an older version) can be overridden here.
         try:
-            saved = from_dict(ckpt.load_checkpoint(resume_path)["config"]) if resume_path else \
-                load_json(os.path.join(run_dir, "config.json"))
+            saved = from_dict(ckpt.load_checkpoint(resume_path)["config"], check=False) if resume_path else \
+                load_json(os.path.join(run_dir, "config.json"), check=False)
             cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
                                           if k not in ("run.name", "run.out")})
         except ValueError as e:
-            raise TrainingError(f"--resume: {e}") from None
+            raise TrainingError(f"--resume: the run's saved config with this command line's changes: {e} "
+                                "(override a saved value with --FIELD VALUE)") from None
     dtype = amp_dtype(cfg, device)
     configure_backends(cfg, device)
     seed_everything(cfg.run.seed + rank)
@@ -295,9 +298,9 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     # (before the run folder exists: a run that cannot start leaves no folder behind to block its
     # retry, or for --resume auto to pick up)
     try:
-        dataset, store, eval_root = prepare_data(cfg, rank, world)
+        dataset, store, oknn_data = prepare_data(cfg, rank, world)
     except (ValueError, OSError) as e:  # unreadable, empty or mismatched data, proposals store
-        raise TrainingError(f"data: {e}") from None
+        raise TrainingError(f"data (--data, --proposals): {e}") from None
     loader = make_data_loader(cfg, dataset, store, rank, world, device)
     accum = cfg.optim.accum_steps
     if accum < 1:
@@ -477,16 +480,17 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             dist.barrier()
 
     # --- end of training: plot, O-KNN of trained vs random init --------------------------------------
+    # The other ranks are done: they leave now rather than wait (and time out) while rank 0 evaluates.
+    finish_distributed(world)
     if master:
         plot_loss_lr(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "loss_lr.png"))
+        eval_root, why_not = oknn_data
         if cfg.run.oknn and eval_root is not None:
             summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
                                                          step, run_dir)
         elif cfg.run.oknn:
-            print("O-KNN skipped: --data is not a COCO-format root with ground truth for both splits "
-                  "(annotations/instances_{train,val}[2017].json and their image folders)")
+            print(f"O-KNN skipped: {why_not}")
     logger.close()
-    finish_distributed(world)
     return summary
 
 
@@ -547,7 +551,8 @@ def main(argv=None):
     if flags["print_config"]:
         print(json.dumps(to_dict(cfg), indent=2))
         return {"config": to_dict(cfg)}
-    if cfg.preset != "default" and not cfg.data.path and PRESET_WANTS_DATA.get(cfg.preset):
+    if (cfg.preset in PRESET_WANTS_DATA and not cfg.data.path and resume is None
+            and int(os.environ.get("RANK", "0")) == 0):
         print(f"note: --preset {cfg.preset} is meant for {PRESET_WANTS_DATA[cfg.preset]} (--data); without "
               "--data it trains on the embedded synthetic set", flush=True)
     # What this command line asks for explicitly; a resumed run applies only these to its saved config.

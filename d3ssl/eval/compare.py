@@ -28,6 +28,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco", "no_dp": "compare-no_dp"}
 
 
@@ -87,6 +89,16 @@ def main(argv=None) -> int:
     for item in a.set:
         if "=" not in item:
             raise SystemExit(f"error: --set expects NAME=VALUE, got {item!r}")
+    if a.device and (a.device.split(":")[0] not in ("cpu", "cuda")
+                     or (a.device.startswith("cuda") and not torch.cuda.is_available())):
+        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
+    if a.data:  # the report needs both splits' ground truth: known now, not after three trainings
+        from .oknn import resolve_split
+        try:
+            for split in ("train", "val"):
+                resolve_split(a.data, split)
+        except FileNotFoundError as e:
+            p.error(f"--data: {e}")
     runs = os.path.join(a.out, "runs")
     if a.skip_train:
         missing = [name for name in methods if not glob.glob(os.path.join(runs, name, "checkpoints", "*.pt"))]

@@ -174,16 +174,11 @@ def load_backbone(ckpt: str, arch: str | None = None) -> tuple[nn.Module, str]:
     """(online backbone, arch) of a training checkpoint (file or run folder), on the CPU.
 
     ``arch`` (optional) is checked against the checkpoint: weights of another architecture give a
-    ``ValueError`` that says which, instead of a wall of shape mismatches.
+    ``ValueError`` that says which (:func:`d3ssl.eval.oknn.load_backbone`), instead of a wall of
+    shape mismatches.
     """
     from .oknn import load_backbone as _load
-    try:
-        backbone, found, _ = _load(ckpt, arch)
-    except RuntimeError as e:  # load_state_dict: missing keys / shape mismatch
-        lines = str(e).strip().splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise ValueError(f"--ckpt {ckpt!r} does not hold a {arch} backbone ({detail}...); leave --arch out "
-                         f"to use the checkpoint's own architecture") from None
+    backbone, found, _ = _load(ckpt, arch)
     return backbone, found
 
 

@@ -42,16 +42,20 @@ def resolve_split(data_root: str, split: str) -> tuple[str, str]:
     """(annotation json, image folder) of `split` in a COCO-format folder.
 
     Accepts root/annotations/instances_<split>.json with images in root/<split>/ (the synthetic
-    set, custom sets) and COCO 2017's names (split "train" also finds instances_train2017.json).
+    set, custom sets) and COCO 2017's names (split "train" also finds instances_train2017.json and
+    train2017/), mixed as the training loader accepts them (datasets.open_dataset), or images/<name>/.
     """
     names = [split] + ([split + "2017"] if not split.endswith("2017") else [])
     for name in names:
         ann = os.path.join(data_root, "annotations", f"instances_{name}.json")
         if os.path.isfile(ann):
-            for images in (os.path.join(data_root, name), os.path.join(data_root, "images", name)):
+            folders = [os.path.join(data_root, n) for n in dict.fromkeys([name] + names)]
+            folders.append(os.path.join(data_root, "images", name))
+            for images in folders:
                 if os.path.isdir(images):
                     return ann, images
-            raise FileNotFoundError(f"found {ann} but no image folder {os.path.join(data_root, name)}")
+            raise FileNotFoundError(f"found {ann} but no image folder "
+                                    f"({' or '.join(os.path.basename(f) + '/' for f in folders[:-1])})")
     raise FileNotFoundError(
         f"no COCO-format split {split!r} in {data_root!r}: expected "
         f"{os.path.join(data_root, 'annotations', f'instances_{split}.json')} and the folder "

@@ -32,9 +32,12 @@ def tile_grid(crop: np.ndarray, tile_size: int = 96) -> tuple[np.ndarray, np.nda
     """
     if tile_size < 1:
         raise ValueError(f"tile_size: expected a positive number of pixels, got {tile_size}")
-    shrinks = crop.shape[0] > tile_size and crop.shape[1] > tile_size   # area averaging: no aliasing
-    tile = cv2.resize(np.ascontiguousarray(crop), (tile_size, tile_size),
-                      interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
+    # one axis at a time: area averaging along an axis that shrinks (no aliasing), bilinear along one
+    # that grows (an elongated crop does both)
+    tile = np.ascontiguousarray(crop)
+    for axis, size in ((1, (tile_size, tile.shape[0])), (0, (tile_size, tile_size))):
+        shrinks = tile.shape[axis] > tile_size
+        tile = cv2.resize(tile, size, interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
     image = np.tile(tile, (3, 3, 1))
     boxes = np.array([[c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size]
                       for r in range(3) for c in range(3)], np.float64)
