@@ -19,8 +19,10 @@
 # Not yet run on a GPU (2026-11-27): the step breakdown, dali_breakdown, the experiment exp_region_vec (~1.5 min,
 # most of it compiling) and tests_cuda_train. The train benchmark has not run since the step moved
 # to train/step.py (loss read at the forward's end, multi-tensor LARS on GPUs, cuDNN's autotuner).
-# Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun):
-#   GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region breakdown train_bench"
+# Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun); the
+# steps' own limits add up to more than a call may run, so bound the whole and tar what there is:
+#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region breakdown train_bench" \
+#     bash benchmarks/gpu_check.sh /tmp/out; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 # then, if device time is left, "exp_region_vec bench_ops" (~2.5 min); train_bench_compile (the
 # step under torch.compile, minutes of compiling) wants a lease of its own.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
@@ -60,7 +62,7 @@ step tests_cuda_train 120 python -m pytest -q -m cuda -p no:cacheprovider \
   tests/test_trainer.py::test_host_copy_waits_for_its_copy_and_not_for_later_work \
   tests/test_trainer.py::test_training_step_never_waits_for_the_gpu
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
-step bench_region 120 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
+step bench_region 180 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
 step breakdown 180 python benchmarks/breakdown.py --device cuda
 # An experiment outside the library: vectorised region_erase and composite kernels, checked against

@@ -347,6 +347,10 @@ def test_host_copy_waits_for_its_copy_and_not_for_later_work():
     ones after it) but not for the work queued after the copy."""
     x = torch.tensor([2.0, -3.0], device="cuda")
     stream = torch.cuda.current_stream()
+    # First launches load their kernels (CUDA's lazy loading), and a load waits for the GPU to be
+    # idle; the first pinned allocation may too. Both happen here, not in the busy window below.
+    x.mul_(1.0), x.add_(0.0), HostCopy(x).get()
+    torch.cuda.synchronize()
     torch.cuda._sleep(1_500_000_000)               # ~1 s of GPU cycles before the copy
     x.mul_(10.0)
     pending = HostCopy(x)

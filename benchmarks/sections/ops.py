@@ -9,7 +9,7 @@ features under autocast, which torchvision computes in float32.
 import torch
 import torchvision
 
-from benchmarks.common import Row, copy_bandwidth, interleaved
+from benchmarks.common import Row, copy_bandwidth, device_seconds_per_call, interleaved
 from d3ssl.ops import roi_align
 
 SECTION = "ops"
@@ -82,10 +82,13 @@ def run(args):
                 if bandwidth:
                     # Least traffic the op needs: read the features and write the pooled output
                     # (forward); backward also reads the output grad and writes the input grad.
+                    # Judged by the GPU time of a call (CUDA events), as the copy bandwidth is.
                     elem = x.element_size()
                     n_out = boxes.shape[0] * CHANNELS * out_size * out_size
                     nbytes = (x.numel() + n_out) * elem * (2 if measure == "forward+backward" else 1)
-                    extra["fraction_of_copy_bandwidth"] = round(nbytes / t["ours"] / bandwidth, 3)
+                    gpu = device_seconds_per_call(a, device)
+                    extra["gpu_ms_ours"] = round(gpu * 1e3, 4)
+                    extra["fraction_of_copy_bandwidth"] = round(nbytes / gpu / bandwidth, 3)
                 rows.append(Row(SECTION, f"roi_align {measure} [{batch},{CHANNELS},{feat},{feat}]->{out_size}x"
                                          f"{out_size} {label}",
                                 ours=batch / t["ours"], anchor=batch / t["tv"], anchor_name=anchor,
