@@ -387,11 +387,15 @@ def parse_value(text: str, tp, name: str = "value"):
     return text
 
 
-def _type_name(tp):
+def _type_name(tp, example=None):
+    """How a field's value is written on the command line; `example` (its default) spells out a
+    bare `tuple`."""
     tp, optional = _strip_optional(tp)
     name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
     if typing.get_origin(tp) is tuple:
         name = "comma-separated " + ",".join(getattr(a, "__name__", "...") for a in typing.get_args(tp))
+    elif tp is tuple and isinstance(example, tuple) and example:
+        name = "comma-separated " + ",".join(type(v).__name__ for v in example)
     return name + (" or none" if optional else "")
 
 
@@ -515,7 +519,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
             groups[section] = p.add_argument_group(f"{section} fields")
         doc = field_help(_resolve(defaults, name)[0], f).rstrip(".")
         default = get_field(defaults, name)
-        helptext = f"{doc + '; ' if doc else ''}{_type_name(tp)}, {preset} preset: {default!r}"
+        helptext = f"{doc + '; ' if doc else ''}{_type_name(tp, default)}, {preset} preset: {default!r}"
         groups[section].add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="V",
                                      help=helptext.replace("%", "%%"))
     return p

@@ -31,7 +31,7 @@ class ModelConfig:
     temperature: float = 0.2       # tau of the InfoNCE
     base_momentum: float = 0.99    # teacher EMA momentum at step 0 (cosine to 1)
     use_dp: bool = True            # de-positioning loss L_dp (ablation switch); d3ssl only
-    sync_bn: bool = False          # the caller converts BatchNorm when distributed
+    sync_bn: bool = False          # SyncBatchNorm when several GPU processes train (DDP); no effect otherwise
     roi_size: int = 14             # RoIAlign side on C4 for S-px views; roi_size // 2 for S/2 views
 
     def __post_init__(self):
