@@ -32,3 +32,21 @@ def test_breakdown_rejects_unknown_parts():
     out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--what", "stage,nope"], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown part(s) nope" in out.stderr
+
+
+def test_breakdown_times_the_dali_graph_stage_by_stage():
+    from d3ssl.data.dali import GRAPH_STAGES, dali_available
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed (pip install -e .[dali])")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--quick", "--what", "dali"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        parts = line.rsplit(None, 2)
+        if len(parts) == 3 and parts[2].replace(".", "").isdigit() and parts[1].isdigit():
+            rows[parts[0].strip()] = (float(parts[1]), float(parts[2]))
+    assert list(rows) == [*GRAPH_STAGES, "loader (Batch)", "loader + region stage"], out.stdout
+    for rate, ms in rows.values():   # images/s and ms per batch of 16 agree with each other
+        assert rate > 0 and abs(rate * ms / 1e3 - 16) < 0.5
