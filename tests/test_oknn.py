@@ -283,3 +283,15 @@ def test_resolve_split_accepts_the_training_loaders_layouts(tmp_path):
     (tmp_path / "annotations" / "instances_test.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no image folder .*test/ or test2017/"):
         oknn.resolve_split(str(tmp_path), "test")
+
+
+def test_feature_extraction_shows_progress_over_the_images(tiny_coco, capsys):
+    net = ResNetC4("resnet18")
+    quiet, _ = oknn.extract_object_features(net, str(tiny_coco), "val", None, image_size=64, batch_size=1)
+    assert "O-KNN features" not in capsys.readouterr().err
+    loud, _ = oknn.extract_object_features(net, str(tiny_coco), "val", None, image_size=64, batch_size=1,
+                                           progress=True)
+    n = len(oknn.load_objects(str(tiny_coco), "val"))
+    err = capsys.readouterr().err
+    assert "O-KNN features, val" in err and f"0/{n} " in err   # a bar over the split's images
+    torch.testing.assert_close(loud, quiet)

@@ -498,7 +498,7 @@ def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, 
     from d3ssl.eval.oknn import evaluate_oknn
     kwargs = dict(k=cfg.run.oknn_k, temperature=cfg.run.oknn_temperature,
                   max_objects_per_image=cfg.run.oknn_max_per_image, image_size=cfg.run.oknn_image_size,
-                  batch_size=cfg.run.oknn_batch_size, device=device)
+                  batch_size=cfg.run.oknn_batch_size, device=device, progress=cfg.run.progress)
     print("O-KNN: trained network ...", flush=True)
     trained = evaluate_oknn(raw.online_backbone, eval_root, **kwargs)
     draws = []

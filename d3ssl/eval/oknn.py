@@ -145,6 +145,15 @@ class ObjectImages(torch.utils.data.Dataset):
                 torch.from_numpy(labels))
 
 
+class _NoBar:
+    """Stands in for a progress bar that is off."""
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
 def _collate(items):
     images, boxes, labels = zip(*items)
     return torch.stack(images), list(boxes), torch.cat(labels)
@@ -167,7 +176,7 @@ def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -
 def extract_object_features(backbone, dataset: str, split: str, max_objects_per_image: int | None = None,
                             image_size: int = 224, device="cpu", batch_size: int = 32,
                             num_workers: int = 0, max_images: int | None = None, image_hook=None,
-                            records=None):
+                            records=None, progress: bool = False):
     """Object features of a COCO-format split.
 
     Args:
@@ -181,6 +190,7 @@ def extract_object_features(backbone, dataset: str, split: str, max_objects_per_
         records: the split's load_objects() output when the caller already has it (then
             `dataset`, `split`, `max_objects_per_image` and `max_images` only name it); the features
             follow its order, image by image and box by box.
+        progress: a progress bar over the split's images (on stderr).
     Returns:
         (features float32 [N,C5] unit rows on the CPU, labels int64 [N] category ids).
     """
@@ -194,14 +204,21 @@ def extract_object_features(backbone, dataset: str, split: str, max_objects_per_
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
+    if progress:  # (imported here: the library's ops do not need tqdm)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(records), desc=f"O-KNN features, {split}", unit="img", leave=False)
+    else:
+        bar = _NoBar()
     try:
         for images, boxes, lab in loader:
+            bar.update(len(images))
             images = images.to(device, memory_format=torch.channels_last)
             boxes = [b.to(device) for b in boxes]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 feats.append(object_features(backbone, images, boxes).cpu())
             labels.append(lab)
     finally:
+        bar.close()
         backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
@@ -291,22 +308,23 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
                   max_objects_per_image: int = DEFAULT_OBJECTS_PER_IMAGE, k: int = 20,
                   temperature: float = 0.07, image_size: int = 224, device="cpu", batch_size: int = 32,
                   num_workers: int = 0, max_train_images: int | None = None,
-                  max_val_images: int | None = None, image_hook=None, hook_bank: bool = True) -> dict:
+                  max_val_images: int | None = None, image_hook=None, hook_bank: bool = True,
+                  progress: bool = False) -> dict:
     """O-KNN of a backbone: a class-balanced bank from `train_split` (at most
     max_objects_per_image per image), every object of `val_split` as a query.
 
     image_hook (see ObjectImages) edits the images of the queries and, with `hook_bank` (default),
-    those of the bank too.
+    those of the bank too. `progress`: progress bars over each split's images.
     Returns {"top1", "top5" (percent), "bank_size", "num_queries", "position_share" (of the val
     features, see :func:`position_share`; left out with fewer than 3 queries)}.
     """
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
-                                             image_hook if hook_bank else None)
+                                             image_hook if hook_bank else None, progress=progress)
     val_records = load_objects(data_root, val_split, None, max_images=max_val_images)
     val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
                                            batch_size, num_workers, max_val_images, image_hook,
-                                           records=val_records)
+                                           records=val_records, progress=progress)
     out = o_knn(bank_x, bank_y, val_x, val_y, k=k, temperature=temperature)
     out.update(bank_size=len(bank_x), num_queries=len(val_x))
     if len(val_x) >= 3:
@@ -403,6 +421,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when a GPU is visible)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     if not a.temperature > 0:
         p.error(f"--temperature must be > 0, got {a.temperature}")
@@ -427,7 +446,7 @@ def main(argv=None):
     backbone = backbone.to(device, memory_format=torch.channels_last)
     res = evaluate_oknn(backbone, a.data, a.train_split, a.val_split, a.objects_per_image, a.k,
                         a.temperature, a.image_size, device, a.batch_size, a.workers,
-                        a.max_train_images, a.max_val_images)
+                        a.max_train_images, a.max_val_images, progress=not a.no_progress)
     res.update(arch=arch, checkpoint=path or "random-init")
     if a.json:
         print(json.dumps(res))

@@ -52,7 +52,7 @@ def evaluate_network(backbone, data_root: str, objects, settings: dict, device, 
     oknn_kw = dict(max_objects_per_image=settings["objects_per_image"], k=settings["k"],
                    temperature=settings["temperature"], image_size=settings["image_size"], device=device,
                    batch_size=settings["batch_size"], max_train_images=settings["max_train_images"],
-                   max_val_images=settings["max_val_images"])
+                   max_val_images=settings["max_val_images"], progress=progress)
     steps = tqdm(total=4, desc="measures", disable=not progress, leave=False)
     out = {}
     steps.set_postfix_str("O-KNN")
