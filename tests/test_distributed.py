@@ -114,3 +114,18 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     events = [json.loads(line) for line in open(log)]
     assert events[-1]["kind"] == "stop" and events[-1]["step"] == last
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "term"))][-1] == last
+
+
+@pytest.mark.slow
+def test_two_process_run_evaluates_oknn_on_rank_0_after_the_group_is_gone(tmp_path):
+    """Under DDP the end-of-run O-KNN runs once, on rank 0, after the process group is destroyed
+    (nothing in it may need the group any more), and its result reaches the log."""
+    cmd, env = _tiny_ddp_run(tmp_path, "ddp_oknn", "--run.epochs", "1", "--run.max_steps", "2",
+                             "--run.oknn", "true", "--run.oknn_random_draws", "1", "--run.oknn_image_size", "64",
+                             "--run.oknn_k", "3")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("O-KNN top-1: trained") == 1, proc.stdout[-2000:]   # rank 0 only
+    lines = [json.loads(line) for line in open(tmp_path / "ddp_oknn" / "log.jsonl")]
+    oknn = [r for r in lines if r.get("kind") == "oknn"]
+    assert len(oknn) == 1 and oknn[0]["step"] == 2
