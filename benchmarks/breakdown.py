@@ -267,6 +267,7 @@ def profile_dali(args):
     """The DALI graph stage by stage (benchmarks/sections/loader_dali.py's graph_stage_rates), on
     COCO-sized JPEGs with the loader benchmark's sizes: on a GPU 32 batches of 64 per epoch, 8 workers."""
     from benchmarks.common import COCO_SIZE, bench_dataset
+    from benchmarks.sections.loader import loader_sizes
     from benchmarks.sections.loader_dali import graph_stage_rates
     from d3ssl.data.dali import dali_available
 
@@ -274,9 +275,7 @@ def profile_dali(args):
         print("\n== DALI graph: NVIDIA DALI is not installed (pip install -e .[dali]); skipped")
         return
     gpu = args.device == "cuda"
-    workers = max(1, min(8, os.cpu_count() or 1))
-    batch = 16 if args.quick else (64 if gpu else 32)
-    batches = 4 if args.quick else (32 if gpu else 8)
+    workers, batch, batches = loader_sizes(args.device, args.quick)
     dataset, store = bench_dataset(batch * batches)
     print(f"\n== DALI {'GPU graph' if gpu else 'CPU-only mode'}, cut after each stage: batch {batch}, "
           f"{batches} batches per epoch, {workers} workers, {COCO_SIZE[0]}-{COCO_SIZE[1]} px JPEGs; "

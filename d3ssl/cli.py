@@ -5,16 +5,41 @@ import argparse
 import os
 
 
-def check_output_file(parser: argparse.ArgumentParser, option: str, path: str | None):
-    """Exits through `parser` with a one-line error when `path` (the value of `option`) cannot be
-    written as a file: it is a folder, or its folder does not exist. None passes (not given)."""
-    if path is None:
-        return
+def output_file_problem(option: str, path: str) -> str | None:
+    """Why `path` (the value of `option`) cannot be written as a file, as a one-line error (it is a
+    folder, or its folder does not exist), or None."""
     if os.path.isdir(path):
-        parser.error(f"{option} {path!r} is a folder; give the path of a file to write")
+        return f"{option} {path!r} is a folder; give the path of a file to write"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        parser.error(f"{option} {path!r}: the folder {folder!r} does not exist")
+        return f"{option} {path!r}: the folder {folder!r} does not exist"
+    return None
+
+
+def check_output_file(parser: argparse.ArgumentParser, option: str, path: str | None):
+    """Exits through `parser` with :func:`output_file_problem`'s error, if any. None passes (not given)."""
+    problem = None if path is None else output_file_problem(option, path)
+    if problem:
+        parser.error(problem)
+
+
+def check_image_size(parser: argparse.ArgumentParser, option: str, size: int):
+    """The evaluation tools' image side: at least one cell of the C5 map (stride 32)."""
+    if size < 32:
+        parser.error(f"{option} must be >= 32 (the C5 map has stride 32), got {size}")
+
+
+def check_device(parser: argparse.ArgumentParser, option: str, text: str | None) -> str:
+    """`text`, or cuda when a GPU is visible else cpu when None; exits through `parser` unless it is
+    cpu, or cuda[:N] with a visible GPU."""
+    import re
+
+    import torch
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text) or (text.startswith("cuda") and not torch.cuda.is_available()):
+        parser.error(f"{option} {text}: use cpu, or cuda[:N] on a machine with a visible GPU")
+    return text
 
 
 def positive_int(text: str) -> int:

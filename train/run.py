@@ -74,13 +74,11 @@ def setup_distributed(cfg: TrainConfig):
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device):
+    """The autocast dtype of run.amp (checked by the config) on `device`; None: no autocast."""
     choice = cfg.run.amp
     if choice == "auto":
         choice = "bf16" if device.type == "cuda" else "none"
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if choice not in table:
-        raise TrainingError(f"run.amp must be auto, bf16, fp16 or none, got {cfg.run.amp!r}")
-    return table[choice]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
 
 
 def configure_backends(cfg: TrainConfig, device: torch.device):
@@ -103,12 +101,11 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     from d3ssl.data.datasets import open_dataset
     from d3ssl.data.proposals import ProposalStore, default_store_path, generate_proposals
 
-    proposals = cfg.data.proposals  # checked now: a missing store is made after minutes of selective search
-    if proposals and os.path.isdir(proposals):
-        raise TrainingError(f"--proposals {proposals!r} is a folder; give the store's file path (the store "
-                            "is made there if it is missing)")
-    if proposals and not os.path.isdir(os.path.dirname(os.path.abspath(proposals))):
-        raise TrainingError(f"--proposals {proposals!r}: its folder does not exist")
+    from d3ssl.cli import output_file_problem
+    # checked now: a missing store is made there after minutes of selective search
+    problem = cfg.data.proposals and output_file_problem("--proposals", cfg.data.proposals)
+    if problem:
+        raise TrainingError(problem)
 
     def make():
         if cfg.data.path:
@@ -143,12 +140,11 @@ def oknn_root(root: str) -> tuple[str | None, str]:
     """(`root`, "") when O-KNN can run on it: COCO-format train and val splits with ground truth,
     under the names d3ssl.eval.oknn.resolve_split accepts (instances_val.json or
     instances_val2017.json, ...); else (None, why not)."""
-    from d3ssl.eval.oknn import resolve_split
+    from d3ssl.eval.oknn import check_splits
     if not os.path.isdir(root):
         return None, f"--data {root!r} is not a COCO-format folder with train and val ground truth"
     try:
-        for split in ("train", "val"):
-            resolve_split(root, split)
+        check_splits(root, "train", "val")
     except FileNotFoundError as e:
         return None, str(e)
     return root, ""
@@ -156,8 +152,6 @@ def oknn_root(root: str) -> tuple[str | None, str]:
 
 def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
     from d3ssl.data.loader import make_loader
-    if cfg.data.backend not in ("cpu", "dali"):
-        raise TrainingError(f"data.backend must be cpu or dali, got {cfg.data.backend!r}")
     if cfg.data.backend == "dali":
         try:  # only d3ssl/data/dali.py imports DALI by name; this is an availability check
             importlib.import_module("nvidia.dali")
@@ -303,8 +297,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         raise TrainingError(f"data (--data, --proposals): {e}") from None
     loader = make_data_loader(cfg, dataset, store, rank, world, device)
     accum = cfg.optim.accum_steps
-    if accum < 1:
-        raise TrainingError(f"optim.accum_steps must be >= 1, got {accum}")
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch < 1:
         raise TrainingError(f"one epoch gives {len(loader)} batches of {cfg.data.batch_size} per process, "

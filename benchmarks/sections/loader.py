@@ -123,13 +123,19 @@ def cpu_rows(args, dataset, store, *, workers: int, batch_size: int) -> list[Row
                 target=2.0, extra=extra)]
 
 
-def run(args) -> list[Row]:
+def loader_sizes(device: str, quick: bool) -> tuple[int, int, int]:
+    """(workers, batch size, batches per epoch) of the loader benchmarks: at most 8 workers (the
+    issue's bar). On a GPU, epochs of 2048 images at the training batch size: DALI's GPU graph runs
+    an epoch of 256 in a fraction of a second, too short to time against its start-up."""
     workers = max(1, min(8, os.cpu_count() or 1))
-    # On a GPU, epochs of 2048 images at the training batch size: DALI's GPU graph runs an epoch of
-    # 256 in a fraction of a second, too short to time against its start-up.
-    gpu = args.device == "cuda" and not args.quick
-    batch = 16 if args.quick else (64 if gpu else 32)
-    dataset, store = bench_dataset(batch * (4 if args.quick else (32 if gpu else 8)))
+    if quick:
+        return workers, 16, 4
+    return (workers, 64, 32) if device == "cuda" else (workers, 32, 8)
+
+
+def run(args) -> list[Row]:
+    workers, batch, batches = loader_sizes(args.device, args.quick)
+    dataset, store = bench_dataset(batch * batches)
     rows = []
     if args.backend in ("cpu", "both"):
         rows += cpu_rows(args, dataset, store, workers=workers, batch_size=batch)

@@ -27,20 +27,14 @@ def _region_stage():
     return region_stage
 
 
-def _epoch_fn(loader, device, region_stage):
-    """One call = one epoch of `loader` (and the region stage on every batch); returns images seen.
-    ``epoch.arrivals`` holds, per call, the host time at which each batch's stage had been issued."""
-    state = {"epoch": 0}
-    generator = torch.Generator(device=device).manual_seed(0)
-
+def _timed_epoch_fn(batches, device):
+    """One call = one epoch: `batches()` yields the size of each batch as it is ready; returns images
+    seen. ``epoch.arrivals`` holds, per call, the host time at which each batch was ready (the last
+    once the device is done) and the batch size."""
     def epoch():
-        loader.set_epoch(state["epoch"])
-        state["epoch"] += 1
         n, times = 0, []
-        for batch in loader:
-            if region_stage is not None:
-                region_stage(batch, generator)
-            n += batch.size
+        for size in batches():
+            n += size
             times.append(time.perf_counter())
         sync(device)
         times[-1] = time.perf_counter()  # the last batch counts once the device is done
@@ -48,6 +42,21 @@ def _epoch_fn(loader, device, region_stage):
         return n
     epoch.arrivals = []
     return epoch
+
+
+def _epoch_fn(loader, device, region_stage):
+    """Epochs of `loader`, with the region stage issued on every batch (see :func:`_timed_epoch_fn`)."""
+    state = {"epoch": 0}
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def batches():
+        loader.set_epoch(state["epoch"])
+        state["epoch"] += 1
+        for batch in loader:
+            if region_stage is not None:
+                region_stage(batch, generator)
+            yield batch.size
+    return _timed_epoch_fn(batches, device)
 
 
 def steady_rate(arrivals, skip: int) -> float:
@@ -109,24 +118,17 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
 
 
 def _pipeline_epoch_fn(pipe, device):
-    """One call = one epoch of a built DALI pipeline (run until the source ends, then reset);
-    ``epoch.arrivals`` as in :func:`_epoch_fn`. The outputs are dropped as they come."""
-    def epoch():
-        n, times = 0, []
+    """Epochs of a built DALI pipeline (run until the source ends, then reset; the outputs are
+    dropped as they come; see :func:`_timed_epoch_fn`)."""
+    def batches():
         while True:
             try:
                 outputs = pipe.run()
             except StopIteration:
                 break
-            n += len(outputs[0])
-            times.append(time.perf_counter())
+            yield len(outputs[0])
         pipe.reset()
-        sync(device)
-        times[-1] = time.perf_counter()
-        epoch.arrivals.append((times, n // max(len(times), 1)))
-        return n
-    epoch.arrivals = []
-    return epoch
+    return _timed_epoch_fn(batches, device)
 
 
 def graph_stage_rates(dataset, store, *, device, workers: int, batch_size: int,
@@ -144,26 +146,20 @@ def graph_stage_rates(dataset, store, *, device, workers: int, batch_size: int,
 
     device = torch.device(device)
     kw = dict(batch_size=batch_size, workers=workers, seed=0, drop_last=True)
-    rates = {}
-    for stage in GRAPH_STAGES:
-        loader = make_loader(dataset, store, backend="dali", device=device, **kw)
-        skip = max(1, len(loader) // 4)
-        pipe = loader.pipeline(upto=stage)
-        epoch = _pipeline_epoch_fn(pipe, device)
-        for _ in range(epochs + 1):
-            epoch()
-        rates[stage] = steady_rate(epoch.arrivals[1:], skip)
-        del pipe, loader
     region_stage = _region_stage()
-    for name, stage in (("loader (Batch)", None), ("loader + region stage", region_stage)):
-        if name.endswith("region stage") and region_stage is None:
-            continue
+    cuts = [(stage, lambda loader, stage=stage: _pipeline_epoch_fn(loader.pipeline(upto=stage), device))
+            for stage in GRAPH_STAGES]
+    cuts.append(("loader (Batch)", lambda loader: _epoch_fn(loader, device, None)))
+    if region_stage is not None:
+        cuts.append(("loader + region stage", lambda loader: _epoch_fn(loader, device, region_stage)))
+    rates = {}
+    for name, epoch_fn in cuts:
         loader = make_loader(dataset, store, backend="dali", device=device, **kw)
-        skip = max(1, len(loader) // 4)
-        epoch = _epoch_fn(loader, device, stage)
+        epoch = epoch_fn(loader)
         for _ in range(epochs + 1):
             epoch()
-        rates[name] = steady_rate(epoch.arrivals[1:], skip)
+        rates[name] = steady_rate(epoch.arrivals[1:], max(1, len(loader) // 4))
+        del epoch
         loader.close()
     return rates
 

@@ -28,8 +28,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco", "no_dp": "compare-no_dp"}
 
 
@@ -61,7 +59,7 @@ def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
 
 
 def main(argv=None) -> int:
-    from d3ssl.cli import positive_int
+    from d3ssl.cli import check_device, check_image_size, positive_int
     first, _, rest = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=first,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
@@ -80,8 +78,7 @@ def main(argv=None) -> int:
                    f"among {', '.join(METHODS)}")
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
-    if a.image_size < 32:
-        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
+    check_image_size(p, "--image-size", a.image_size)
     try:
         methods = parse_methods(a.methods)
     except ValueError as e:
@@ -89,14 +86,12 @@ def main(argv=None) -> int:
     for item in a.set:
         if "=" not in item:
             raise SystemExit(f"error: --set expects NAME=VALUE, got {item!r}")
-    if a.device and (a.device.split(":")[0] not in ("cpu", "cuda")
-                     or (a.device.startswith("cuda") and not torch.cuda.is_available())):
-        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
+    if a.device:
+        check_device(p, "--device", a.device)
     if a.data:  # the report needs both splits' ground truth: known now, not after three trainings
-        from .oknn import resolve_split
+        from .oknn import check_splits
         try:
-            for split in ("train", "val"):
-                resolve_split(a.data, split)
+            check_splits(a.data, "train", "val")
         except FileNotFoundError as e:
             p.error(f"--data: {e}")
     runs = os.path.join(a.out, "runs")

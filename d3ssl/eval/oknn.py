@@ -62,6 +62,12 @@ def resolve_split(data_root: str, split: str) -> tuple[str, str]:
         f"{os.path.join(data_root, split)}")
 
 
+def check_splits(data_root: str, *splits: str):
+    """Raises resolve_split's FileNotFoundError for the first of `splits` missing from `data_root`."""
+    for split in splits:
+        resolve_split(data_root, split)
+
+
 def load_objects(data_root: str, split: str, max_objects_per_image: int | None = None,
                  max_images: int | None = None, min_box_size: float = 1.0):
     """Object annotations of a split, per image.
@@ -395,7 +401,7 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    from d3ssl.cli import positive_int as positive
+    from d3ssl.cli import check_device, check_image_size, positive_int
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
                                     "(its latest checkpoints/step_<N>.pt)")
@@ -406,18 +412,18 @@ def main(argv=None):
                    help="backbone (default: the checkpoint's, or resnet50 with --random-init)")
     p.add_argument("--train-split", default="train", help="split of the bank (default: train)")
     p.add_argument("--val-split", default="val", help="split of the queries (default: val)")
-    p.add_argument("--objects-per-image", type=positive, default=DEFAULT_OBJECTS_PER_IMAGE,
+    p.add_argument("--objects-per-image", type=positive_int, default=DEFAULT_OBJECTS_PER_IMAGE,
                    help=f"N: at most this many bank objects per train image, class-balanced "
                         f"(default: {DEFAULT_OBJECTS_PER_IMAGE})")
-    p.add_argument("--k", type=positive, default=20, help="neighbours in the vote (default: 20)")
+    p.add_argument("--k", type=positive_int, default=20, help="neighbours in the vote (default: 20)")
     p.add_argument("--temperature", type=float, default=0.07,
                    help="vote weights exp(similarity / T) (default: 0.07)")
-    p.add_argument("--image-size", type=positive, default=224,
+    p.add_argument("--image-size", type=positive_int, default=224,
                    help="images are resized to this square side in px (default: 224)")
-    p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default: 32)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0, in this process)")
-    p.add_argument("--max-train-images", type=positive, default=None, help="use at most this many bank images")
-    p.add_argument("--max-val-images", type=positive, default=None, help="use at most this many query images")
+    p.add_argument("--max-train-images", type=positive_int, default=None, help="use at most this many bank images")
+    p.add_argument("--max-val-images", type=positive_int, default=None, help="use at most this many query images")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when a GPU is visible)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -425,22 +431,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.temperature > 0:
         p.error(f"--temperature must be > 0, got {a.temperature}")
-    if a.image_size < 32:
-        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
+    check_image_size(p, "--image-size", a.image_size)
     if a.workers < 0:
         p.error(f"--workers must be >= 0, got {a.workers}")
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        p.error(f"--device must be cpu or cuda[:N], got {a.device!r}")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
+    device = torch.device(check_device(p, "--device", a.device))
     torch.manual_seed(a.seed)
     try:
         backbone, arch, path = load_backbone(None if a.random_init else a.ckpt, a.arch)
-        for split in (a.train_split, a.val_split):  # before any feature is extracted
-            resolve_split(a.data, split)
+        check_splits(a.data, a.train_split, a.val_split)  # before any feature is extracted
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     backbone = backbone.to(device, memory_format=torch.channels_last)

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     from d3ssl.model import ResNetC4
 
+    from d3ssl.cli import check_device, check_image_size
+
     from .export import load_backbone
 
     p = build_parser()
@@ -185,15 +187,12 @@ def main(argv=None) -> dict:
     if a.ckpt and a.arch:
         p.error("--arch sets the random-init network's architecture when no --ckpt is given; with "
                 "--ckpt it follows each checkpoint's: leave --arch out")
-    if a.image_size < 32:
-        p.error(f"--image-size must be >= 32 (the C5 map has stride 32), got {a.image_size}")
+    check_image_size(p, "--image-size", a.image_size)
     if not a.temperature > 0:
         p.error(f"--temperature must be > 0, got {a.temperature}")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"--out {a.out!r} is a file; give a folder for the report")
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if a.device.split(":")[0] not in ("cpu", "cuda") or (a.device.startswith("cuda") and not torch.cuda.is_available()):
-        p.error(f"--device {a.device}: use cpu, or cuda[:N] on a machine with a visible GPU")
+    a.device = check_device(p, "--device", a.device)
     if a.label and len(a.label) != len(a.ckpt):
         raise SystemExit(f"error: --label: give one per --ckpt ({len(a.ckpt)}), got {len(a.label)}")
     progress = not a.no_progress
