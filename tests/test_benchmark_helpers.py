@@ -19,3 +19,16 @@ def test_steady_rate_counts_batches_after_the_skipped_ones():
 def test_device_timing_needs_a_gpu():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         device_seconds_per_call(lambda: None, "cpu")
+
+
+@pytest.mark.parametrize("device,quick,arch,size,roi", [
+    ("cuda", False, "resnet50", 224, 14),    # the paper's step: RoIAlign 14x14 on C4 of 224-px views
+    ("cuda", True, "resnet18", 112, 6),
+    ("cpu", False, "resnet18", 64, 4),
+])
+def test_train_benchmark_config_sets_roi_size_with_the_views(device, quick, arch, size, roi):
+    """The step benchmark must not inherit the main job's RoIAlign size, which fits its own views."""
+    import argparse
+    from benchmarks.sections.train import _config
+    cfg = _config(argparse.Namespace(device=device, quick=quick), "d3ssl")
+    assert (cfg.model.arch, cfg.view.size, cfg.model.roi_size) == (arch, size, roi)

@@ -27,13 +27,16 @@ from train.step import TrainStep, view_dtype
 def _config(args, method):
     from train.config import make_config
     gpu = args.device == "cuda"
+    # roi_size is set with the view size (the paper's 14 at 224 px; even, ~view/16 otherwise): the
+    # `default` preset's value belongs to its own views.
     if gpu and not args.quick:
-        over = {"model.arch": "resnet50", "view.size": 224, "data.batch_size": 64, "data.workers": 8,
-                "model.queue_size": 65536}
+        over = {"model.arch": "resnet50", "view.size": 224, "model.roi_size": 14, "data.batch_size": 64,
+                "data.workers": 8, "model.queue_size": 65536}
     elif gpu:
-        over = {"model.arch": "resnet18", "view.size": 112, "data.batch_size": 64, "data.workers": 8}
+        over = {"model.arch": "resnet18", "view.size": 112, "model.roi_size": 6, "data.batch_size": 64,
+                "data.workers": 8}
     else:
-        over = {"model.arch": "resnet18", "view.size": 64, "data.batch_size": 8,
+        over = {"model.arch": "resnet18", "view.size": 64, "model.roi_size": 4, "data.batch_size": 8,
                 "data.workers": 1, "model.proj_hidden": 512, "model.pred_hidden": 512}
     over.update({"model.method": method, "run.device": args.device, "run.seed": 0})
     return make_config("default", over)
