@@ -34,7 +34,11 @@ def _rois(boxes):
 
 def _loader(data, split, size, shuffle, seed=0):
     records = load_objects(data, split)
-    return torch.utils.data.DataLoader(ObjectImages(records, size), batch_size=32, shuffle=shuffle,
+    if not records:
+        raise ValueError(f"split {split!r} of {data!r} has no objects")
+    # (a split of fewer than 32 images trains on batches of all of them)
+    return torch.utils.data.DataLoader(ObjectImages(records, size), batch_size=min(32, len(records)),
+                                       shuffle=shuffle,
                                        collate_fn=_collate, drop_last=shuffle,
                                        generator=torch.Generator().manual_seed(seed))
 
