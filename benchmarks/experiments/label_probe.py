@@ -24,12 +24,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from d3ssl.eval.oknn import ObjectImages, _collate, evaluate_oknn, load_objects  # noqa: E402
+from d3ssl.eval.oknn import ObjectImages, _collate, box_list_to_rois, evaluate_oknn, load_objects  # noqa: E402
 from d3ssl.model.resnet_c4 import C4_STRIDE, ResNetC4  # noqa: E402
 
 
-def _rois(boxes):
-    return torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype), b], 1) for i, b in enumerate(boxes)])
+def _features(net, images, boxes, size):
+    """Object features as in training: RoIAlign on C4 (output ~size/16) -> res5 -> average pool."""
+    return net.pool_rois(net.c4(images), box_list_to_rois(boxes), max(size // C4_STRIDE, 1))
 
 
 def _loader(data, split, size, shuffle, seed=0):
@@ -38,8 +39,7 @@ def _loader(data, split, size, shuffle, seed=0):
         raise ValueError(f"split {split!r} of {data!r} has no objects")
     # (a split of fewer than 32 images trains on batches of all of them)
     return torch.utils.data.DataLoader(ObjectImages(records, size), batch_size=min(32, len(records)),
-                                       shuffle=shuffle,
-                                       collate_fn=_collate, drop_last=shuffle,
+                                       shuffle=shuffle, collate_fn=_collate, drop_last=shuffle,
                                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -49,7 +49,7 @@ def accuracy(net, head, loader, size):
     right = total = 0
     with torch.no_grad():
         for images, boxes, labels in loader:
-            pred = head(net.pool_rois(net.c4(images), _rois(boxes), max(size // C4_STRIDE, 1))).argmax(1)
+            pred = head(_features(net, images, boxes, size)).argmax(1)
             right += int((pred == labels).sum())
             total += len(labels)
     return right / max(total, 1)
@@ -72,8 +72,7 @@ def train_with_labels(data, size=64, steps=300, arch="resnet18", lr=0.1, seed=0,
             if torch.rand(()) < 0.5:   # horizontal flip of the whole batch
                 images = images.flip(3)
                 boxes = [torch.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) for b in boxes]
-            feats = net.pool_rois(net.c4(images), _rois(boxes), max(size // C4_STRIDE, 1))
-            loss = F.cross_entropy(head(feats), labels)
+            loss = F.cross_entropy(head(_features(net, images, boxes, size)), labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
