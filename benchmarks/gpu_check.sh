@@ -9,22 +9,21 @@
 # with GPU_CHECK_STEPS (benchmarks/RESULTS.md lists the groups each measurement came from).
 # DALI is not on the GPU machine: benchmarks/gpu_check_dali.sh installs it from carried wheel parts.
 #
-# One lease, as it ran on 2026-11-27 (under 6 minutes of device time for steps 1-5):
+# One lease with DALI, as it ran on 2026-11-27 (under 6 minutes of device time for steps 1-5):
 #   1. carry .dali-parts/dali-part-00, copy it to /tmp/dali-parts, then
 #      GPU_CHECK_STEPS="build tests_cuda bench_ops bench_region" (~3 min);
 #   2-4. each within 30 s of the last: carry dali-part-01 .. 03 and copy it to /tmp/dali-parts;
 #   5. carry the last part, copy it, then DALI_SHA256=<sum of the whole archive>
-#      GPU_CHECK_STEPS="dali train_bench" (~2.5 min; a lease with DALI now also names dali_breakdown
-#      after dali, about a minute more).
-# Not yet run on a GPU (2026-11-27): the step breakdown, dali_breakdown, the experiment exp_region_vec (~1.5 min,
-# most of it compiling) and tests_cuda_train. The train benchmark has not run since the step moved
-# to train/step.py (loss read at the forward's end, multi-tensor LARS on GPUs, cuDNN's autotuner).
-# Next lease, without DALI, one call of ~7 min (timeout_s 560, leaving time for a short rerun); the
-# steps' own limits add up to more than a call may run, so bound the whole and tar what there is:
-#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region breakdown train_bench" \
-#     bash benchmarks/gpu_check.sh /tmp/out; tar czf "$OUT/gpu-check.tgz" -C /tmp out
-# then, if device time is left, "exp_region_vec bench_ops" (~2.5 min); train_bench_compile (the
-# step under torch.compile, minutes of compiling) wants a lease of its own.
+#      GPU_CHECK_STEPS="dali dali_breakdown train_bench" (~3.5 min).
+# A lease without DALI, as it ran on 2026-11-27 (eleventh session, 340 s, then 328 s for the second):
+#   timeout 525 bash -c 'GPU_CHECK_STEPS="build tests_cuda tests_cuda_train train_bench" \
+#     bash benchmarks/gpu_check.sh /tmp/out/a; GPU_CHECK_STEPS="bench_region breakdown" \
+#     bash benchmarks/gpu_check.sh /tmp/out/b'; tar czf "$OUT/gpu-check.tgz" -C /tmp out
+#   timeout 400 env GPU_CHECK_STEPS="train_bench_compile" bash benchmarks/gpu_check.sh /tmp/out/c
+# Not yet run on a GPU (2026-11-27): dali_breakdown, the experiment exp_region_vec (~1.5 min, most
+# of it compiling), the train step fed with uint8 views (see RESULTS.md) and DALI since the
+# sampling ops. Name the groups in one bounded command (the steps' own limits add up to more than a
+# call may run) and tar what there is.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}
