@@ -1,7 +1,7 @@
 """Where the time goes, from torch.profiler: the region stage, and the training step fed by the CPU
 loader next to the same step fed by a batch kept on the device (the benchmark's ceiling).
 
-  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step,dali]
+  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step,dali,worker]
 
 For the stage (batch 64 at 224 and 112, the Batch contract's dtype): per call, the host time, the
 operations and kernels by total time and count, and for region_erase and composite their kernel
@@ -13,8 +13,10 @@ kernel launches), and on a GPU how busy the GPU was and where the host synchroni
 sync debug mode; reading the loss through an event is not counted). For the DALI graph (`dali`, not
 in the default; needs NVIDIA DALI): images/s within epochs of the graph cut after each of its stages
 (the source alone, + decode, + resizes, + colour, + normalisation), of the loader's Batch and of the
-loader followed by the region stage. The throughput benchmark (benchmarks/throughput.py) says how
-fast; this says why.
+loader followed by the region stage. For one CPU-loader worker (`worker`, not in the default): its
+time per image by phase on one thread (reading the file, decoding, views and colour, and collating
+a batch either as normalised float32 views or as the uint8 pixels that GPU-bound batches carry).
+The throughput benchmark (benchmarks/throughput.py) says how fast; this says why.
 """
 import argparse
 import contextlib
@@ -32,12 +34,15 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from benchmarks.common import copy_bandwidth, sync  # noqa: E402
 
 
+PARTS = ("stage", "step", "dali", "worker")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--what", default="stage,step",
-                   help="comma-separated: stage, step, dali (default: stage,step)")
+                   help="comma-separated: stage, step, dali, worker (default: stage,step)")
     p.add_argument("--steps", type=int, default=6, help="profiled training steps per feed (default: 6)")
     p.add_argument("--quick", action="store_true", help="small inputs (a smoke test of the script)")
     p.add_argument("--rows", type=int, default=18, help="rows of each table (default: 18)")
@@ -50,10 +55,10 @@ def parse_args(argv=None):
         p.error("--steps must be at least 1")
     args.what = ",".join(w.strip() for w in args.what.split(",") if w.strip())
     if not args.what:
-        p.error("--what: name at least one of stage, step, dali")
-    unknown = set(args.what.split(",")) - {"stage", "step", "dali"}
+        p.error(f"--what: name at least one of {', '.join(PARTS)}")
+    unknown = set(args.what.split(",")) - set(PARTS)
     if unknown:
-        p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from stage, step, dali")
+        p.error(f"--what: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     return args
 
 
@@ -287,6 +292,60 @@ def profile_dali(args):
         print(f"  {name:<24} {rate:>10.0f} {batch * 1e3 / rate:>11.2f}")
 
 
+def profile_worker(args):
+    """One CPU-loader worker's time per image by phase, on one thread as in a worker, over the
+    loader benchmark's COCO-sized JPEGs: 224-px views (112 with --quick), median of three passes."""
+    import statistics
+
+    import cv2
+
+    from benchmarks.common import COCO_SIZE, bench_dataset
+    from benchmarks.sections.loader import loader_sizes
+    from d3ssl.data.colour import ColourConfig
+    from d3ssl.data.cpu_loader import ViewDataset, collate
+    from d3ssl.data.datasets import decode_image
+    from d3ssl.data.views import ViewConfig
+
+    _, batch, batches = loader_sizes(args.device, args.quick)
+    dataset, store = bench_dataset(batch * batches)
+    view_cfg = ViewConfig(size=112 if args.quick else 224)
+    views = ViewDataset(dataset, store, view_cfg, ColourConfig(), seed=0)
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    times = {name: [] for name in ("read the file", "decode", "views and colour", "collate, float32",
+                                   "collate, uint8")}
+    try:
+        for rep in range(3):
+            start = rep * batch % len(dataset)
+            idx = [(start + i) % len(dataset) for i in range(batch)]
+            t0 = time.perf_counter()
+            raw = [dataset.read_bytes(i) for i in idx]
+            t1 = time.perf_counter()
+            images = [decode_image(b) for b in raw]
+            t2 = time.perf_counter()
+            samples = [views.make_views(img, i, 0) + ([],) for img, i in zip(images, idx)]
+            t3 = time.perf_counter()
+            collate(samples)
+            t4 = time.perf_counter()
+            collate(samples, normalise=False)
+            t5 = time.perf_counter()
+            for name, secs in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                times[name].append(secs / batch)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    print(f"\n== one CPU-loader worker, one thread: {COCO_SIZE[0]}-{COCO_SIZE[1]} px JPEGs, "
+          f"{view_cfg.size}-px views, batches of {batch}; ms per image, median of 3 passes")
+    for name, v in ms.items():
+        print(f"  {name:<20} {v:>7.2f}")
+    common = ms["read the file"] + ms["decode"] + ms["views and colour"]
+    f32, u8 = common + ms["collate, float32"], common + ms["collate, uint8"]
+    print(f"  a worker's images/s: {1e3 / f32:.0f} handing over float32 views, {1e3 / u8:.0f} handing over "
+          f"uint8 pixels ({f32 / u8:.2f}x)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import d3ssl  # noqa: F401  (fails early with a clear message if the library is not built)
@@ -299,6 +358,8 @@ def main(argv=None):
         profile_step(args)
     if "dali" in what:
         profile_dali(args)
+    if "worker" in what:
+        profile_worker(args)
 
 
 if __name__ == "__main__":

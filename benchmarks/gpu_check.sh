@@ -20,9 +20,9 @@
 #     bash benchmarks/gpu_check.sh /tmp/out/a; GPU_CHECK_STEPS="bench_region breakdown" \
 #     bash benchmarks/gpu_check.sh /tmp/out/b'; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 #   timeout 400 env GPU_CHECK_STEPS="train_bench_compile" bash benchmarks/gpu_check.sh /tmp/out/c
-# Not yet run on a GPU (2026-11-27): dali_breakdown, the experiment exp_region_vec (~1.5 min, most
-# of it compiling), the train step fed with uint8 views (see RESULTS.md) and DALI since the
-# sampling ops. Name the groups in one bounded command (the steps' own limits add up to more than a
+# Not yet run on a GPU (2026-11-27): bench_loader and train_bench with the uint8 handover (see
+# RESULTS.md; ~1.5 + 1 min), dali_breakdown, the experiment exp_region_vec (~1.5 min, most of it
+# compiling) and DALI since the sampling ops. Name the groups in one bounded command (the steps' own limits add up to more than a
 # call may run) and tar what there is.
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
@@ -54,7 +54,8 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 step build 240 env MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e .
 # Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
 step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py \
-  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py tests/test_optim.py tests/test_batch.py
+  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py tests/test_optim.py tests/test_batch.py \
+  tests/test_cpu_loader.py
 # The training step's CUDA tests (no host synchronisation in a step; the loss read through an event),
 # apart: if the trainer's imports fail on the GPU image, the op tests above still run.
 step tests_cuda_train 120 python -m pytest -q -m cuda -p no:cacheprovider \
@@ -62,6 +63,10 @@ step tests_cuda_train 120 python -m pytest -q -m cuda -p no:cacheprovider \
   tests/test_trainer.py::test_training_step_never_waits_for_the_gpu
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 180 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
+# The CPU loader on the GPU host: against the PIL anchor, and delivering to the GPU with the uint8
+# handover against float32 views (benchmarks/sections/loader.py).
+step bench_loader 180 python benchmarks/throughput.py --section loader --device cuda --backend cpu \
+  --json "$out/loader.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
 step breakdown 180 python benchmarks/breakdown.py --device cuda
 # An experiment outside the library: vectorised region_erase and composite kernels, checked against

@@ -32,3 +32,16 @@ def test_train_benchmark_config_sets_roi_size_with_the_views(device, quick, arch
     from benchmarks.sections.train import _config
     cfg = _config(argparse.Namespace(device=device, quick=quick), "d3ssl")
     assert (cfg.model.arch, cfg.view.size, cfg.model.roi_size) == (arch, size, roi)
+
+
+def test_handover_row_times_both_handovers_over_whole_epochs(tmp_path):
+    """The GPU loader comparison (uint8 handover vs float32 views), run on the CPU: each mode's
+    loader must deliver its epochs and give a finite rate."""
+    import argparse
+    from benchmarks.common import bench_dataset
+    from benchmarks.sections.loader import handover_rows
+    dataset, store = bench_dataset(8, image_size=(64, 80), cache=str(tmp_path))
+    args = argparse.Namespace(device="cpu", quick=True)
+    [row] = handover_rows(args, dataset, store, workers=0, batch_size=4)
+    assert "uint8 handover" in row.name and row.extra["batch"] == 4
+    assert 0 < row.ours < math.inf and 0 < row.anchor < math.inf

@@ -34,19 +34,39 @@ def test_breakdown_rejects_unknown_parts():
     assert out.returncode == 2 and "unknown part(s) nope" in out.stderr
 
 
+def _run_quick(what):
+    """`breakdown.py --device cpu --quick --what WHAT`'s standard output (it must succeed)."""
+    out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--quick", "--what", what],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def test_breakdown_times_the_dali_graph_stage_by_stage():
     from d3ssl.data.dali import GRAPH_STAGES, dali_available
     if not dali_available():
         pytest.skip("NVIDIA DALI is not installed (pip install -e .[dali])")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--quick", "--what", "dali"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    text = _run_quick("dali")
     rows = {}
-    for line in out.stdout.splitlines():
+    for line in text.splitlines():
         parts = line.rsplit(None, 2)
         if len(parts) == 3 and parts[2].replace(".", "").isdigit() and parts[1].isdigit():
             rows[parts[0].strip()] = (float(parts[1]), float(parts[2]))
-    assert list(rows) == [*GRAPH_STAGES, "loader (Batch)", "loader + region stage"], out.stdout
+    assert list(rows) == [*GRAPH_STAGES, "loader (Batch)", "loader + region stage"], text
     for rate, ms in rows.values():   # images/s and ms per batch of 16 agree with each other
         assert rate > 0 and abs(rate * ms / 1e3 - 16) < 0.5
+
+
+def test_breakdown_times_a_loader_worker_by_phase():
+    text = _run_quick("worker")
+    ms = {}
+    for line in text.splitlines():
+        parts = line.rsplit(None, 1)
+        if line.startswith("  ") and len(parts) == 2 and parts[1].replace(".", "").isdigit():
+            ms[parts[0].strip()] = float(parts[1])
+    assert set(ms) == {"read the file", "decode", "views and colour", "collate, float32", "collate, uint8"}, ms
+    assert all(v >= 0 for v in ms.values()) and ms["decode"] > 0 and ms["views and colour"] > 0
+    # the uint8 handover skips the normalisation: a collate that costs less than the float32 one
+    assert ms["collate, uint8"] < ms["collate, float32"]
+    assert "handing over uint8 pixels" in text

@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from d3ssl.data import Batch, ColourConfig, ImageFolder, ViewConfig, make_loader
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.data.colour import ColourParams, apply_colour, normalize, sample_colour
-from d3ssl.data.cpu_loader import EpochBatchSampler, _normalised
+from d3ssl.data.cpu_loader import EpochBatchSampler, _normalised, _stacked, normalise_uint8
 from d3ssl.data.proposals import ProposalStore, write_store
 
 S = 96
@@ -128,6 +128,75 @@ def test_seeded_and_worker_independent(boxes_dataset):
     assert not torch.equal(a.image_id, c.image_id) or not torch.equal(a.view2, c.view2)
     d = next(iter(make_loader(ds, store, workers=0, **{**kw, "seed": 4})))
     assert not torch.equal(a.view1, d.view1)
+
+
+def test_normalise_uint8_against_float64_and_the_workers():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (9, 7, 3), dtype=np.uint8) for _ in range(3)]
+    pixels = _stacked(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 9, 7)
+    assert pixels.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pixels.permute(0, 2, 3, 1), torch.from_numpy(np.stack(images)))
+    got = normalise_uint8(pixels)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    ref = (np.stack(images) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).double().numpy(), ref, atol=1e-5)
+    # the workers' normalisation, to within float32 rounding (one unit in the last place)
+    torch.testing.assert_close(got, _normalised(images), rtol=0, atol=3e-7)
+    # any layout in; bf16 out is the float32 result rounded once
+    half = normalise_uint8(pixels.contiguous(), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(half, got.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="uint8"):
+        normalise_uint8(got)
+    with pytest.raises(ValueError, match="uint8"):
+        normalise_uint8(pixels[:, :2])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_views_normalised_in_the_main_process_match_the_workers(boxes_dataset, workers):
+    """normalise="device" (the default for GPU-bound batches): workers hand over uint8 pixels and the
+    loader normalises where the batch is; on the CPU it can be asked for, and must give the batch
+    the workers' normalisation gives."""
+    ds, store, _ = boxes_dataset
+    kw = dict(batch_size=4, workers=workers, view_cfg=ViewConfig(size=S), seed=5)
+    ref = make_loader(ds, store, **kw)
+    dev = make_loader(ds, store, normalise="device", **kw)
+    assert ref.normalise == "worker" and dev.normalise == "device"
+    n = 0
+    for a, b in zip(ref, dev):
+        b.validate()
+        for name in ("view1", "view2", "view2_small"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=3e-7)
+        for name in ("boxes1", "boxes2", "box_valid", "image_id"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        n += 1
+    assert n == len(ref) == 2
+    half = next(iter(make_loader(ds, store, normalise="device", dtype=torch.bfloat16, **kw)))
+    first = next(iter(ref))
+    assert half.view2.dtype == torch.bfloat16 and torch.equal(half.view2, first.view2.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="normalise"):
+        make_loader(ds, store, normalise="gpu", **kw)
+    with pytest.raises(ValueError, match="dtype applies"):
+        make_loader(ds, store, dtype=torch.bfloat16, **kw)
+    with pytest.raises(ValueError, match="dtype must be"):
+        make_loader(ds, store, normalise="device", dtype=torch.int8, **kw)
+
+
+@pytest.mark.cuda
+def test_gpu_bound_batches_travel_as_uint8_and_arrive_normalised(boxes_dataset):
+    ds, store, _ = boxes_dataset
+    kw = dict(batch_size=4, workers=2, view_cfg=ViewConfig(size=S), seed=5)
+    ref = next(iter(make_loader(ds, store, **kw)))
+    loader = make_loader(ds, store, device="cuda", **kw)
+    assert loader.normalise == "device"
+    got = next(iter(loader))
+    got.validate()
+    for name in ("view1", "view2", "view2_small"):
+        v = getattr(got, name)
+        assert v.is_cuda and v.dtype == torch.float32
+        torch.testing.assert_close(v.cpu(), getattr(ref, name), rtol=0, atol=3e-7)
+    assert torch.equal(got.boxes2.cpu(), ref.boxes2) and torch.equal(got.image_id.cpu(), ref.image_id)
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

@@ -4,7 +4,8 @@ colour augmentation, normalisation, collation into a channels_last Batch), on CO
 
   --backend cpu   the CPU loader vs a plain PIL + torchvision-transforms loader doing the same views
                   (the SoCo-style loader: PIL decode, PIL resize/crop/flip, torchvision ColorJitter,
-                  RandomGrayscale, PIL Gaussian blur and solarize, ToTensor, Normalize)
+                  RandomGrayscale, PIL Gaussian blur and solarize, ToTensor, Normalize); on a GPU
+                  also the CPU loader delivering to it with uint8 handover vs float32 views
   --backend dali  the DALI loader vs the CPU loader (benchmarks/sections/loader_dali.py, when present)
   --backend both  both of them
 """
@@ -123,6 +124,28 @@ def cpu_rows(args, dataset, store, *, workers: int, batch_size: int) -> list[Row
                 target=2.0, extra=extra)]
 
 
+def handover_rows(args, dataset, store, *, workers: int, batch_size: int) -> list[Row]:
+    """On a GPU: the CPU loader delivering normalised Batches on the GPU, its workers handing over
+    the uint8 pixels normalised on the GPU (the default there) against float32 views normalised
+    in the workers (a quarter of the bytes through shared memory, pinning and the copy, and no
+    normalising in the workers)."""
+    from d3ssl.data.loader import make_loader
+    from d3ssl.data.views import ViewConfig
+    cfg = ViewConfig()
+    loaders = {mode: make_loader(dataset, store, backend="cpu", batch_size=batch_size, workers=workers,
+                                 view_cfg=cfg, device=args.device, normalise=mode)
+               for mode in ("device", "worker")}
+    fns = {mode: _epoch_fn(loader) for mode, loader in loaders.items()}
+    for f in fns.values():          # start the workers outside the timing
+        f()
+    secs = interleaved(fns, device=args.device, rounds=2 if args.quick else 3, warmup=0, min_time=0.0,
+                       min_calls=1)
+    n = len(loaders["device"]) * batch_size
+    return [Row("loader", f"CPU loader to the GPU, uint8 handover ({workers} workers)", n / secs["device"],
+                n / secs["worker"], "float32 views normalised in the workers, same workers",
+                extra={"workers": workers, "batch": batch_size, "view size": cfg.size})]
+
+
 def loader_sizes(device: str, quick: bool) -> tuple[int, int, int]:
     """(workers, batch size, batches per epoch) of the loader benchmarks: at most 8 workers (the
     issue's bar). On a GPU, epochs of 2048 images at the training batch size: DALI's GPU graph runs
@@ -139,6 +162,8 @@ def run(args) -> list[Row]:
     rows = []
     if args.backend in ("cpu", "both"):
         rows += cpu_rows(args, dataset, store, workers=workers, batch_size=batch)
+        if args.device == "cuda":
+            rows += handover_rows(args, dataset, store, workers=workers, batch_size=batch)
     if args.backend in ("dali", "both"):
         try:
             dali = importlib.import_module("benchmarks.sections.loader_dali")

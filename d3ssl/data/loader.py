@@ -38,6 +38,10 @@ def make_loader(dataset, store, backend: str = "cpu", batch_size: int = 64, work
         rank, world_size: this process's shard (every world_size-th sample of the epoch order).
         drop_last: drop the remainder so every rank has the same number of full batches (needed by DDP).
         device: where Batches are delivered (None: where the backend makes them; CPU for "cpu").
+        backend_kw: the backend's own options: for "cpu", `normalise` ("worker" or "device": by
+            default the CPU loader's workers hand GPU-bound batches over as uint8 pixels, normalised
+            on the GPU), `dtype` and `prefetch_factor` (:class:`~d3ssl.data.cpu_loader.CpuLoader`);
+            for "dali", those of :func:`~d3ssl.data.dali.make_dali_loader`.
 
     Returns an iterable of Batch with ``set_epoch(epoch)`` and ``len()`` (batches per epoch).
     """
