@@ -145,7 +145,7 @@ def _device_summary(events, batch, calls, bandwidth):
 
 
 def profile_step(args):
-    from benchmarks.common import bench_dataset, COCO_SIZE
+    from benchmarks.common import COCO_SIZE, bench_dataset
     from benchmarks.sections import train as T
     from d3ssl.data.loader import make_loader
     device = args.device
@@ -153,8 +153,10 @@ def profile_step(args):
     cfg = T._config(ns, "d3ssl")
     if args.quick:
         cfg.data.batch_size, cfg.data.workers = 4, 1
-    dataset, store = bench_dataset(16 if args.quick else (64 if device == "cpu" else 256),
-                                   image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
+    if args.quick:
+        dataset, store = bench_dataset(16, image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
+    else:
+        dataset, store = T._data(cfg)   # the throughput benchmark's (whole epochs of many batches)
     stepper = T._Stepper(cfg, len(dataset))
     stepper.phase = phase = record_function  # label the step's phases for the profiler
     loader = make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,

@@ -45,3 +45,17 @@ def test_handover_row_times_both_handovers_over_whole_epochs(tmp_path):
     [row] = handover_rows(args, dataset, store, workers=0, batch_size=4)
     assert "uint8 handover" in row.name and row.extra["batch"] == 4
     assert 0 < row.ours < math.inf and 0 < row.anchor < math.inf
+
+
+@pytest.mark.parametrize("device,quick", [("cuda", False), ("cuda", True)])
+def test_train_benchmark_epochs_keep_every_loader_worker_busy(device, quick):
+    """A DataLoader worker builds whole batches: the fed step's epochs must hold several batches
+    per worker (4 batches of 64 for 8 workers once capped the fed rate near 4 workers' output)."""
+    import argparse
+    from benchmarks.sections.train import MIN_BATCHES_PER_EPOCH, _config, num_images
+    cfg = _config(argparse.Namespace(device=device, quick=quick), "d3ssl")
+    batches = num_images(cfg) // cfg.data.batch_size
+    assert num_images(cfg) % cfg.data.batch_size == 0
+    assert batches >= max(MIN_BATCHES_PER_EPOCH, 4 * cfg.data.workers)
+    cfg.data.workers = 16
+    assert num_images(cfg) // cfg.data.batch_size >= 64

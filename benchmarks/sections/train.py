@@ -42,11 +42,26 @@ def _config(args, method):
     return make_config("default", over)
 
 
+# Batches per epoch of the loader-fed runs on a GPU. A DataLoader worker builds whole batches and
+# torch restarts every epoch at worker 0, so an epoch of few batches leaves workers idle and ends
+# by waiting for whole batches: with the 256 images used until 2026-11-27 (4 batches of 64) at most
+# 4 of the 8 workers ever had work, capping the fed rate however fast the step (benchmarks/
+# RESULTS.md). A training epoch over COCO is ~460 batches of 256.
+MIN_BATCHES_PER_EPOCH = 32
+
+
+def num_images(cfg) -> int:
+    """Images of the benchmark's dataset: on a GPU, at least MIN_BATCHES_PER_EPOCH batches and four
+    batches per loader worker per epoch (the loader benchmark's 2,048 at batch 64 and 8 workers)."""
+    if cfg.run.device == "cpu":
+        return 64
+    return cfg.data.batch_size * max(MIN_BATCHES_PER_EPOCH, 4 * cfg.data.workers)
+
+
 def _data(cfg):
     """COCO-sized JPEGs for the full-size GPU run (what the loaders must keep up with); small ones
     for the small presets."""
-    n = 64 if cfg.run.device == "cpu" else 256
-    return bench_dataset(n, image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
+    return bench_dataset(num_images(cfg), image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
 
 
 class _Stepper:
