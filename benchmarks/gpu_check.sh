@@ -20,10 +20,13 @@
 #     bash benchmarks/gpu_check.sh /tmp/out/a; GPU_CHECK_STEPS="bench_region breakdown" \
 #     bash benchmarks/gpu_check.sh /tmp/out/b'; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 #   timeout 400 env GPU_CHECK_STEPS="train_bench_compile" bash benchmarks/gpu_check.sh /tmp/out/c
-# Not yet run on a GPU (2026-11-27): bench_loader and train_bench with the uint8 handover (see
-# RESULTS.md; ~1.5 + 1 min), dali_breakdown, the experiment exp_region_vec (~1.5 min, most of it
-# compiling) and DALI since the sampling ops. Name the groups in one bounded command (the steps' own limits add up to more than a
-# call may run) and tar what there is.
+# Not yet run on a GPU (2026-11-27): bench_loader and train_bench with the uint8 handover and
+# 32-batch epochs (see RESULTS.md; ~1.5 + 1.5 min), dali_breakdown, the experiment exp_region_vec
+# (~1.5 min, most of it compiling) and DALI since the sampling ops. The steps' own limits add up to
+# more than a call may run: bound the whole and tar what there is. Next lease without DALI:
+#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda bench_ops bench_loader exp_region_vec train_bench" \
+#     bash benchmarks/gpu_check.sh /tmp/out; tar czf "$OUT/gpu-check.tgz" -C /tmp out
+# (~7 min, timeout_s 560), then at once, still warm, "train_bench_compile" (~5.5 min).
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUTDIR}

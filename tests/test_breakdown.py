@@ -13,9 +13,11 @@ pytestmark = pytest.mark.slow
 def test_breakdown_reports_the_stage_and_the_steps_phases():
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "benchmarks/breakdown.py", "--device", "cpu", "--quick", "--steps", "1",
-                          "--rows", "5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--rows", "60"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
+    # (all of the stage's ~45 operations are listed: region_erase is usually first, but on a loaded
+    # machine it has fallen out of the first five)
     assert "== region stage, B=8 S=64" in text and "d3ssl::region_erase" in text
     for feed in ("fed by the CPU loader", "batch on the device (ceiling)"):
         assert f"{feed}, on cpu:" in text
