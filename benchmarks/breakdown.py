@@ -160,7 +160,8 @@ def profile_step(args):
     stepper = T._Stepper(cfg, len(dataset))
     stepper.phase = phase = record_function  # label the step's phases for the profiler
     loader = make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,
-                         workers=cfg.data.workers, view_cfg=cfg.view, seed=0, device=stepper.device)
+                         workers=cfg.data.workers, view_cfg=cfg.view, seed=0, device=stepper.device,
+                         **stepper.loader_kw())
     stream = T._cycle(loader)
     fixed = next(stream).to(stepper.device, dtype=stepper.view_dtype)
 
@@ -296,7 +297,10 @@ def profile_dali(args):
 
 def profile_worker(args):
     """One CPU-loader worker's time per image by phase, on one thread as in a worker, over the
-    loader benchmark's COCO-sized JPEGs: 224-px views (112 with --quick), median of three passes."""
+    loader benchmark's COCO-sized JPEGs: 224-px views (112 with --quick), median of three passes
+    (the two collates alternate which goes first). Outside a worker the collates write ordinary
+    memory; in one they write fresh shared memory, which the main process then pins, four times
+    the bytes for float32 views: costs this leaves out, so it understates what uint8 saves."""
     import statistics
 
     import cv2
@@ -328,11 +332,12 @@ def profile_worker(args):
             t2 = time.perf_counter()
             samples = [views.make_views(img, i, 0) + ([],) for img, i in zip(images, idx)]
             t3 = time.perf_counter()
-            collate(samples)
-            t4 = time.perf_counter()
-            collate(samples, normalise=False)
-            t5 = time.perf_counter()
-            for name, secs in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            collates = {}
+            for normalise in ((True, False) if rep % 2 == 0 else (False, True)):
+                t = time.perf_counter()
+                collate(samples, normalise=normalise)
+                collates[normalise] = time.perf_counter() - t
+            for name, secs in zip(times, (t1 - t0, t2 - t1, t3 - t2, collates[True], collates[False])):
                 times[name].append(secs / batch)
     finally:
         torch.set_num_threads(threads)

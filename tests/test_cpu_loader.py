@@ -163,6 +163,10 @@ def test_views_normalised_in_the_main_process_match_the_workers(boxes_dataset, w
     ref = make_loader(ds, store, **kw)
     dev = make_loader(ds, store, normalise="device", **kw)
     assert ref.normalise == "worker" and dev.normalise == "device"
+    # what the workers hand over: uint8 pixels, against float32 views
+    raw, _ = next(iter(dev._loader))
+    assert raw.view1.dtype == raw.view2_small.dtype == torch.uint8
+    assert next(iter(ref._loader))[0].view1.dtype == torch.float32
     n = 0
     for a, b in zip(ref, dev):
         b.validate()
@@ -190,6 +194,8 @@ def test_gpu_bound_batches_travel_as_uint8_and_arrive_normalised(boxes_dataset):
     ref = next(iter(make_loader(ds, store, **kw)))
     loader = make_loader(ds, store, device="cuda", **kw)
     assert loader.normalise == "device"
+    raw, _ = next(iter(loader._loader))   # the workers' batch, pinned: uint8 crosses to the GPU
+    assert raw.view1.dtype == torch.uint8 and raw.view1.is_pinned()
     got = next(iter(loader))
     got.validate()
     for name in ("view1", "view2", "view2_small"):
@@ -197,6 +203,9 @@ def test_gpu_bound_batches_travel_as_uint8_and_arrive_normalised(boxes_dataset):
         assert v.is_cuda and v.dtype == torch.float32
         torch.testing.assert_close(v.cpu(), getattr(ref, name), rtol=0, atol=3e-7)
     assert torch.equal(got.boxes2.cpu(), ref.boxes2) and torch.equal(got.image_id.cpu(), ref.image_id)
+    # in the training step's dtype, as the trainer asks for it
+    half = next(iter(make_loader(ds, store, device="cuda", dtype=torch.bfloat16, **kw)))
+    assert half.view1.dtype == torch.bfloat16 and torch.equal(half.view1.cpu(), ref.view1.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

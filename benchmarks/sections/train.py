@@ -52,7 +52,8 @@ MIN_BATCHES_PER_EPOCH = 32
 
 def num_images(cfg) -> int:
     """Images of the benchmark's dataset: on a GPU, at least MIN_BATCHES_PER_EPOCH batches and four
-    batches per loader worker per epoch (the loader benchmark's 2,048 at batch 64 and 8 workers)."""
+    batches per loader worker per epoch (the loader benchmark's 2,048 at batch 64 and 8 workers).
+    The queue never holds more features than the data has: K per image, 8,192 at 2,048 images."""
     if cfg.run.device == "cpu":
         return 64
     return cfg.data.batch_size * max(MIN_BATCHES_PER_EPOCH, 4 * cfg.data.workers)
@@ -86,6 +87,11 @@ class _Stepper:
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
         # them for the profiler); none by default.
         self.phase = lambda name: contextlib.nullcontext()
+
+    def loader_kw(self) -> dict:
+        """make_loader's options that match the trainer's (train/run.py): on a GPU the views arrive
+        in the step's dtype."""
+        return {"dtype": self.view_dtype} if self.device.type == "cuda" else {}
 
     def __call__(self, source, next_batch):
         """One step fed by `source` (a name; `next_batch()` gives its next batch): its views were
@@ -136,7 +142,8 @@ def run(args):
     ceilings = {}
     for backend in _backends(args):
         loader = make_loader(dataset, store, backend=backend, batch_size=bs, workers=cfg.data.workers,
-                             view_cfg=cfg.view, seed=0, device=d3ssl_step.device)
+                             view_cfg=cfg.view, seed=0, device=d3ssl_step.device,
+                             **d3ssl_step.loader_kw())
         stream = _cycle(loader)
         if fixed is None:
             # (Taken from the worker-fed loader: decoding in this process before the workers fork

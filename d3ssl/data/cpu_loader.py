@@ -137,21 +137,30 @@ def _stacked(arrs) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-_CONSTANTS: dict = {}   # device -> (mean, scale) [1,3,1,1] float32, made once per device
+_CONSTANTS: dict = {}   # device -> (mean, scale) [1,3,1,1] float32
+
+
+def _constants(device: torch.device):
+    """normalise_uint8's per-channel constants on `device`, made once per device (copies to a GPU
+    that wait for it: CpuLoader makes them when it is built, not in a training step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _CONSTANTS:
+        mean = torch.tensor(_MEAN255[:3], dtype=torch.float32).view(1, 3, 1, 1)
+        scale = torch.tensor(_INV_STD255[:3], dtype=torch.float32).view(1, 3, 1, 1)
+        _CONSTANTS[device] = (mean.to(device), scale.to(device))
+    return _CONSTANTS[device]
 
 
 def normalise_uint8(view: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B,3,H,W] -> `dtype` [B,3,H,W] channels_last, normalised with ImageNet mean/std where
-    the tensor is (on a GPU: three elementwise kernels, no host synchronisation). Float32 gives
-    the values of the workers' own normalisation (:func:`_normalised`) to within float32 rounding."""
+    the tensor is (three elementwise kernels, a fourth to cast to a 16-bit `dtype`; no host
+    synchronisation once the device's constants exist). Float32 gives the values of the workers'
+    own normalisation (:func:`_normalised`) to within float32 rounding."""
     if view.dtype != torch.uint8 or view.dim() != 4 or view.shape[1] != 3:
         raise ValueError(f"normalise_uint8 needs uint8 [B,3,H,W], got {view.dtype} {tuple(view.shape)}")
-    key = view.device
-    if key not in _CONSTANTS:
-        mean = torch.tensor(_MEAN255[:3], dtype=torch.float32).view(1, 3, 1, 1)
-        scale = torch.tensor(_INV_STD255[:3], dtype=torch.float32).view(1, 3, 1, 1)
-        _CONSTANTS[key] = (mean.to(key), scale.to(key))   # blocking copies, once per device
-    mean, scale = _CONSTANTS[key]
+    mean, scale = _constants(view.device)
     view = view.contiguous(memory_format=torch.channels_last)
     out = view.to(torch.float32).sub_(mean).mul_(scale)
     return out if dtype == torch.float32 else out.to(dtype)
@@ -220,7 +229,8 @@ class CpuLoader:
     1.14-1.19x the images per second on 224-px views, `benchmarks/breakdown.py --what worker`) and
     the main process normalises them on `device`. None (default):
     "device" when `device` is a GPU, else "worker" (on the CPU the main process would do the
-    workers' work). dtype: the views' dtype when normalised on the device (default float32)."""
+    workers' work). dtype: the views' dtype when normalised on the device (default float32; the
+    trainer asks for its step's, bf16 by default on a GPU)."""
 
     def __init__(self, dataset, store, batch_size: int, workers: int, view_cfg: ViewConfig,
                  colour_cfg: ColourConfig, seed: int, rank: int, world_size: int, drop_last: bool,
@@ -238,6 +248,8 @@ class CpuLoader:
         if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         self.normalise, self.dtype = normalise, dtype or torch.float32
+        if normalise == "device":
+            _constants(self.device or "cpu")
         self.views = ViewDataset(dataset, store, view_cfg, colour_cfg, seed)
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
                   worker_init_fn=_init_worker) if workers > 0 else {}
