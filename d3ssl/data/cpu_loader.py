@@ -226,7 +226,7 @@ class CpuLoader:
     normalise: where the views are normalised. "worker": in the workers, which hand over float32
     views; "device": the workers hand over the uint8 pixels (a quarter of the bytes through shared
     memory, pinning and the copy to the GPU, and none of the workers' normalising: a worker makes
-    1.14-1.19x the images per second on 224-px views, `benchmarks/breakdown.py --what worker`) and
+    1.14-1.23x the images per second on 224-px views, `benchmarks/breakdown.py --what worker`) and
     the main process normalises them on `device`. None (default):
     "device" when `device` is a GPU, else "worker" (on the CPU the main process would do the
     workers' work). dtype: the views' dtype when normalised on the device (default float32; the
