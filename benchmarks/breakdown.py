@@ -145,23 +145,21 @@ def _device_summary(events, batch, calls, bandwidth):
 
 
 def profile_step(args):
-    from benchmarks.common import COCO_SIZE, bench_dataset
     from benchmarks.sections import train as T
     from d3ssl.data.loader import make_loader
+    from train.step import loader_options
     device = args.device
     ns = argparse.Namespace(device=device, quick=args.quick or device == "cpu", compile=False)
     cfg = T._config(ns, "d3ssl")
     if args.quick:
         cfg.data.batch_size, cfg.data.workers = 4, 1
-    if args.quick:
-        dataset, store = bench_dataset(16, image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
-    else:
-        dataset, store = T._data(cfg)   # the throughput benchmark's (whole epochs of many batches)
+    # the throughput benchmark's data (whole epochs of many batches); 16 images with --quick
+    dataset, store = T._data(cfg, 16 if args.quick else None)
     stepper = T._Stepper(cfg, len(dataset))
     stepper.phase = phase = record_function  # label the step's phases for the profiler
     loader = make_loader(dataset, store, backend="cpu", batch_size=cfg.data.batch_size,
                          workers=cfg.data.workers, view_cfg=cfg.view, seed=0, device=stepper.device,
-                         **stepper.loader_kw())
+                         **loader_options(stepper.device, stepper.dtype))
     stream = T._cycle(loader)
     fixed = next(stream).to(stepper.device, dtype=stepper.view_dtype)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint as ckpt
-from train.step import TrainStep, view_dtype
+from train.step import TrainStep, loader_options
 from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, load_json, make_config,
                           parse_args, save_json, to_dict, apply_overrides)
 from train.logging import NullLogger, RunLogger, plot_loss_lr
@@ -159,14 +159,12 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
             raise TrainingError("--dali: NVIDIA DALI is not installed. Install it with "
                                 "`pip install -e .[dali]` (or nvidia-dali-cuda130), or drop --dali to "
                                 "use the CPU loader.") from None
-    # On a GPU both backends deliver the views in the step's dtype (the CPU loader normalises its
-    # workers' uint8 pixels there), so the step converts nothing.
-    on_gpu = {"dtype": view_dtype(device, amp_dtype(cfg, device))} if device.type == "cuda" else {}
     try:
         return make_loader(dataset, store, backend=cfg.data.backend, batch_size=cfg.data.batch_size,
                            workers=cfg.data.workers, view_cfg=cfg.view, colour_cfg=cfg.colour,
                            seed=cfg.run.seed, rank=rank,
-                           world_size=world, drop_last=True, device=device, **on_gpu)
+                           world_size=world, drop_last=True, device=device,
+                           **loader_options(device, amp_dtype(cfg, device)))
     except (ImportError, NotImplementedError) as e:
         if cfg.data.backend == "dali":
             raise TrainingError(f"--dali: the DALI backend is not available ({e}). Install DALI with "

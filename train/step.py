@@ -38,6 +38,12 @@ def view_dtype(device, amp_dtype) -> torch.dtype:
     return amp_dtype if torch.device(device).type == "cuda" and amp_dtype is not None else torch.float32
 
 
+def loader_options(device, amp_dtype) -> dict:
+    """make_loader's options for training on `device`: on a GPU the views arrive in the step's
+    dtype (the CPU loader normalises its workers' uint8 pixels there), so the step converts nothing."""
+    return {"dtype": view_dtype(device, amp_dtype)} if torch.device(device).type == "cuda" else {}
+
+
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """Seed of the region-stage generator for one micro-batch: a pure function of where the run is,
     so a resumed run draws exactly what the uninterrupted one drew."""

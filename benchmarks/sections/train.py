@@ -21,7 +21,7 @@ import os
 import torch
 
 from benchmarks.common import COCO_SIZE, Row, bench_dataset, interleaved
-from train.step import TrainStep, view_dtype
+from train.step import TrainStep, loader_options, view_dtype
 
 
 def _config(args, method):
@@ -59,10 +59,10 @@ def num_images(cfg) -> int:
     return cfg.data.batch_size * max(MIN_BATCHES_PER_EPOCH, 4 * cfg.data.workers)
 
 
-def _data(cfg):
+def _data(cfg, num: int | None = None):
     """COCO-sized JPEGs for the full-size GPU run (what the loaders must keep up with); small ones
-    for the small presets."""
-    return bench_dataset(num_images(cfg), image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
+    for the small presets. `num` images (default num_images(cfg))."""
+    return bench_dataset(num or num_images(cfg), image_size=COCO_SIZE if cfg.view.size >= 224 else (128, 160))
 
 
 class _Stepper:
@@ -87,11 +87,6 @@ class _Stepper:
         # phase(name) -> context manager around each phase of a step (benchmarks/breakdown.py labels
         # them for the profiler); none by default.
         self.phase = lambda name: contextlib.nullcontext()
-
-    def loader_kw(self) -> dict:
-        """make_loader's options that match the trainer's (train/run.py): on a GPU the views arrive
-        in the step's dtype."""
-        return {"dtype": self.view_dtype} if self.device.type == "cuda" else {}
 
     def __call__(self, source, next_batch):
         """One step fed by `source` (a name; `next_batch()` gives its next batch): its views were
@@ -143,7 +138,7 @@ def run(args):
     for backend in _backends(args):
         loader = make_loader(dataset, store, backend=backend, batch_size=bs, workers=cfg.data.workers,
                              view_cfg=cfg.view, seed=0, device=d3ssl_step.device,
-                             **d3ssl_step.loader_kw())
+                             **loader_options(d3ssl_step.device, d3ssl_step.dtype))
         stream = _cycle(loader)
         if fixed is None:
             # (Taken from the worker-fed loader: decoding in this process before the workers fork

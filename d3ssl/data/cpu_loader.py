@@ -109,30 +109,33 @@ _MEAN255 = tuple(float(m) * 255 for m in IMAGENET_MEAN) + (0.0,)
 _INV_STD255 = tuple(1.0 / (float(s) * 255) for s in IMAGENET_STD) + (0.0,)
 
 
+def _batch_buffer(arrs, dtype) -> torch.Tensor:
+    """An empty [B,H,W,C] tensor for the HWC images `arrs`. In a loader worker it is allocated in
+    shared memory, as torch's default_collate does, so handing it over costs no extra copy; its
+    [B,3,H,W] permutation is exactly channels_last."""
+    h, w, c = arrs[0].shape
+    out = torch.empty((len(arrs), h, w, c), dtype=dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    return out
+
+
 def _normalised(arrs) -> torch.Tensor:
     """uint8 HWC images -> float32 [B,3,H,W] channels_last, normalised with ImageNet mean/std.
 
     OpenCV's per-channel subtract and multiply write straight into the output (several times
-    faster than numpy or a mixed-dtype torch op). In a loader worker the output is allocated in
-    shared memory, as torch's default_collate does, so handing it over costs no extra copy."""
-    h, w, c = arrs[0].shape
-    out = torch.empty((len(arrs), h, w, c), dtype=torch.float32)
-    if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
+    faster than numpy or a mixed-dtype torch op)."""
+    out = _batch_buffer(arrs, torch.float32)
     dst = out.numpy()
     for b, img in enumerate(arrs):
         cv2.subtract(img, _MEAN255, dst=dst[b], dtype=cv2.CV_32F)
         cv2.multiply(dst[b], _INV_STD255, dst=dst[b])
-    return out.permute(0, 3, 1, 2)          # [B,H,W,3] is exactly channels_last [B,3,H,W]
+    return out.permute(0, 3, 1, 2)
 
 
 def _stacked(arrs) -> torch.Tensor:
-    """uint8 HWC images -> uint8 [B,3,H,W] channels_last, not normalised (in shared memory in a
-    loader worker, as _normalised)."""
-    h, w, c = arrs[0].shape
-    out = torch.empty((len(arrs), h, w, c), dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is not None:
-        out.share_memory_()
+    """uint8 HWC images -> uint8 [B,3,H,W] channels_last, not normalised."""
+    out = _batch_buffer(arrs, torch.uint8)
     np.stack(arrs, out=out.numpy())
     return out.permute(0, 3, 1, 2)
 
