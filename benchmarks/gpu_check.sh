@@ -20,11 +20,12 @@
 #     bash benchmarks/gpu_check.sh /tmp/out/a; GPU_CHECK_STEPS="bench_region breakdown" \
 #     bash benchmarks/gpu_check.sh /tmp/out/b'; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 #   timeout 400 env GPU_CHECK_STEPS="train_bench_compile" bash benchmarks/gpu_check.sh /tmp/out/c
-# Not yet run on a GPU (2026-11-27): bench_loader and train_bench with the uint8 handover and
-# 32-batch epochs (see RESULTS.md; ~1.5 + 1.5 min), dali_breakdown, the experiment exp_region_vec
-# (~1.5 min, most of it compiling) and DALI since the sampling ops. The steps' own limits add up to
-# more than a call may run: bound the whole and tar what there is. Next lease without DALI:
-#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda bench_ops bench_loader exp_region_vec train_bench" \
+# Not yet run on a GPU (2026-11-28): bench_loader and train_bench with the uint8 handover and
+# 32-batch epochs (see RESULTS.md; ~1.5 + 1.5 min), dali_breakdown, the region ops' vector kernels
+# (tests/test_region_vector.py in tests_cuda; bench_region times them beside the element kernels)
+# and DALI since the sampling ops. The steps' own limits add up to more than a call may run: bound
+# the whole and tar what there is. Next lease without DALI:
+#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda bench_region bench_loader train_bench" \
 #     bash benchmarks/gpu_check.sh /tmp/out; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 # (~7 min, timeout_s 560), then at once, still warm, "train_bench_compile" (~5.5 min).
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
@@ -57,7 +58,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 step build 240 env MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e .
 # Only the op test files: the rest import packages (pycocotools, opencv-contrib) the GPU image lacks.
 step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_roi_align.py tests/test_region_ops.py \
-  tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py tests/test_optim.py tests/test_batch.py \
+  tests/test_region_vector.py tests/test_region_stage.py tests/test_region_reuse.py tests/test_samplers.py tests/test_optim.py tests/test_batch.py \
   tests/test_cpu_loader.py
 # The training step's CUDA tests (no host synchronisation in a step; the loss read through an event),
 # apart: if the trainer's imports fail on the GPU image, the op tests above still run.
@@ -72,9 +73,6 @@ step bench_loader 180 python benchmarks/throughput.py --section loader --device 
   --json "$out/loader.json"
 # Where the time goes (torch.profiler): the region stage's kernels and the step's phases.
 step breakdown 180 python benchmarks/breakdown.py --device cuda
-# An experiment outside the library: vectorised region_erase and composite kernels, checked against
-# the library's bit for bit and timed beside them (benchmarks/experiments/region_vec.py).
-step exp_region_vec 240 python benchmarks/experiments/region_vec.py
 # DALI is installed from carried wheel parts (see gpu_check_dali.sh), then the train benchmark runs
 # the full step fed by every loader backend that imports (the CPU loader, and DALI once installed)
 # against the model-only ceiling.

@@ -3,6 +3,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -43,6 +47,24 @@ static int64_t intra_op_threads() {
 #endif
 }
 
+namespace region {
+
+// The CUDA region kernels' choice (region.h): read from D3SSL_VECTOR_KERNELS once, when the
+// library loads; "1" turns the vector kernels on.
+static std::atomic<bool>& vector_kernels_flag() {
+  static std::atomic<bool> on([] {
+    const char* env = std::getenv("D3SSL_VECTOR_KERNELS");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }());
+  return on;
+}
+
+bool vector_kernels() { return vector_kernels_flag().load(std::memory_order_relaxed); }
+
+bool set_vector_kernels(bool on) { return vector_kernels_flag().exchange(on); }
+
+}  // namespace region
+
 TORCH_LIBRARY(d3ssl, m) {
   m.def("_build_torch_version() -> str", &build_torch_version);
   m.def("_build_intra_op_parallel() -> bool", &build_intra_op_parallel);
@@ -50,6 +72,10 @@ TORCH_LIBRARY(d3ssl, m) {
   // [blocks, bytes, bound in bytes] of the CPU region ops' cache of freed large outputs
   // (csrc/ops/cpu/region_cpu.h).
   m.def("_output_cache_stats() -> int[]", &region::output_cache_stats);
+  // Switches the CUDA region_erase / composite between their vector and element kernels; returns
+  // the previous setting (d3ssl.ops.region.vector_kernels).
+  m.def("_set_vector_kernels(bool on) -> bool", &region::set_vector_kernels);
+  m.def("_vector_kernels() -> bool", &region::vector_kernels);
 
   // RoIAlign with torchvision's semantics. rois: [K,5] (batch index, x1, y1, x2, y2) in input pixels
   // before spatial_scale. Output [K, C, pooled_height, pooled_width] in the input's memory format.

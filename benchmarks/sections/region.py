@@ -9,7 +9,9 @@ it: benchmarks.common.device_seconds_per_call), beside the same fraction for a p
 synchronisation (what the rows' images/s measure: at these sizes mostly Python, launch and the
 synchronisation's round trip). The bytes are the target's: one read and one write of the batch,
 whatever an op moves (composite reads a foreground and a background pixel where both are needed;
-the in-place erase need not read the pixels it keeps). On the CPU the out= variants writing into a reused buffer get rows of their
+the in-place erase need not read the pixels it keeps). On CUDA each op's GPU time is also
+measured with the vector kernels switched on (d3ssl.ops.region.vector_kernels; the same results),
+so one run says which kernels to keep. On the CPU the out= variants writing into a reused buffer get rows of their
 own, against the same straightforward version; for region_erase the loop writing into a reused
 buffer is timed too. (Fresh CPU outputs of 1 MiB or more come from the ops' cache of freed ones, so
 they fault in no new pages either.)
@@ -22,7 +24,7 @@ from benchmarks.common import Row, copy_bandwidth, device_seconds_per_call, inte
 from d3ssl.augment import samplers as S
 from d3ssl.augment.stage import RegionConfig, region_stage
 from d3ssl.data.batch import Batch
-from d3ssl.ops.region import composite, region_erase
+from d3ssl.ops.region import composite, region_erase, vector_kernels
 
 SECTION = "region"
 TARGET_CPU = 10.0        # ours / straightforward, on the CPU
@@ -181,6 +183,11 @@ def run(args):
                 extra["the same from wall time per synchronised call"] = (
                     f"{nbytes / sec['ours'] / bandwidth:.2f}")
                 extra["GPU time per call (us)"] = f"{kernel * 1e6:.1f}"
+                with vector_kernels(True):  # the same op with the vector kernels (region_vec.cuh)
+                    vec = device_seconds_per_call(ours, device)
+                extra["vector kernels: fraction of copy bandwidth (GPU time)"] = (
+                    f"{nbytes / vec / bandwidth:.2f} (target {TARGET_BANDWIDTH})")
+                extra["vector kernels: GPU time per call (us)"] = f"{vec * 1e6:.1f}"
             rows.append(Row(SECTION, f"{name} {tag}", bsz / sec["ours"], bsz / sec["plain"],
                             "slice-assignment loop", target=target, extra=extra))
         g1 = torch.Generator(device=device).manual_seed(1)

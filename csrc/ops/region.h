@@ -157,6 +157,13 @@ inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_
               ", got ", off[batch]);
 }
 
+// Whether the CUDA region_erase and composite use their vector kernels (cuda/region_vec.cuh) where
+// the tensors allow it, instead of the element kernels. Off unless D3SSL_VECTOR_KERNELS=1 is set
+// when the library loads; `_set_vector_kernels` (d3ssl.ops.region.vector_kernels) switches it.
+// Defined in d3ssl.cpp.
+bool vector_kernels();
+bool set_vector_kernels(bool on);  // returns the previous setting
+
 // Runs the lambda with word_t = the unsigned integer type of the element size of `t`.
 #define D3SSL_DISPATCH_WORD(t, NAME, ...)                                                      \
   [&] {                                                                                        \

@@ -17,7 +17,7 @@ bit-exact results, and the output keeps the input's memory format (NCHW or chann
 import torch
 
 __all__ = ["region_erase", "region_erase_", "composite", "ops_to_csr", "region_erase_reference",
-           "composite_reference"]
+           "composite_reference", "vector_kernels"]
 
 
 def ops_to_csr(rects, erase, offsets=None):
@@ -83,6 +83,37 @@ def composite(fg, bg, bg_index, shift, rects, erase, offsets=None, *, out=None):
         return torch.ops.d3ssl.composite(fg, bg, bg_index, shift, rects, erase, offsets)
     torch.ops.d3ssl.composite_out(fg, bg, bg_index, shift, rects, erase, offsets, out)
     return out
+
+
+
+class vector_kernels:
+    """Which kernels the CUDA region_erase and composite use: the vector kernels (each thread moves
+    16-byte vectors) or the element kernels (the default, until the vector kernels are measured on a
+    GPU: benchmarks/RESULTS.md). The results are the same bit for bit.
+
+    ``vector_kernels.enabled()`` says which; ``vector_kernels(True)`` switches them on for the whole
+    process; ``with vector_kernels(True): ...`` only inside the block (restored on exit). Setting
+    D3SSL_VECTOR_KERNELS=1 in the environment before d3ssl is imported turns them on from the start.
+    Batches the vector kernels cannot take (an image's element count not a multiple of 16 bytes'
+    worth of elements, storage not 16-byte aligned) still go to the element kernels. The CPU kernels
+    are the same either way.
+    """
+
+    def __init__(self, on: bool):
+        if not isinstance(on, bool):
+            raise TypeError(f"vector_kernels takes True or False, got {on!r}")
+        self._previous = [torch.ops.d3ssl._set_vector_kernels(on)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.ops.d3ssl._set_vector_kernels(self._previous.pop())
+        return False
+
+    @staticmethod
+    def enabled() -> bool:
+        return bool(torch.ops.d3ssl._vector_kernels())
 
 
 def _layout(t):

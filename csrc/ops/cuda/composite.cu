@@ -1,12 +1,14 @@
 // composite on CUDA: one pass over the batch. A block covers a tile of one image's elements; the
 // image's ops stream through shared memory (see region.h) onto a mask that starts empty and is
 // clipped to where the shifted foreground exists. Each output element reads either the
-// foreground element its pixel came from or the background element at its own place.
+// foreground element its pixel came from or the background element at its own place. With the
+// vector kernels on (region.h), batches that allow it go to region_vec.cuh's kernel instead.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops/cuda/region_vec.cuh"
 #include "ops/region.h"
 
 namespace d3ssl {
@@ -74,12 +76,27 @@ void launch(const at::Tensor& fg_c, const at::Tensor& bg_c, const at::Tensor& bg
   const dim3 grid(static_cast<unsigned>((image + kThreads * kPerThread - 1) / (kThreads * kPerThread)),
                   static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool nhwc = layout == Layout::NHWC;
+  if (region::vector_kernels() && region::vec::vectorisable(fg_c) && region::vec::vectorisable(bg_c) &&
+      region::vec::vectorisable(out)) {
+    const int vecs = static_cast<int>(image / (16 / fg_c.element_size()));
+    D3SSL_DISPATCH_WORD(fg_c, "composite", [&] {
+      region::vec::composite_kernel<word_t><<<region::vec::grid(B, vecs), region::vec::kThreads, 0, stream>>>(
+          static_cast<const uint4*>(fg_c.const_data_ptr()), static_cast<const uint4*>(bg_c.const_data_ptr()),
+          static_cast<uint4*>(out.data_ptr()), bg_index_c.const_data_ptr<int64_t>(), bg_c.size(0),
+          shift_c.const_data_ptr<int64_t>(), static_cast<int>(fg_c.size(1)), static_cast<int>(fg_c.size(2)),
+          static_cast<int>(fg_c.size(3)), nhwc, vecs, rects_c.const_data_ptr<float>(),
+          erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   D3SSL_DISPATCH_WORD(fg_c, "composite", [&] {
     composite_kernel<word_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const word_t*>(fg_c.const_data_ptr()),
         static_cast<const word_t*>(bg_c.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
         bg_index_c.const_data_ptr<int64_t>(), bg_c.size(0), shift_c.const_data_ptr<int64_t>(),
-        region::make_geometry(fg_c, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
+        region::make_geometry(fg_c, nhwc), rects_c.const_data_ptr<float>(),
         erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,12 +1,14 @@
 // region_erase on CUDA: one pass over the batch. A block covers a tile of one image's elements;
 // the image's ops stream through shared memory (see region.h) and each element ends erased when
 // the last op covering its pixel erases. Erased elements get the fill bits; the others are copied
-// (out-of-place) or left untouched (in-place, so only erased elements are written).
+// (out-of-place) or left untouched (in-place, so only erased elements are written). With the vector
+// kernels on (region.h), batches that allow it go to region_vec.cuh's kernel instead.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops/cuda/region_vec.cuh"
 #include "ops/region.h"
 
 namespace d3ssl {
@@ -68,11 +70,25 @@ void launch(const at::Tensor& images, const at::Tensor& out, const at::Tensor& r
                   static_cast<unsigned>(B));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool inplace = images.is_same(out);
+  const bool nhwc = layout == Layout::NHWC;
+  if (region::vector_kernels() && region::vec::vectorisable(images) && region::vec::vectorisable(out)) {
+    const int vecs = static_cast<int>(image / (16 / images.element_size()));
+    D3SSL_DISPATCH_WORD(images, "region_erase", [&] {
+      region::vec::erase_kernel<word_t><<<region::vec::grid(B, vecs), region::vec::kThreads, 0, stream>>>(
+          static_cast<const uint4*>(images.const_data_ptr()), static_cast<uint4*>(out.data_ptr()), inplace,
+          region::fill_bits<word_t>(fill, images.scalar_type()), static_cast<int>(images.size(1)),
+          static_cast<int>(images.size(2)), static_cast<int>(images.size(3)), nhwc, vecs,
+          rects_c.const_data_ptr<float>(), erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(),
+          rects.size(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   D3SSL_DISPATCH_WORD(images, "region_erase", [&] {
     region_erase_kernel<word_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const word_t*>(images.const_data_ptr()), static_cast<word_t*>(out.data_ptr()),
         inplace, region::fill_bits<word_t>(fill, images.scalar_type()),
-        region::make_geometry(images, layout == Layout::NHWC), rects_c.const_data_ptr<float>(),
+        region::make_geometry(images, nhwc), rects_c.const_data_ptr<float>(),
         erase_c.const_data_ptr<bool>(), offsets_c.const_data_ptr<int64_t>(), rects.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
