@@ -28,18 +28,24 @@ def _tiny_ddp_run(tmp_path, name, *extra):
     return cmd, {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
-def test_two_process_gloo_run_stays_in_sync(tmp_path):
-    cmd, env = _tiny_ddp_run(tmp_path, "ddp", "--run.epochs", "1", "--run.max_steps", "3",
-                             "--run.debug_checksum", "true")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _run_in_sync(tmp_path, name, steps, *extra):
+    """Runs `steps` steps of the tiny 2-process run; asserts that it succeeded and that parameters
+    (student and EMA teacher) and buffers (the queue, filled from both ranks, and the BN statistics)
+    are identical on both ranks after them. Returns the run folder."""
+    cmd, env = _tiny_ddp_run(tmp_path, name, "--run.epochs", "1", "--run.max_steps", str(steps),
+                             "--run.debug_checksum", "true", *extra)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    run = tmp_path / "ddp"
+    run = tmp_path / name
     sums = [json.loads((run / f"checksum.rank{r}").read_text()) for r in (0, 1)]
-    # Parameters (student and EMA teacher) and buffers (the queue, filled from both ranks, and the
-    # BN statistics) are identical on both ranks after the steps.
     assert sums[0]["params"] == sums[1]["params"]
     assert sums[0]["buffers"] == sums[1]["buffers"]
+    return run
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_stays_in_sync(tmp_path):
+    run = _run_in_sync(tmp_path, "ddp", steps=3)
     # The steps happened: 16 images / (2 ranks x batch 2) = 4 per epoch, stopped at 3.
     records = read_log(str(run / "log.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -58,6 +64,16 @@ def test_two_process_gloo_run_stays_in_sync(tmp_path):
     # per step at most (valid boxes only), written for 3 steps.
     filled = int(state["model"]["queue_filled"])
     assert 0 < filled <= min(64, 3 * 2 * 2 * 2 * 4) and filled > 3 * 2 * 2 * 2  # > one box per image
+
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_compile_stays_in_sync(tmp_path):
+    """--compile under torchrun: the DDP-wrapped method compiled (inductor, CPU) trains the same
+    steps on both ranks, and they end in sync."""
+    run = _run_in_sync(tmp_path, "ddpc", 2, "--compile")
+    assert [r["step"] for r in read_log(str(run / "log.jsonl"))] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["run"]["compile"] is True
 
 
 def _children(pid):
