@@ -87,14 +87,16 @@ def test_region_features_match_per_box_crop():
 
 
 # ------------------------------------------------------------------------------------- methods
-def _eval_reference(m, v):
-    """Per-view features through the plain ResNetC4.forward path (eval mode: BN is per sample)."""
+def _eval_reference(m, v, teacher1=None):
+    """Per-view features through the plain ResNetC4.forward path (eval mode: BN is per sample).
+    teacher1: the image the teacher's view 1 features come from (default v.x1)."""
     s, s2 = m.cfg.roi_size, m.cfg.roi_size // 2
+    teacher1 = v.x1 if teacher1 is None else teacher1
     with torch.no_grad():
         st = lambda x, bx, o: m.predictor(m.online_projector(m.online_backbone(x, bx, o).flatten(0, 1)))
         te = lambda x, bx: m.teacher_projector(m.teacher_backbone(x, bx, s).flatten(0, 1))
         return (st(v.x1_hat, v.boxes_x1_hat, s), st(v.x2s_hat, v.boxes_x2s_hat, s2),
-                st(v.x3, v.boxes_x3, s), te(v.x1, v.boxes_x1), te(v.x2, v.boxes_x2))
+                st(v.x3, v.boxes_x3, s), te(teacher1, v.boxes_x1), te(v.x2, v.boxes_x2))
 
 
 def test_d3ssl_loss_matches_paper_equations():
@@ -112,6 +114,28 @@ def test_d3ssl_loss_matches_paper_equations():
     assert out["l_dp"].item() == pytest.approx(want_dp, rel=1e-4)
     assert out["loss"].item() == pytest.approx(want_dc + want_dp, rel=1e-4)
     assert int(m.queue_filled) == 40                # eval mode does not enqueue
+
+
+@pytest.mark.parametrize("teacher_view1", ["x1", "x1_hat"])
+def test_teacher_view1_chooses_what_the_teacher_sees(teacher_view1):
+    """model.teacher_view1: the teacher's view 1 features come from x1 (default) or from the
+    student's erased x1_hat (the paper's eq. 3 as printed), with the teacher's own boxes."""
+    m = fresh_method(teacher_view1=teacher_view1).eval()
+    g = torch.Generator().manual_seed(8)
+    q = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    m.queue.copy_(q)
+    m.queue_filled.fill_(64)
+    v = make_views(seed=3)
+    out = m(v)
+    q = q.double().numpy()
+    valid = v.valid.reshape(-1).numpy()
+    for image, expect in ((v.x1, teacher_view1 == "x1"), (v.x1_hat, teacher_view1 == "x1_hat")):
+        feats = [t.double().numpy() for t in _eval_reference(m, v, teacher1=image)]
+        want_dc, want_dp = ref_d3ssl(*feats, q, valid, 0.2)
+        assert (out["l_dc"].item() == pytest.approx(want_dc, rel=1e-4)) == expect
+        assert (out["l_dp"].item() == pytest.approx(want_dp, rel=1e-4)) == expect
+    with pytest.raises(ValueError, match="teacher_view1"):
+        ModelConfig(teacher_view1="x2")
 
 
 def test_padded_boxes_do_not_change_loss_or_gradients():

@@ -17,6 +17,7 @@ from .heads import MLPHead
 from .resnet_c4 import ARCHS, ResNetC4, boxes_to_rois
 
 METHODS = ("d3ssl", "soco")
+TEACHER_VIEWS1 = ("x1", "x1_hat")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ModelConfig:
     use_dp: bool = True            # de-positioning loss L_dp (ablation switch); d3ssl only
     sync_bn: bool = False          # SyncBatchNorm when several GPU processes train (DDP); no effect otherwise
     roi_size: int = 14             # RoIAlign side on C4 for S-px views; roi_size // 2 for S/2 views
+    # which view 1 the teacher sees (d3ssl only): x1, the view before PRC and PRM (our reading, the
+    # default), or x1_hat, the student's erased view (the paper's eq. 3 as printed)
+    teacher_view1: str = "x1"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -46,6 +50,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.base_momentum < 1.0:
             raise ValueError(f"ModelConfig.base_momentum must be in [0, 1), got {self.base_momentum}")
+        if self.teacher_view1 not in TEACHER_VIEWS1:
+            raise ValueError(f"ModelConfig.teacher_view1 must be one of {TEACHER_VIEWS1}, "
+                             f"got {self.teacher_view1!r}")
         if self.roi_size < 2 or self.roi_size % 2:
             raise ValueError(f"ModelConfig.roi_size must be an even int >= 2 (half of it is used for "
                              f"S/2 views), got {self.roi_size}")

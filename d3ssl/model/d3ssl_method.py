@@ -2,6 +2,8 @@
 
 Student inputs (region-augmented): x̂1 (S px), x̂2s (S/2 px), x3 (S px, de-positioning composite).
 Teacher inputs: x1, x2 (S px). With z_s = predictor(projector(student)), z_t = projector(teacher):
+(z_t(x1) below: with cfg.teacher_view1 = "x1_hat" the teacher sees x̂1 there instead, the paper's
+eq. 3 as printed; the default "x1" is the reading of the README's *The method*.)
 
     L_dc = nce(z_s(x̂1), z_t(x2)) + nce(z_s(x̂2s), z_t(x1))          (eq. 4)
     L_dp = nce(z_s(x3), z_t(x2)) + nce(z_s(x3), z_t(x1))            (eq. 9)
@@ -94,7 +96,8 @@ class D3SSL(StudentTeacher):
         else:
             full = ([views.x1_hat], [views.boxes_x1_hat], s)
         z_s = self.student([full, ([views.x2s_hat], [views.boxes_x2s_hat], s2)])
-        z_t = self.teacher([views.x1, views.x2], [views.boxes_x1, views.boxes_x2], s)
+        teacher1 = views.x1_hat if self.cfg.teacher_view1 == "x1_hat" else views.x1
+        z_t = self.teacher([teacher1, views.x2], [views.boxes_x1, views.boxes_x2], s)
         z_s1 = z_s[:n]
         z_s3 = z_s[n:2 * n] if use_dp else None
         z_s2 = z_s[-n:]
