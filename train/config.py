@@ -33,8 +33,9 @@ from d3ssl.model import ModelConfig
 @dataclass
 class DataConfig:
     path: str | None = field(default=None, metadata={"help": (
-        "training images: a COCO-format dataset root (train/, annotations/instances_train.json), "
-        "an image folder, or empty for the embedded synthetic set")})
+        "training images: a COCO-format dataset root (train/ or train2017/, annotations/"
+        "instances_train.json or instances_train2017.json), an instances JSON, an image folder, "
+        "or empty for the embedded synthetic set")})
     proposals: str | None = field(default=None, metadata={"help": (
         "proposals store; default: the dataset's default store path, generated there if missing")})
     backend: str = field(default="cpu", metadata={"help": "loader backend: cpu or dali"})
@@ -102,7 +103,7 @@ class RunConfig:
     max_steps: int | None = field(default=None, metadata={"help": (
         "stop after this many optimiser steps (schedules still span `epochs`); none or 0: no limit")})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and augmentation"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N"})
     amp: str = field(default="auto", metadata={"help": (
         "autocast dtype: auto (bf16 on GPU, off on CPU), bf16, fp16, none")})
     channels_last: bool = field(default=True, metadata={"help": "train in channels_last memory format"})

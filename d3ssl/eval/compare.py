@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                    help="report: O-KNN bank from the first train images (default: all)")
     p.add_argument("--device", default=None, help="report device (default: cuda if available)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated runs to train and report, "
-                   f"among {', '.join(METHODS)}")
+                   f"among {', '.join(METHODS)} (default: all of them)")
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
     check_image_size(p, "--image-size", a.image_size)
