@@ -46,6 +46,35 @@ def test_info_nce_matches_eq5(tau):
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+
+def test_info_nce_terms_at_once_match_eq5_each_over_its_own_boxes():
+    """[T,N,D] inputs: T terms against one queue, each term's mean over its own valid boxes (one
+    with none valid gives 0), and the gradients of each term's inputs those of the term alone."""
+    g = torch.Generator().manual_seed(4)
+    t, n, d, m = 3, 6, 8, 9
+    z = (torch.randn(t, n, d, generator=g) * 2).requires_grad_()
+    zp = torch.randn(t, n, d, generator=g)
+    queue = _unit(m, d, g).float()
+    queue_valid = torch.arange(m) < 7
+    valid = torch.rand(t, n, generator=g) < 0.6
+    valid[0, :2] = True
+    valid[2] = False
+    nce = RegionInfoNCE(0.3)
+    got = nce(z, zp, queue, valid, queue_valid)
+    assert got.shape == (t,)
+    negatives = queue[:7].double().numpy()
+    for k in range(t):
+        want = [ref_nce(z[k, i].detach().double().numpy(), zp[k, i].double().numpy(), negatives, 0.3)
+                for i in range(n) if valid[k, i]]
+        assert got[k].item() == pytest.approx(np.mean(want) if want else 0.0, rel=1e-5, abs=1e-6)
+    got.sum().backward()
+    for k in range(t):
+        zk = z[k].detach().clone().requires_grad_()
+        nce(zk, zp[k], queue, valid[k], queue_valid).backward()
+        torch.testing.assert_close(z.grad[k], zk.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(z.grad[2] == 0)
+
+
 def test_d3ssl_loss_matches_eqs_4_9_10():
     g = torch.Generator().manual_seed(2)
     n, d, m, tau = 8, 32, 20, 0.2

@@ -103,9 +103,8 @@ class D3SSL(StudentTeacher):
         z_s2 = z_s[-n:]
         z_t1, z_t2 = z_t[:n], z_t[n:]
 
-        queue, queue_valid = self.queue.clone(), self.queue_valid
-        l_dc = (self.nce(z_s1, z_t2, queue, valid, queue_valid)
-                + self.nce(z_s2, z_t1, queue, valid, queue_valid))
+        # The loss terms as (student, teacher, boxes) against one queue, in one batched InfoNCE.
+        terms = [(z_s1, z_t2, valid), (z_s2, z_t1, valid)]                  # L_dc
         if use_dp:  # over x3's boxes only (a subset of the valid ones with region.dp_boxes > 0)
             valid3 = valid
             if views.valid_x3 is not None:
@@ -113,10 +112,11 @@ class D3SSL(StudentTeacher):
                     raise ValueError(f"valid_x3 must be bool {tuple(views.valid.shape)} like valid, got "
                                      f"{views.valid_x3.dtype} {tuple(views.valid_x3.shape)}")
                 valid3 = valid & views.valid_x3.reshape(-1)
-            l_dp = (self.nce(z_s3, z_t2, queue, valid3, queue_valid)
-                    + self.nce(z_s3, z_t1, queue, valid3, queue_valid))
-        else:
-            l_dp = torch.zeros((), device=l_dc.device)
+            terms += [(z_s3, z_t2, valid3), (z_s3, z_t1, valid3)]           # L_dp
+        student, teacher, masks = (torch.stack(parts) for parts in zip(*terms))
+        means = self.nce(student, teacher, self.queue.clone(), masks, self.queue_valid)
+        l_dc = means[0] + means[1]
+        l_dp = means[2] + means[3] if use_dp else torch.zeros((), device=l_dc.device)
         if self.training:
             self.enqueue(z_t, valid.repeat(2))
         return {"loss": l_dc + l_dp, "l_dc": l_dc.detach(), "l_dp": l_dp.detach()}

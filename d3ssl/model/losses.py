@@ -12,14 +12,15 @@ import torch.nn.functional as F
 
 
 def _masked_inputs(valid: torch.Tensor, *feats: torch.Tensor):
-    keep = valid.reshape(-1, 1)
+    keep = valid.unsqueeze(-1)
     return [torch.where(keep, f.float(), torch.zeros((), dtype=torch.float32, device=f.device))
             for f in feats]
 
 
 def _masked_mean(per_box: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Means over the last dimension's valid entries (0 where none is valid)."""
     per_box = torch.where(valid, per_box, torch.zeros_like(per_box))
-    return per_box.sum() / valid.sum().clamp(min=1)
+    return per_box.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)
 
 
 class RegionInfoNCE(nn.Module):
@@ -39,6 +40,8 @@ class RegionInfoNCE(nn.Module):
         valid: bool [N]; padded boxes contribute nothing.
         queue_valid: bool [M] or None; False slots (the unfilled part of the queue) are left out.
         Returns the scalar mean over valid boxes (float32).
+        Several terms against the same queue at once: z, z_pos [T,N,D] and valid [T,N] give the T
+        terms' means [T], each over its own valid boxes (one pass instead of T: D3SSL's four).
     """
 
     def __init__(self, temperature: float = 0.2):
@@ -48,17 +51,18 @@ class RegionInfoNCE(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, z, z_pos, queue, valid, queue_valid=None):
-        valid = valid.reshape(-1)
+        terms = z.shape[:-2] if z.dim() == 3 else ()
+        valid = valid.reshape(*terms, -1)
         z, z_pos = _masked_inputs(valid, z, z_pos)
-        z = F.normalize(z, dim=1)
-        z_pos = F.normalize(z_pos, dim=1)
+        z = F.normalize(z.reshape(-1, z.shape[-1]), dim=1)
+        z_pos = F.normalize(z_pos.reshape(-1, z_pos.shape[-1]), dim=1)
         pos = (z * z_pos).sum(dim=1, keepdim=True)
         neg = z @ queue.float().t()
         if queue_valid is not None:
             neg = neg.masked_fill(~queue_valid.reshape(1, -1), float("-inf"))
         logits = torch.cat([pos, neg], dim=1) / self.temperature
         per_box = torch.logsumexp(logits, dim=1) - logits[:, 0]
-        return _masked_mean(per_box, valid)
+        return _masked_mean(per_box.reshape(valid.shape), valid)
 
 
 class ByolRegression(nn.Module):
