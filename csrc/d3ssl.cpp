@@ -50,7 +50,7 @@ static int64_t intra_op_threads() {
 namespace region {
 
 // The CUDA region kernels' choice (region.h): read from D3SSL_VECTOR_KERNELS once, when the
-// library loads; "1" turns the vector kernels on.
+// setting is first used; "1" turns the vector kernels on.
 static std::atomic<bool>& vector_kernels_flag() {
   static std::atomic<bool> on([] {
     const char* env = std::getenv("D3SSL_VECTOR_KERNELS");

@@ -159,8 +159,8 @@ inline void check_offsets_values(const int64_t* off, int64_t batch, int64_t num_
 
 // Whether the CUDA region_erase and composite use their vector kernels (cuda/region_vec.cuh) where
 // the tensors allow it, instead of the element kernels. Off unless D3SSL_VECTOR_KERNELS=1 is set
-// when the library loads; `_set_vector_kernels` (d3ssl.ops.region.vector_kernels) switches it.
-// Defined in d3ssl.cpp.
+// in the environment (read once, when the setting is first used); `_set_vector_kernels`
+// (d3ssl.ops.region.vector_kernels) switches it. Defined in d3ssl.cpp.
 bool vector_kernels();
 bool set_vector_kernels(bool on);  // returns the previous setting
 

@@ -28,11 +28,14 @@ constexpr int kThreads = 256;
 constexpr int kVecs = 2;  // vectors per thread
 
 // Whether `t` (an image batch the kernels are about to read or write, dense in its layout) can be
-// moved as 16-byte vectors: an image's element count a multiple of the vector width and the storage
-// 16-byte aligned (then every image starts aligned).
+// moved as 16-byte vectors: an image's element count a multiple of the vector width, the storage
+// 16-byte aligned (then every image starts aligned), and the element index of a block's last
+// vector within int range.
 inline bool vectorisable(const at::Tensor& t) {
   const int64_t per = 16 / t.element_size();
-  return (t.size(1) * t.size(2) * t.size(3)) % per == 0 &&
+  const int64_t image = t.size(1) * t.size(2) * t.size(3);
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(memory_format(layout_of(t))), "vectorisable: a dense tensor");
+  return image % per == 0 && image + int64_t{kThreads} * kVecs * per < (int64_t{1} << 31) &&
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
