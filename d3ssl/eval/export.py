@@ -185,7 +185,8 @@ def load_backbone(ckpt: str, arch: str | None = None) -> tuple[nn.Module, str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d3ssl.eval.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="training checkpoint (train.run's format), or a run folder (its newest checkpoint)")
+    parser.add_argument("--ckpt", required=True,
+                        help="training checkpoint (train.run's format), or a run folder (its newest checkpoint)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                         help="torchvision: a ResNet state_dict; detectron2: an R50-C4 checkpoint (ResNet-50 only)")
     parser.add_argument("--out", required=True, help="output file (.pth for torchvision, .pkl for detectron2)")
