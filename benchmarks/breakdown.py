@@ -1,7 +1,7 @@
 """Where the time goes, from torch.profiler: the region stage, and the training step fed by the CPU
 loader next to the same step fed by a batch kept on the device (the benchmark's ceiling).
 
-  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step,dali,worker]
+  python benchmarks/breakdown.py [--device cpu|cuda] [--quick] [--steps N] [--what stage,step,dali,worker,ops]
 
 For the stage (batch 64 at 224 and 112, the Batch contract's dtype): per call, the host time, the
 operations and kernels by total time and count, and for region_erase and composite their kernel
@@ -16,6 +16,10 @@ in the default; needs NVIDIA DALI): images/s within epochs of the graph cut afte
 loader followed by the region stage. For one CPU-loader worker (`worker`, not in the default): its
 time per image by phase on one thread (reading the file, decoding, views and colour, and collating
 a batch either as normalised float32 views or as the uint8 pixels that GPU-bound batches carry).
+For the paper's step's operations (`ops`, not in the default; any device): the operations one step
+of ResNet-50-C4 sends to torch's dispatcher, per phase and the most frequent per phase, as a GPU
+step issues them (multi-tensor LARS, bf16 autocast) but counted wherever this runs, on small images
+(the count does not depend on the image size): on a GPU the eager step is bound by them.
 The throughput benchmark (benchmarks/throughput.py) says how fast; this says why.
 """
 import argparse
@@ -34,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from benchmarks.common import copy_bandwidth, sync  # noqa: E402
 
 
-PARTS = ("stage", "step", "dali", "worker")
+PARTS = ("stage", "step", "dali", "worker", "ops")
 
 
 def parse_args(argv=None):
@@ -42,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--what", default="stage,step",
-                   help="comma-separated: stage, step, dali, worker (default: stage,step)")
+                   help="comma-separated: stage, step, dali, worker, ops (default: stage,step)")
     p.add_argument("--steps", type=int, default=6, help="profiled training steps per feed (default: 6)")
     p.add_argument("--quick", action="store_true", help="small inputs (a smoke test of the script)")
     p.add_argument("--rows", type=int, default=18, help="rows of each table (default: 18)")
@@ -202,20 +206,22 @@ def profile_step(args):
     del stream, loader
 
 
-def _count_ops(stepper, source, get):
+def _count_ops(stepper, source, get, top=0):
     """Runs one more step and prints the operations it sends to torch's dispatcher, per phase, but
     views and the profiler's own: each one counted launches at least one kernel on a GPU (a
-    multi-tensor one can launch several)."""
+    multi-tensor one can launch several). top: also the `top` most frequent of each phase."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
     label = ["other"]
     counts = collections.Counter()
+    names = collections.defaultdict(collections.Counter)
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace != "profiler" and not func.is_view:
                 counts[label[0]] += 1
+                names[label[0]][func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
@@ -234,6 +240,60 @@ def _count_ops(stepper, source, get):
         stepper.phase = labelled
     print(f"  operations per step at torch's dispatcher (no views): {sum(counts.values())} ("
           + ", ".join(f"{name} {n}" for name, n in counts.most_common()) + ")")
+    for phase, _ in counts.most_common() if top else ():
+        print(f"    {phase}: " + ", ".join(f"{op} {n}" for op, n in names[phase].most_common(top)))
+
+
+def count_paper_step_ops(args):
+    """The paper's step (ResNet-50-C4, its heads, queue and region stage) as train/run.py builds it,
+    fed one small batch on args.device: its dispatcher operations per phase as a GPU step issues them
+    (multi-tensor LARS, bf16 autocast), after two warm-up steps."""
+    from benchmarks.sections import train as T
+    from d3ssl.data.loader import make_loader
+    from train.config import make_config
+    from train.run import build_model, make_optimizer, make_region_stage
+    from train.step import TrainStep
+    device = torch.device(args.device)
+    size, roi = (64, 4) if args.quick else (96, 6)
+    cfg = make_config("default", {"model.arch": "resnet50", "view.size": size, "model.roi_size": roi,
+                                  "data.batch_size": 2, "run.device": args.device})
+    dataset, store = T._data(cfg, 8)
+    model = build_model(cfg, len(dataset), device, world=1).train()
+    optimizer = make_optimizer(cfg, model, lr=0.01)
+    for group in optimizer.param_groups:
+        group["foreach"] = True  # as on a GPU (on a CPU LARS loops by default)
+    loader = make_loader(dataset, store, backend="cpu", batch_size=2, workers=0, view_cfg=cfg.view,
+                         seed=0, device=device)
+    batch = next(iter(loader)).to(device)
+    step = TrainStep(method=model, forward=model, optimizer=optimizer,
+                     scaler=torch.amp.GradScaler(device.type, enabled=False), stage=make_region_stage(cfg),
+                     generator=torch.Generator(device=device), device=device, amp_dtype=torch.bfloat16)
+    fetch = lambda: (0, batch)  # noqa: E731
+    for number in range(2):
+        step(number, fetch, 0.99)
+    print(f"\n== the paper's step (ResNet-50-C4, D3SSL), operations as a GPU step issues them, "
+          f"counted on {args.device}")
+    _count_ops(_OneStep(step, fetch, first=2), None, None, top=8)
+
+
+class _OneStep:
+    """A TrainStep called as _count_ops calls a benchmark stepper: ``stepper(source, get)``, with
+    ``stepper.phase`` set around the call."""
+
+    def __init__(self, step, fetch, first):
+        self.step, self.fetch, self.number = step, fetch, first
+
+    @property
+    def phase(self):
+        return self.step.phase
+
+    @phase.setter
+    def phase(self, value):
+        self.step.phase = value
+
+    def __call__(self, source, get):
+        self.number += 1
+        return self.step(self.number - 1, self.fetch, 0.99)
 
 
 def _count_syncs(stepper, source, get, steps):
@@ -365,6 +425,8 @@ def main(argv=None):
         profile_dali(args)
     if "worker" in what:
         profile_worker(args)
+    if "ops" in what:
+        count_paper_step_ops(args)
 
 
 if __name__ == "__main__":

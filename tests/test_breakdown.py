@@ -72,3 +72,16 @@ def test_breakdown_times_a_loader_worker_by_phase():
     # the uint8 handover skips the normalisation: a collate that costs less than the float32 one
     assert ms["collate, uint8"] < ms["collate, float32"]
     assert "handing over uint8 pixels" in text
+
+
+def test_breakdown_counts_the_paper_steps_operations():
+    """`--what ops`: ResNet-50-C4's step, its operations per phase as on a GPU (multi-tensor LARS:
+    a few dozen operations for ~160 parameters, not a dozen per parameter)."""
+    text = _run_quick("ops")
+    line = next(line for line in text.splitlines() if "operations per step at torch's dispatcher" in line)
+    phases = dict((name, int(n)) for name, n in
+                  (part.rsplit(" ", 1) for part in line.rsplit("(", 1)[1].rstrip(")").split(", ")))
+    assert phases["forward"] > 500 and phases["backward"] > 300   # ResNet-50: ~53 convolutions
+    assert 0 < phases["optimiser"] < 60
+    assert sum(phases.values()) == int(line.split("): ")[1].split(" (")[0])
+    assert "    forward: " in text and "convolution" in text
