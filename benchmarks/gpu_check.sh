@@ -64,7 +64,8 @@ step tests_cuda 150 python -m pytest -q -m cuda -p no:cacheprovider tests/test_r
 # apart: if the trainer's imports fail on the GPU image, the op tests above still run.
 step tests_cuda_train 120 python -m pytest -q -m cuda -p no:cacheprovider \
   tests/test_trainer.py::test_host_copy_waits_for_its_copy_and_not_for_later_work \
-  tests/test_trainer.py::test_training_step_never_waits_for_the_gpu
+  tests/test_trainer.py::test_training_step_never_waits_for_the_gpu \
+  tests/test_checkpoint.py::test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu
 step bench_ops 60 python benchmarks/throughput.py --section ops --device cuda --json "$out/ops.json"
 step bench_region 180 python benchmarks/throughput.py --section region --device cuda --json "$out/region.json"
 # The CPU loader on the GPU host: against the PIL anchor, and delivering to the GPU with the uint8

@@ -100,3 +100,21 @@ def test_rng_state_roundtrip_through_file(tmp_path):
     np.testing.assert_array_equal(got[1], expect[1])
     assert got[2] == expect[2]
     assert torch.equal(got[3], expect[3])
+
+
+@pytest.mark.cuda
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    """A resumed GPU run loads its checkpoint with map_location=cuda, which moves the saved
+    generator states onto the GPU too; torch takes them back from CPU byte tensors only."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    torch.cuda.manual_seed_all(8)
+    state = ckpt.rng_state(gen)
+    expect = (torch.rand(3, device="cuda"), torch.rand(3, device="cuda", generator=gen))
+    path = str(tmp_path / "rng.pt")
+    ckpt.atomic_save({"rng": state}, path)
+    loaded = ckpt.load_checkpoint(path, map_location="cuda")["rng"]
+    assert loaded["torch"].is_cuda and loaded["region"].is_cuda
+    gen2 = torch.Generator(device="cuda")
+    ckpt.set_rng_state(loaded, gen2)
+    assert torch.equal(torch.rand(3, device="cuda"), expect[0])
+    assert torch.equal(torch.rand(3, device="cuda", generator=gen2), expect[1])

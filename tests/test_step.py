@@ -32,12 +32,13 @@ class Toy(nn.Module):
         self.teacher.mul_(momentum).add_(self.w, alpha=1 - momentum)
 
 
-def make(accum=1, log=None):
+def make(accum=1, log=None, scaler=None):
     log = [] if log is None else log
     toy = Toy(log)
     opt = torch.optim.SGD(toy.parameters(), lr=0.1)
     stage = lambda batch, g: batch + torch.rand(2, generator=g)  # the draws follow the seed
-    step = TrainStep(method=toy, forward=toy, optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False),
+    scaler = torch.amp.GradScaler("cpu", enabled=False) if scaler is None else scaler
+    step = TrainStep(method=toy, forward=toy, optimizer=opt, scaler=scaler,
                      stage=stage, generator=torch.Generator(), device="cpu", accum=accum, seed=7)
     batches = iter(torch.arange(200.0).reshape(100, 2))
     fetched = []
@@ -99,6 +100,20 @@ def test_non_finite_loss_skips_the_update_and_restores_the_buffers():
     assert torch.equal(toy.w.detach(), w) and torch.equal(toy.teacher, teacher)
     assert torch.equal(toy.calls, calls)          # the forwards' buffer changes were undone
     assert toy.w.grad is None and log[-1] == "forward"
+    toy.poison = False
+    assert not step(2, fetch, 0.5, prepare_next=False).skipped and not torch.equal(toy.w.detach(), w)
+
+
+def test_a_skip_with_a_grad_scaler_backs_its_scale_off():
+    """fp16 training: the GradScaler has made no inf checks on a skipped step, so the step sets its
+    scale itself (backed off, as after non-finite gradients) instead of crashing in update()."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step, toy, fetch, log = make(scaler=scaler)
+    assert not step(0, fetch, 0.5, prepare_next=False).skipped
+    w = toy.w.detach().clone()
+    toy.poison = True
+    assert step(1, fetch, 0.5, prepare_next=False).skipped
+    assert scaler.get_scale() == 512.0 and torch.equal(toy.w.detach(), w)
     toy.poison = False
     assert not step(2, fetch, 0.5, prepare_next=False).skipped and not torch.equal(toy.w.detach(), w)
 

@@ -116,15 +116,17 @@ def rng_state(region_generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, region_generator: torch.Generator | None = None):
-    torch.set_rng_state(state["torch"])
+    """Restores what :func:`rng_state` saved. The states may come from a checkpoint loaded onto a
+    GPU (map_location): torch takes generator states as CPU byte tensors only."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached"]))
     random.setstate(_python_state_from_plain(state["python"]))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if region_generator is not None and "region" in state:
-        region_generator.set_state(state["region"])
+        region_generator.set_state(state["region"].cpu())
 
 
 def _python_state_to_plain(st):

@@ -203,7 +203,10 @@ class TrainStep:
             with torch.no_grad():
                 torch._foreach_copy_(buffers, self._snapshot)
             if self.scaler.is_enabled():
-                self.scaler.update()
+                # (update() wants the inf checks of an unscale or a step, which a skipped step has
+                # not made; back off as after non-finite gradients. get_scale reads the GPU: a skip
+                # is rare.)
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             return result
         with self.phase("optimiser"):
             self.scaler.step(self.optimizer)
