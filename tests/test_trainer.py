@@ -234,10 +234,10 @@ def test_gpu_without_the_libraries_cuda_kernels_is_a_clear_error(monkeypatch):
 
 # ----------------------------------------------------------------------------- subprocess runs
 
-def _spawn(args, log):
+def _spawn(args, log, **popen):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, **popen)
 
 
 def _wait_for(pred, proc, timeout=240):
@@ -289,14 +289,22 @@ def test_sigkill_then_resume_continues_the_same_losses(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path, to):
+    """SIGTERM to the training process, or to its whole process group with loader workers in it
+    (Slurm's scancel, torchrun stopping its workers): the run saves and exits 0."""
     log_path = tmp_path / "term" / "log.jsonl"
+    workers = "0" if to == "process" else "2"
     with open(tmp_path / "term.out", "w") as out:
         proc = _spawn(tiny_args(tiny_data, tmp_path, "term", "--data.batch_size", "2",
-                                "--run.epochs", "50", "--run.ckpt_every", "1000"), out)
+                                "--run.epochs", "50", "--run.ckpt_every", "1000",
+                                "--data.workers", workers), out, start_new_session=True)
         started = _wait_for(lambda: log_path.is_file() and read_log(str(log_path)), proc)
         assert started, (tmp_path / "term.out").read_text()
-        proc.send_signal(signal.SIGTERM)
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 0, (tmp_path / "term.out").read_text()
     text = (tmp_path / "term.out").read_text()
     assert "SIGTERM: saved step" in text and "--resume" in text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import warnings
 
 import cv2
@@ -216,11 +217,21 @@ class EpochBatchSampler:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
 
+def ignore_stop_signals():
+    """For a loader's worker process: SIGTERM and SIGINT are the training process's to handle. A
+    scheduler (Slurm's scancel, torchrun stopping its workers) or a Ctrl-C signals the whole process
+    group; a worker killed by it would make the training process fail before it could save, and
+    the training process shuts its workers down itself once it has saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _init_worker(_):
     # One image per worker at a time: OpenCV's and torch's own threads would only contend. OpenCV's
     # thread count is set in the parent before the fork (see CpuLoader): calling cv2.setNumThreads
     # in a forked child whose parent had started OpenCV's thread pool can hang forever.
     torch.set_num_threads(1)
+    ignore_stop_signals()
 
 
 class CpuLoader:

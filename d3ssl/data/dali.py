@@ -61,6 +61,7 @@ CPU backend otherwise. Nothing else in d3ssl imports DALI.
 """
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 import weakref
@@ -70,7 +71,7 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, ColourParams, sample_colour
-from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, ignore_stop_signals
 from .views import ViewConfig, sample_seed, sample_views
 
 try:
@@ -271,6 +272,7 @@ class ViewSource:
         self.sampler, self.seed, self.start_epoch, self.check = sampler, seed, start_epoch, check
         self.start_batch = start_batch   # first epoch only: resume after a batch DALI could not process
         self._epoch, self._batches = None, None
+        self._owner = os.getpid()        # the training process; DALI's workers are others
 
     def batches(self, epoch: int) -> list[list[int]]:
         if self._epoch != epoch:
@@ -333,6 +335,9 @@ class ViewSource:
         return (np.frombuffer(data, np.uint8), params, kernel(c1.blur_sigma), kernel(c2.blur_sigma), meta)
 
     def __call__(self, info):
+        if os.getpid() != self._owner:  # in one of DALI's source workers (fork or spawn)
+            ignore_stop_signals()
+            self._owner = os.getpid()
         epoch = self.start_epoch + info.epoch_idx
         batches = self.batches(epoch)
         b = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
