@@ -118,3 +118,24 @@ def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
     ckpt.set_rng_state(loaded, gen2)
     assert torch.equal(torch.rand(3, device="cuda"), expect[0])
     assert torch.equal(torch.rand(3, device="cuda", generator=gen2), expect[1])
+
+
+def test_set_aside_later_moves_only_later_checkpoints(tmp_path):
+    run = str(tmp_path)
+    for s in (2, 4, 6, 8):
+        ckpt.atomic_save({"step": s}, ckpt.checkpoint_path(run, s))
+    folder, moved = ckpt.set_aside_later(run, 4)
+    assert moved == [6, 8] and [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4]
+    assert sorted(os.listdir(folder)) == ["step_00000006.pt", "step_00000008.pt"]   # kept, not deleted
+    assert ckpt.load_checkpoint(os.path.join(folder, "step_00000008.pt"))["step"] == 8
+    assert ckpt.set_aside_later(run, 4) == (None, [])
+
+
+def test_remove_temporaries_leaves_checkpoints(tmp_path):
+    run = str(tmp_path)
+    ckpt.atomic_save({"step": 1}, ckpt.checkpoint_path(run, 1))
+    folder = tmp_path / "checkpoints"
+    (folder / ".step_00000002.pt.abc123.tmp").write_bytes(b"torn")
+    (folder / "notes.txt").write_text("mine")
+    assert ckpt.remove_temporaries(run) == 1
+    assert sorted(os.listdir(folder)) == ["notes.txt", "step_00000001.pt"]

@@ -189,6 +189,11 @@ def test_nonfinite_step_is_skipped_and_undone(tiny_data, tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
     assert [r["step"] for r in log if r.get("kind") == "nonfinite"] == [1]
     assert read_log(str(tmp_path / "nan" / "log.jsonl"))[-1]["skipped"] == 1
+    # The skipped step is still counted, logged (its loss as it was) and checkpointed on schedule
+    # (every 2 steps, and at the end).
+    records = read_log(str(tmp_path / "nan" / "log.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3] and math.isnan(records[1]["loss"])
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "nan"))] == [2, 3]
 
 
 @pytest.mark.slow
@@ -473,3 +478,62 @@ def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: data \(--data, --proposals\): "):
         trainer.main(["--data", str(empty / "notes.txt"), "--out", str(tmp_path / "runs")])
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+def test_resumed_logger_keeps_the_checkpoints_step_in_tensorboard(tmp_path):
+    """A run killed after logging steps 1-5 and resumed from its step-3 checkpoint: TensorBoard
+    keeps steps 1-3 and drops the interrupted run's 4 and 5 for the resumed run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.logging import RunLogger
+    first = RunLogger(str(tmp_path))
+    for s in range(1, 6):
+        first.log({"step": s, "loss": float(s)})
+    first.close()
+    resumed = RunLogger(str(tmp_path), start_step=3)
+    resumed.log({"step": 4, "loss": 40.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+@pytest.mark.slow
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_data, tmp_path, capsys):
+    """--resume FILE of an earlier step: the run goes on from there, and the abandoned later
+    checkpoints move out of --resume's sight (kept), so `--resume auto` continues this run."""
+    args = tiny_args(tiny_data, tmp_path, "r", "--data.batch_size", "2")
+    trainer.main(args + ["--run.max_steps", "6"])
+    run = tmp_path / "r"
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [2, 4, 6]
+    trainer.main(args + ["--resume", ckpt.checkpoint_path(str(run), 2), "--run.max_steps", "3"])
+    assert "checkpoints of later steps (4, 6) were moved to" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [2, 3]
+    aside = [d for d in os.listdir(run / "checkpoints") if d.startswith("superseded-")]
+    assert len(aside) == 1 and sorted(os.listdir(run / "checkpoints" / aside[0])) == [
+        "step_00000004.pt", "step_00000006.pt"]
+    summary = trainer.main(args + ["--resume", "auto", "--run.max_steps", "4"])
+    assert summary["step"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_unreadable_images_stop_the_first_step_with_a_clear_error_and_no_run_folder(
+        tiny_data, tmp_path, workers):
+    """Every train image unreadable once training starts (the proposals store was made before):
+    a one-line error naming the cause, and the run folder this command made is gone."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not a jpeg any more")
+    with pytest.raises(SystemExit, match=r"^error: data: the loader failed: .*unreadable images in a row"):
+        trainer.main(tiny_args(str(data), tmp_path / "runs", "r1", "--data.workers", workers))
+    assert not os.path.exists(tmp_path / "runs" / "r1")
+
+
+def test_an_unwritable_out_is_refused_before_the_data_are_prepared(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder would go")
+    with pytest.raises(SystemExit, match=r"^error: --out: cannot create"):
+        trainer.main(["--data", str(tmp_path / "does-not-matter"), "--out", str(blocker / "runs")])

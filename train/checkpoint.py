@@ -21,6 +21,7 @@ import os
 import random
 import re
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -85,6 +86,35 @@ def prune_checkpoints(run_dir: str, keep: int):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def set_aside_later(run_dir: str, step: int) -> tuple[str | None, list[int]]:
+    """Moves the run's checkpoints of steps after `step` into ``checkpoints/superseded-<time>/``
+    (out of --resume's sight, not deleted), so that a run resumed from an earlier checkpoint goes
+    on from there and a later ``--resume auto`` does not jump back to the abandoned steps.
+    Returns (that folder or None, the steps moved)."""
+    later = [(s, path) for s, path in list_checkpoints(run_dir) if s > step]
+    if not later:
+        return None, []
+    folder = os.path.join(run_dir, "checkpoints", time.strftime("superseded-%Y%m%d-%H%M%S"))
+    os.makedirs(folder, exist_ok=True)
+    for _, path in later:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    return folder, [s for s, _ in later]
+
+
+def remove_temporaries(run_dir: str) -> int:
+    """Deletes the temporary files of saves that never finished (a process killed while saving);
+    returns how many. Only the process that writes checkpoints may call it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    stale = [n for n in names if n.startswith(".step_") and n.endswith(".tmp")]
+    for name in stale:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    return len(stale)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -25,9 +25,10 @@ class RunLogger:
     """Appends to ``<run>/log.jsonl`` and writes TensorBoard scalars to ``<run>/tensorboard``.
 
     A record is a flat dict with at least ``step``; numeric fields other than step/epoch become
-    TensorBoard scalars ``train/<name>``. On resume pass `start_step` so TensorBoard drops events past
-    the checkpoint that the interrupted run had written (the JSONL keeps them; readers take the last
-    record of each step, see :func:`read_log`).
+    TensorBoard scalars ``train/<name>``. On resume pass `start_step` (the checkpoint's step) so
+    TensorBoard drops the events past it that the interrupted run had written, and keeps the
+    checkpoint's own (the JSONL keeps them all; readers take the last record of each step, see
+    :func:`read_log`).
     """
 
     def __init__(self, run_dir: str, start_step: int = 0, tensorboard: bool = True):
@@ -38,7 +39,7 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                     purge_step=start_step if start_step > 0 else None)
+                                     purge_step=start_step + 1 if start_step > 0 else None)
 
     def log(self, record: dict):
         record = {"time": round(time.time(), 3), **record}

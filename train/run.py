@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -40,6 +41,17 @@ from train.logging import NullLogger, RunLogger, plot_loss_lr
 
 class TrainingError(RuntimeError):
     """A run stopped for a reason the user has to act on (the message says what)."""
+
+
+class DataError(TrainingError):
+    """The loader could not deliver a batch (unreadable images, a wrong dataset path)."""
+
+
+def _loader_failure(e: Exception) -> DataError:
+    """A DataError saying what failed in the loader: a worker's exception arrives wrapped with its
+    traceback as text, whose last line is the error itself."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return DataError(f"data: the loader failed: {lines[-1] if lines else type(e).__name__}")
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -213,6 +225,19 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | No
     return run_dir, None
 
 
+def check_writable(run_dir: str):
+    """Fails early, before the data are prepared, when the run folder could not be written: its
+    parent is created if missing (the run folder itself only once the run starts)."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    target = run_dir if os.path.isdir(run_dir) else parent
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--out: cannot create {parent}: {e.strerror or e}") from None
+    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out: {target} is not a writable folder")
+
+
 def build_model(cfg: TrainConfig, num_images: int, device, world: int, seed: int | None = None):
     """The method (student, teacher, queue) on `device`, in channels_last, SyncBN under DDP; its
     initial weights are a function of `seed` (default: cfg.run.seed, as training's)."""
@@ -285,6 +310,10 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         except ValueError as e:
             raise TrainingError(f"--resume: the run's saved config with this command line's changes: {e} "
                                 "(override a saved value with --FIELD VALUE)") from None
+        except RuntimeError as e:  # a damaged or foreign checkpoint file
+            raise TrainingError(f"--resume: {e}") from None
+    if master:
+        check_writable(run_dir)
     dtype = amp_dtype(cfg, device)
     configure_backends(cfg, device)
     seed_everything(cfg.run.seed + rank)
@@ -307,6 +336,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     images_per_step = cfg.data.batch_size * accum * world
     base_lr = cfg.optim.lr_per_256 * images_per_step / 256
+    created_run_dir = master and not os.path.isdir(run_dir)  # by this invocation (removed if it fails to start)
     if master:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         save_json(cfg, os.path.join(run_dir, "config.json"))
@@ -340,6 +370,12 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         step, skipped_total = state["step"], state["stats"].get("skipped", 0)
         if master:
             print(f"resumed from {resume_path} at step {step}", flush=True)
+            folder, later = ckpt.set_aside_later(run_dir, step)
+            if later:
+                print(f"the run's checkpoints of later steps ({', '.join(map(str, later))}) were moved to "
+                      f"{folder}: this run goes on from step {step}", flush=True)
+    if master and os.path.isdir(run_dir):
+        ckpt.remove_temporaries(run_dir)
 
     logger = RunLogger(run_dir, start_step=step) if master else NullLogger()
     logger.event("resume" if resume_path else "start", step=step, world_size=world, device=str(device),
@@ -370,11 +406,14 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         epoch, skip = divmod(step * accum, steps_per_epoch * accum)
         while True:
             loader.set_epoch(epoch)
-            for i, batch in enumerate(loader):
-                if i >= steps_per_epoch * accum:
-                    break
-                if i >= skip:
-                    yield epoch, batch
+            try:
+                for i, batch in enumerate(loader):
+                    if i >= steps_per_epoch * accum:
+                        break
+                    if i >= skip:
+                        yield epoch, batch
+            except RuntimeError as e:  # a worker's error, re-raised by the DataLoader (or DALI's)
+                raise _loader_failure(e) from e
             epoch, skip = epoch + 1, 0
 
     data = batches()
@@ -394,61 +433,70 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     # Under DDP every rank must leave the loop after the same step: a rank stops only when the
     # all-reduced flag says some rank was signalled (a signal that lands after this rank's
     # all-reduce is passed on in the next step's). A single process stops on its own signal.
-    stopping = False
-    while step < last_step and not stopping:
-        lr = lr_schedule(step, total_steps, warmup_steps, base_lr, cfg.optim.final_lr,
-                         cfg.optim.warmup_start_factor)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
-        # (The stop flag is read after the step's last forward, and whether to prepare the next
-        # step's batch after its backward: a signal during the step counts for this step.)
-        result = train_step(step, lambda: next(data), momentum,
-                            signalled=lambda: stop["signal"] is not None,
-                            prepare_next=lambda: step + 1 < last_step and stop["signal"] is None)
-        loss_value, epoch = result.terms["loss"], result.epoch
-        if result.any_stop and stop["signal"] is None:
-            stop["signal"] = "SIGTERM (another rank)"
-        stopping = result.any_stop if world > 1 else stop["signal"] is not None
-        if result.skipped:
-            bad_in_a_row += 1
-            skipped_total += 1
-            logger.event("nonfinite", step=step, loss=loss_value, in_a_row=bad_in_a_row)
-            if bad_in_a_row >= cfg.run.max_bad_steps:
-                logger.close()
-                raise TrainingError(
-                    f"stopped at step {step}: {bad_in_a_row} non-finite losses in a row (limit "
-                    f"run.max_bad_steps={cfg.run.max_bad_steps}; {skipped_total} skipped in all). The "
-                    f"training diverged: lower optim.lr_per_256 or lengthen optim.warmup_epochs, then "
-                    f"resume from the newest checkpoint in {run_dir}/checkpoints.")
+    stopping, first_step = False, step
+    try:
+        while step < last_step and not stopping:
+            lr = lr_schedule(step, total_steps, warmup_steps, base_lr, cfg.optim.final_lr,
+                             cfg.optim.warmup_start_factor)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            momentum = momentum_schedule(step, total_steps, cfg.model.base_momentum)
+            # (The stop flag is read after the step's last forward, and whether to prepare the next
+            # step's batch after its backward: a signal during the step counts for this step.)
+            result = train_step(step, lambda: next(data), momentum,
+                                signalled=lambda: stop["signal"] is not None,
+                                prepare_next=lambda: step + 1 < last_step and stop["signal"] is None)
+            loss_value, epoch = result.terms["loss"], result.epoch
+            if result.any_stop and stop["signal"] is None:
+                stop["signal"] = "SIGTERM (another rank)"
+            stopping = result.any_stop if world > 1 else stop["signal"] is not None
+            if result.skipped:
+                bad_in_a_row += 1
+                skipped_total += 1
+                logger.event("nonfinite", step=step, loss=loss_value, in_a_row=bad_in_a_row)
+                if bad_in_a_row >= cfg.run.max_bad_steps:
+                    logger.close()
+                    raise TrainingError(
+                        f"stopped at step {step}: {bad_in_a_row} non-finite losses in a row (limit "
+                        f"run.max_bad_steps={cfg.run.max_bad_steps}; {skipped_total} skipped in all). The "
+                        f"training diverged: lower optim.lr_per_256 or lengthen optim.warmup_epochs, then "
+                        f"resume from the newest checkpoint in {run_dir}/checkpoints.")
+            else:
+                bad_in_a_row = 0
             step += 1
-            continue
-        bad_in_a_row = 0
-        step += 1
 
-        # --- bookkeeping ---
-        if bar is not None:
-            now = time.perf_counter()
-            ips = images_per_step / max(now - t_last, 1e-9)
-            t_last = now
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.3g}")
-            bar.update(1)
-        if step % cfg.run.log_every == 0 or step == last_step:
-            rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
-                   "skipped": skipped_total}
-            for k, v in result.terms.items():
-                if k != "loss":
-                    rec[k] = v
+            # --- bookkeeping (after a skipped step too, whose loss is logged as it was; its checkpoint
+            # holds the model as the step left it, unchanged) ---
             if bar is not None:
-                rec["images_per_s"] = ips
-            logger.log(rec)
-        if step % cfg.run.ckpt_every == 0 and step < last_step:
-            save(step)
+                now = time.perf_counter()
+                ips = images_per_step / max(now - t_last, 1e-9)
+                t_last = now
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.3g}")
+                bar.update(1)
+            if step % cfg.run.log_every == 0 or step == last_step:
+                rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
+                       "skipped": skipped_total}
+                for k, v in result.terms.items():
+                    if k != "loss":
+                        rec[k] = v
+                if bar is not None:
+                    rec["images_per_s"] = ips
+                logger.log(rec)
+            if step % cfg.run.ckpt_every == 0 and step < last_step:
+                save(step)
 
+    except DataError as e:
+        # A run that could not make its first step leaves no folder behind (as when its data
+        # cannot be opened), so that the same command with the data fixed can start again.
+        if created_run_dir and step == first_step and not ckpt.list_checkpoints(run_dir):
+            logger.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise TrainingError(f"{e} (step {step})") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     if bar is not None:
         bar.close()
-    for s, h in previous.items():
-        signal.signal(s, h)
     save(step)
     summary = {"run_dir": run_dir, "step": step, "skipped": skipped_total}
     if stopping or (world == 1 and stop["signal"] is not None):
