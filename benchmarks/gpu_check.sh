@@ -23,9 +23,10 @@
 # Not yet run on a GPU (2026-11-28): bench_loader and train_bench with the uint8 handover and
 # 32-batch epochs (see RESULTS.md; ~1.5 + 1.5 min), dali_breakdown, the region ops' vector kernels
 # (tests/test_region_vector.py in tests_cuda; bench_region times them beside the element kernels)
-# and DALI since the sampling ops. The steps' own limits add up to more than a call may run: bound
-# the whole and tar what there is. Next lease without DALI:
-#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda bench_region bench_loader train_bench" \
+# and DALI since the sampling ops; tests_cuda_train now also restores RNG states from a checkpoint
+# loaded onto the GPU (a GPU --resume crashed before 2026-11-28). The steps' own limits add up to
+# more than a call may run: bound the whole and tar what there is. Next lease without DALI:
+#   timeout 520 env GPU_CHECK_STEPS="build tests_cuda tests_cuda_train bench_region bench_loader train_bench" \
 #     bash benchmarks/gpu_check.sh /tmp/out; tar czf "$OUT/gpu-check.tgz" -C /tmp out
 # (~7 min, timeout_s 560), then at once, still warm, "train_bench_compile" (~5.5 min).
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
