@@ -559,3 +559,27 @@ def test_gpu_graph_matches_cpu_graph(data):
             assert diff.mean() < 3.0, (name, diff.mean())
     bf16 = next(iter(_dali(ds, store, device="cuda", dtype=torch.bfloat16)))
     assert bf16.view1.dtype == torch.bfloat16 and bf16.view1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_source_workers_leave_stop_signals_to_the_training_process(data):
+    """In one of DALI's source workers (another process than the one that made the source), the
+    source ignores SIGTERM and SIGINT from its first call: a signal to the whole process group
+    must reach only the training process, which saves and shuts the workers down."""
+    import signal
+
+    from d3ssl.data.cpu_loader import EpochBatchSampler
+    dataset, store, _ = data
+    source = dali_mod.ViewSource(dataset, store, ViewConfig(size=64), ColourConfig(),
+                                 EpochBatchSampler(len(dataset), 4, seed=0), seed=0, start_epoch=0)
+    info = type("BatchInfo", (), {"epoch_idx": 0, "iteration": 0})()
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        source(info)                                  # in the process that made it: untouched
+        assert all(signal.getsignal(s) == h for s, h in before.items())
+        source._owner = -1                            # as if in a worker
+        outputs = source(info)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)
+        assert len(outputs[0]) == 4                   # and it still makes the batch
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
