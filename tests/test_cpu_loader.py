@@ -347,3 +347,35 @@ def test_blur_sigma_scales_with_the_view_size():
         ColourConfig(blur_sigma=(2.0, 0.1))
     with pytest.raises(ValueError, match="hue"):
         ColourConfig(hue=0.6)
+
+
+def _deferring_worker(grace):
+    import time
+
+    from d3ssl.data.cpu_loader import defer_stop_signals
+    defer_stop_signals(grace)
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="POSIX signals")
+def test_a_signalled_worker_goes_on_for_its_grace_then_exits():
+    """defer_stop_signals: SIGTERM (or a second one) does not end a loader worker at once, so the
+    training process can finish its step and save; the worker ends on its own `grace` later."""
+    import multiprocessing
+    import signal
+    import time
+    worker = multiprocessing.get_context("fork").Process(target=_deferring_worker, args=(2,))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        worker.terminate()                       # SIGTERM
+        time.sleep(0.5)
+        worker.terminate()                       # a repeat does not restart the countdown
+        time.sleep(0.5)
+        assert worker.is_alive()
+        worker.join(timeout=10)
+        assert worker.exitcode == -signal.SIGALRM and 1.5 < time.monotonic() - t0 < 5
+    finally:
+        if worker.is_alive():
+            worker.kill()

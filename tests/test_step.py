@@ -23,7 +23,7 @@ class Toy(nn.Module):
     def forward(self, views):
         self.log.append("forward")
         self.calls += 1
-        loss = (self.w * views).sum() + (float("nan") if self.poison else 0.0)
+        loss = (self.w * views).sum() * (float("nan") if self.poison else 1.0)  # NaN gradients too
         return {"loss": loss, "twice": 2 * loss.detach()}
 
     @torch.no_grad()
@@ -105,8 +105,8 @@ def test_non_finite_loss_skips_the_update_and_restores_the_buffers():
 
 
 def test_a_skip_with_a_grad_scaler_backs_its_scale_off():
-    """fp16 training: the GradScaler has made no inf checks on a skipped step, so the step sets its
-    scale itself (backed off, as after non-finite gradients) instead of crashing in update()."""
+    """fp16 training: the GradScaler had made no inf checks on a skipped step (update() asserted);
+    the step has it check the gradients, so it backs off as after a step it skipped itself."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     step, toy, fetch, log = make(scaler=scaler)
     assert not step(0, fetch, 0.5, prepare_next=False).skipped

@@ -194,6 +194,10 @@ def test_nonfinite_step_is_skipped_and_undone(tiny_data, tmp_path, monkeypatch):
     records = read_log(str(tmp_path / "nan" / "log.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3] and math.isnan(records[1]["loss"])
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "nan"))] == [2, 3]
+    # The checkpoint after the skip carries the streak, so a resumed run counts on from it.
+    streaks = [ckpt.load_checkpoint(path)["stats"]["bad_in_a_row"]
+               for _, path in ckpt.list_checkpoints(str(tmp_path / "nan"))]
+    assert streaks == [1, 0]
 
 
 @pytest.mark.slow
@@ -537,3 +541,30 @@ def test_an_unwritable_out_is_refused_before_the_data_are_prepared(tmp_path):
     blocker.write_text("a file where the output folder would go")
     with pytest.raises(SystemExit, match=r"^error: --out: cannot create"):
         trainer.main(["--data", str(tmp_path / "does-not-matter"), "--out", str(blocker / "runs")])
+
+
+def test_other_errors_while_fetching_keep_their_type_and_the_run_folder(tiny_data, tmp_path, monkeypatch):
+    """Only the loader giving up on the data is a one-line data error: anything else raised while
+    fetching (on a GPU, a CUDA fault of earlier kernels surfaces in the batch's copy) propagates as
+    it is, and the run folder stays for the post-mortem."""
+    real = trainer.make_data_loader
+
+    class FailsAfterOneBatch:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def set_epoch(self, epoch):
+            self.loader.set_epoch(epoch)
+
+        def __iter__(self):
+            yield next(iter(self.loader))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(trainer, "make_data_loader", lambda *a, **k: FailsAfterOneBatch(real(*a, **k)))
+    with pytest.raises(RuntimeError, match="illegal memory access") as raised:
+        trainer.main(tiny_args(tiny_data, tmp_path, "r"))
+    assert not isinstance(raised.value, trainer.TrainingError)
+    assert (tmp_path / "r" / "config.json").is_file()

@@ -150,7 +150,7 @@ def set_rng_state(state: dict, region_generator: torch.Generator | None = None):
     GPU (map_location): torch takes generator states as CPU byte tensors only."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached"]))
     random.setstate(_python_state_from_plain(state["python"]))
     if state.get("cuda") and torch.cuda.is_available():

@@ -44,12 +44,12 @@ class TrainingError(RuntimeError):
 
 
 class DataError(TrainingError):
-    """The loader could not deliver a batch (unreadable images, a wrong dataset path)."""
+    """The loader gave up on the data (too many unreadable images in a row: a wrong dataset path)."""
 
 
 def _loader_failure(e: Exception) -> DataError:
-    """A DataError saying what failed in the loader: a worker's exception arrives wrapped with its
-    traceback as text, whose last line is the error itself."""
+    """A DataError saying why the loader gave up: a worker's exception arrives with its traceback
+    as text, whose last line is the error itself."""
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return DataError(f"data: the loader failed: {lines[-1] if lines else type(e).__name__}")
 
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     generator = torch.Generator(device=device)
     stage = make_region_stage(cfg)
 
-    step, skipped_total = 0, 0
+    step, skipped_total, bad_in_a_row = 0, 0, 0
     if resume_path:
         state = ckpt.load_checkpoint(resume_path, map_location=device)
         raw.load_state_dict(state["model"])
@@ -368,6 +368,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         step, skipped_total = state["step"], state["stats"].get("skipped", 0)
+        bad_in_a_row = state["stats"].get("bad_in_a_row", 0)  # a streak of skips goes on counting
         if master:
             print(f"resumed from {resume_path} at step {step}", flush=True)
             folder, later = ckpt.set_aside_later(run_dir, step)
@@ -388,7 +389,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                  "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                  "step": at_step, "epoch": at_step // steps_per_epoch,
                  "rng": ckpt.rng_state(generator), "config": to_dict(cfg),
-                 "stats": {"skipped": skipped_total}}
+                 "stats": {"skipped": skipped_total, "bad_in_a_row": bad_in_a_row}}
         ckpt.atomic_save(state, ckpt.checkpoint_path(run_dir, at_step))
         ckpt.prune_checkpoints(run_dir, cfg.run.keep_ckpts)
 
@@ -401,6 +402,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    from d3ssl.data.datasets import UnreadableData
+
     def batches():
         """(epoch, batch) forever from `step`; a resumed run skips what its epoch already used."""
         epoch, skip = divmod(step * accum, steps_per_epoch * accum)
@@ -412,7 +415,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                         break
                     if i >= skip:
                         yield epoch, batch
-            except RuntimeError as e:  # a worker's error, re-raised by the DataLoader (or DALI's)
+            except UnreadableData as e:  # (from a worker too: the DataLoader re-raises its type)
                 raise _loader_failure(e) from e
             epoch, skip = epoch + 1, 0
 
@@ -426,7 +429,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     if master and cfg.run.progress:
         from tqdm import tqdm
         bar = tqdm(total=last_step, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    bad_in_a_row, t_last = 0, time.perf_counter()
+    t_last = time.perf_counter()
     model.train()
 
     # --- the loop (one step: train/step.py) ---------------------------------------------------------

@@ -199,14 +199,14 @@ class TrainStep:
                             skipped=not math.isfinite(terms["loss"]))
         if result.skipped:
             # No optimiser step, no EMA, and the queue / BN statistics restored.
+            if self.scaler.is_enabled():
+                # The scaler's own checks of the gradients, which update() needs: it backs the
+                # scale off if they were not finite either, as after a step it skipped itself.
+                self.scaler.unscale_(self.optimizer)
+                self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 torch._foreach_copy_(buffers, self._snapshot)
-            if self.scaler.is_enabled():
-                # (update() wants the inf checks of an unscale or a step, which a skipped step has
-                # not made; back off as after non-finite gradients. get_scale reads the GPU: a skip
-                # is rare.)
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             return result
         with self.phase("optimiser"):
             self.scaler.step(self.optimizer)

@@ -25,7 +25,7 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, apply_colour, sample_colour
-from .datasets import ImageDecodeError, decode_image
+from .datasets import ImageDecodeError, UnreadableData, decode_image
 from .views import ViewConfig, sample_seed, sample_views
 
 MAX_REPLACEMENTS = 16   # consecutive unreadable files before the loader gives up with an error
@@ -73,7 +73,7 @@ class ViewDataset(torch.utils.data.Dataset):
             warnings.warn(f"skipping unreadable image {key!r} ({img}); using the next image instead")
             skipped.append(key)
             if len(skipped) >= min(MAX_REPLACEMENTS, len(self.dataset)):
-                raise RuntimeError(f"{len(skipped)} unreadable images in a row (last: {key!r}): "
+                raise UnreadableData(f"{len(skipped)} unreadable images in a row (last: {key!r}): "
                                    "is the dataset path right?")
             index = (index + 1) % len(self.dataset)
             img = self._decode(index)
@@ -217,13 +217,25 @@ class EpochBatchSampler:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
 
-def ignore_stop_signals():
-    """For a loader's worker process: SIGTERM and SIGINT are the training process's to handle. A
+# How long a loader worker goes on after SIGTERM or SIGINT (see defer_stop_signals).
+STOP_GRACE_S = 30
+
+
+def defer_stop_signals(grace: int = STOP_GRACE_S):
+    """For a loader's worker process: SIGTERM and SIGINT are the training process's to act on. A
     scheduler (Slurm's scancel, torchrun stopping its workers) or a Ctrl-C signals the whole process
-    group; a worker killed by it would make the training process fail before it could save, and
-    the training process shuts its workers down itself once it has saved."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    group, and a worker that died of it would make the training process fail before it could
+    finish its step and save. So a signalled worker goes on for `grace` seconds (the training
+    process shuts it down sooner once it has saved), then exits: a worker is still ended by a
+    signal when nothing else ends it (DALI terminating its other workers after one died waits for
+    them; a stuck worker delays the interpreter's exit). Slurm sends SIGKILL 30 s after SIGTERM by
+    default anyway."""
+    def exit_later(signum, frame):
+        if signal.getitimer(signal.ITIMER_REAL)[0] == 0:   # the first signal starts the countdown
+            signal.alarm(grace)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)            # the alarm ends the process
+    signal.signal(signal.SIGTERM, exit_later)
+    signal.signal(signal.SIGINT, exit_later)
 
 
 def _init_worker(_):
@@ -231,7 +243,7 @@ def _init_worker(_):
     # thread count is set in the parent before the fork (see CpuLoader): calling cv2.setNumThreads
     # in a forked child whose parent had started OpenCV's thread pool can hang forever.
     torch.set_num_threads(1)
-    ignore_stop_signals()
+    defer_stop_signals()
 
 
 class CpuLoader:

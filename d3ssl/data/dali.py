@@ -71,7 +71,8 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, ColourParams, sample_colour
-from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, ignore_stop_signals
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, defer_stop_signals
+from .datasets import UnreadableData
 from .views import ViewConfig, sample_seed, sample_views
 
 try:
@@ -304,7 +305,7 @@ class ViewSource:
                 break
             index = (index + 1) % n
         else:
-            raise RuntimeError(f"{min(MAX_REPLACEMENTS, n)} unreadable images in a row (last: "
+            raise UnreadableData(f"{min(MAX_REPLACEMENTS, n)} unreadable images in a row (last: "
                                f"{self.dataset.key(index)!r}): is the dataset path right?")
         data, w, h = got
         props = np.asarray(self.store.boxes(index), np.float32)
@@ -336,7 +337,7 @@ class ViewSource:
 
     def __call__(self, info):
         if os.getpid() != self._owner:  # in one of DALI's source workers (fork or spawn)
-            ignore_stop_signals()
+            defer_stop_signals()
             self._owner = os.getpid()
         epoch = self.start_epoch + info.epoch_idx
         batches = self.batches(epoch)
@@ -575,7 +576,7 @@ class DaliLoader:
                 # decoder (check="decode" catches more of these earlier). Skip that batch, not the run.
                 failures += 1
                 if failures > MAX_REPLACEMENTS:
-                    raise RuntimeError(f"DALI failed on {failures} batches in a row; last error: {e}") from e
+                    raise UnreadableData(f"DALI failed on {failures} batches in a row; last error: {e}") from e
                 keys = [self.dataset.key(i) for i in batches[done]]
                 self.failed_batches += 1
                 warnings.warn(f"DALI could not process batch {done} of epoch {epoch} ({len(keys)} images, "

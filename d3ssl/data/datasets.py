@@ -20,6 +20,12 @@ class ImageDecodeError(ValueError):
     """A file that is not a decodable image (corrupt, truncated, or an unknown format)."""
 
 
+class UnreadableData(RuntimeError):
+    """A loader met too many unreadable images (or batches) in a row to go on skipping them: the
+    dataset's path or storage is likely wrong. (A RuntimeError, as torch's DataLoader re-raises a
+    worker's exception with its type.)"""
+
+
 def decode_image(data: bytes, bgr: bool = False):
     """Decodes encoded image bytes to uint8 [H,W,3], RGB (or BGR when `bgr`).
 
