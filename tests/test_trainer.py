@@ -568,3 +568,9 @@ def test_other_errors_while_fetching_keep_their_type_and_the_run_folder(tiny_dat
         trainer.main(tiny_args(tiny_data, tmp_path, "r"))
     assert not isinstance(raised.value, trainer.TrainingError)
     assert (tmp_path / "r" / "config.json").is_file()
+
+
+def test_default_run_names_are_the_time_and_differ_within_a_second():
+    import re
+    first, second = trainer.new_run_name(), trainer.new_run_name()   # (2^-24 to collide)
+    assert first != second and all(re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", n) for n in (first, second))

@@ -114,7 +114,7 @@ class RunConfig:
         "repeatable")})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     out: str = field(default="runs", metadata={"help": "parent folder of run folders"})
-    name: str | None = field(default=None, metadata={"help": "run folder name (default: a timestamp)"})
+    name: str | None = field(default=None, metadata={"help": "run folder name (default: the time and a random suffix)"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N optimiser steps"})
     keep_ckpts: int = field(default=3, metadata={"help": "keep the newest N checkpoints (0: keep all)"})
     log_every: int = field(default=10, metadata={"help": "log every N optimiser steps"})

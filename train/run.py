@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -188,6 +189,12 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
         raise TrainingError(f"data: {e}") from None
 
 
+def new_run_name() -> str:
+    """A fresh run folder's default name: the time, and a random suffix so that runs started in the
+    same second (a job array) never share a folder."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | None]:
     """(run folder, checkpoint to resume from or None). Never reuses a non-empty folder silently."""
     out = cfg.run.out
@@ -216,9 +223,9 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | No
             candidates = [d for d in candidates if os.path.isfile(os.path.join(d, "config.json"))]
             run_dir = max(candidates, key=os.path.getmtime) if candidates else None
             if run_dir is None:
-                run_dir = os.path.join(out, time.strftime("%Y%m%d-%H%M%S"))
+                run_dir = os.path.join(out, new_run_name())
         return run_dir, ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    run_dir = os.path.join(out, cfg.run.name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = os.path.join(out, cfg.run.name or new_run_name())
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         raise TrainingError(f"run folder {run_dir} already exists and is not empty: pass --resume auto "
                             "to continue it, or choose another --name")
