@@ -251,49 +251,22 @@ def count_paper_step_ops(args):
     from benchmarks.sections import train as T
     from d3ssl.data.loader import make_loader
     from train.config import make_config
-    from train.run import build_model, make_optimizer, make_region_stage
-    from train.step import TrainStep
-    device = torch.device(args.device)
     size, roi = (64, 4) if args.quick else (96, 6)
     cfg = make_config("default", {"model.arch": "resnet50", "view.size": size, "model.roi_size": roi,
-                                  "data.batch_size": 2, "run.device": args.device})
+                                  "data.batch_size": 2, "run.device": args.device, "run.seed": 0})
     dataset, store = T._data(cfg, 8)
-    model = build_model(cfg, len(dataset), device, world=1).train()
-    optimizer = make_optimizer(cfg, model, lr=0.01)
-    for group in optimizer.param_groups:
-        group["foreach"] = True  # as on a GPU (on a CPU LARS loops by default)
+    stepper = T._Stepper(cfg, len(dataset))
+    stepper.dtype = torch.bfloat16          # autocast as on a GPU (none on a CPU by default)
+    for group in stepper.opt.param_groups:
+        group["foreach"] = True             # multi-tensor LARS as on a GPU (a CPU loops by default)
     loader = make_loader(dataset, store, backend="cpu", batch_size=2, workers=0, view_cfg=cfg.view,
-                         seed=0, device=device)
-    batch = next(iter(loader)).to(device)
-    step = TrainStep(method=model, forward=model, optimizer=optimizer,
-                     scaler=torch.amp.GradScaler(device.type, enabled=False), stage=make_region_stage(cfg),
-                     generator=torch.Generator(device=device), device=device, amp_dtype=torch.bfloat16)
-    fetch = lambda: (0, batch)  # noqa: E731
-    for number in range(2):
-        step(number, fetch, 0.99)
+                         seed=0, device=stepper.device)
+    batch = next(iter(loader)).to(stepper.device, dtype=stepper.view_dtype)
+    for _ in range(2):
+        stepper("paper", lambda: batch)
     print(f"\n== the paper's step (ResNet-50-C4, D3SSL), operations as a GPU step issues them, "
           f"counted on {args.device}")
-    _count_ops(_OneStep(step, fetch, first=2), None, None, top=8)
-
-
-class _OneStep:
-    """A TrainStep called as _count_ops calls a benchmark stepper: ``stepper(source, get)``, with
-    ``stepper.phase`` set around the call."""
-
-    def __init__(self, step, fetch, first):
-        self.step, self.fetch, self.number = step, fetch, first
-
-    @property
-    def phase(self):
-        return self.step.phase
-
-    @phase.setter
-    def phase(self, value):
-        self.step.phase = value
-
-    def __call__(self, source, get):
-        self.number += 1
-        return self.step(self.number - 1, self.fetch, 0.99)
+    _count_ops(stepper, "paper", lambda: batch, top=8)
 
 
 def _count_syncs(stepper, source, get, steps):

@@ -24,13 +24,14 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from d3ssl.eval.oknn import ObjectImages, _collate, box_list_to_rois, evaluate_oknn, load_objects  # noqa: E402
+from d3ssl.eval.oknn import ObjectImages, _collate, evaluate_oknn, load_objects  # noqa: E402
 from d3ssl.model.resnet_c4 import C4_STRIDE, ResNetC4  # noqa: E402
+from d3ssl.ops import as_rois  # noqa: E402
 
 
 def _features(net, images, boxes, size):
     """Object features as in training: RoIAlign on C4 (output ~size/16) -> res5 -> average pool."""
-    return net.pool_rois(net.c4(images), box_list_to_rois(boxes), max(size // C4_STRIDE, 1))
+    return net.pool_rois(net.c4(images), as_rois(boxes, images), max(size // C4_STRIDE, 1))
 
 
 def _loader(data, split, size, shuffle, seed=0):

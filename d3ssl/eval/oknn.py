@@ -166,18 +166,12 @@ def _collate(items):
 
 
 # ------------------------------------------------------------------------------------- features
-def box_list_to_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
-    """boxes: list of B float [n_b,4] (one per image) -> rois [sum n_b,5] (image index, x1,y1,x2,y2)."""
-    return torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], 1)
-                      for i, b in enumerate(boxes)])
-
-
 @torch.no_grad()
 def object_features(backbone, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
     """images [B,3,S,S], boxes list of B float [n_b,4] (S-px) -> unit features [sum n_b, C5]:
     C5 -> RoIAlign 7x7 (aligned, stride 32) -> average pool -> L2 normalisation."""
     c5 = backbone.c5(images)
-    rois = box_list_to_rois(boxes).to(torch.float64 if c5.dtype == torch.float64 else torch.float32)
+    rois = ops.as_rois(boxes, c5).to(torch.float64 if c5.dtype == torch.float64 else torch.float32)
     regions = ops.roi_align(c5, rois, ROI_SIZE, spatial_scale=1.0 / C5_STRIDE,
                             sampling_ratio=-1, aligned=True)
     return F.normalize(regions.float().mean(dim=(2, 3)), dim=1)

@@ -5,4 +5,4 @@ sampling ops' references are the ``*_reference`` functions of d3ssl.augment.samp
 """
 from . import region  # noqa: F401  (region_erase, composite: fake kernels and wrappers)
 from . import sampling  # noqa: F401  (the samplers' geometry: prc_plan, prm_plan, jitter_plan, shift_plan)
-from .roi_align import RoIAlign, roi_align, roi_align_reference  # noqa: F401
+from .roi_align import RoIAlign, as_rois, roi_align, roi_align_reference  # noqa: F401

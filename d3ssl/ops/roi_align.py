@@ -17,7 +17,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["roi_align", "RoIAlign", "roi_align_reference"]
+__all__ = ["roi_align", "RoIAlign", "roi_align_reference", "as_rois"]
 
 BoxesArg = Union[Tensor, Sequence[Tensor]]
 
@@ -34,8 +34,9 @@ def _pair(output_size) -> Tuple[int, int]:
     return size
 
 
-def _boxes_to_rois(boxes: BoxesArg, input: Tensor) -> Tensor:
-    """[K, 5] (batch index, x1, y1, x2, y2) from a [K, 5] tensor or a list of per-image [L, 4]."""
+def as_rois(boxes: BoxesArg, input: Tensor) -> Tensor:
+    """[K, 5] (batch index, x1, y1, x2, y2) from a [K, 5] tensor or a list of per-image [L, 4]
+    (`input`: the features they index, whose dtype and device an empty list takes)."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
             raise ValueError("roi_align: boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a "
@@ -75,7 +76,7 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: Union[int, Tuple[int,
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
         raise ValueError(f"roi_align: input must be a 4-D tensor [N, C, H, W], got {shape}")
     pooled_height, pooled_width = _pair(output_size)
-    rois = _boxes_to_rois(boxes, input)
+    rois = as_rois(boxes, input)
     if rois.device != input.device:
         raise ValueError(f"roi_align: boxes must be on input's device ({input.device}), got {rois.device}")
     low_precision = input.dtype in (torch.float16, torch.bfloat16)
@@ -187,7 +188,7 @@ def roi_align_reference(input: Tensor, boxes: BoxesArg, output_size: Union[int, 
     Box geometry (bin sizes, sample counts) is computed in the kernels' precision (float32, or float64
     for float64 boxes) so that the number of samples per bin matches them exactly."""
     pooled_height, pooled_width = _pair(output_size)
-    rois = _boxes_to_rois(boxes, input)
+    rois = as_rois(boxes, input)
     geometry_dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
     rois = rois.detach().cpu().to(geometry_dtype)
     x = input.to(torch.float64)
