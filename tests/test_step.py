@@ -18,18 +18,32 @@ class Toy(nn.Module):
         self.w = nn.Parameter(torch.tensor([1.0, 2.0]))
         self.register_buffer("calls", torch.zeros(()))
         self.register_buffer("teacher", torch.zeros(2))
-        self.log, self.poison = log, False
+        self.log, self.poison, self.blow_up = log, False, False
 
     def forward(self, views):
         self.log.append("forward")
         self.calls += 1
         loss = (self.w * views).sum() * (float("nan") if self.poison else 1.0)  # NaN gradients too
+        if self.blow_up:  # a finite loss whose gradients are not (fp16's overflow)
+            loss = InfGrad.apply(loss)
         return {"loss": loss, "twice": 2 * loss.detach()}
 
     @torch.no_grad()
     def update_teacher(self, momentum):
         self.log.append("teacher")
         self.teacher.mul_(momentum).add_(self.w, alpha=1 - momentum)
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward; its backward sends infinite gradients on."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
 
 
 def make(accum=1, log=None, scaler=None):
@@ -116,6 +130,27 @@ def test_a_skip_with_a_grad_scaler_backs_its_scale_off():
     assert scaler.get_scale() == 512.0 and torch.equal(toy.w.detach(), w)
     toy.poison = False
     assert not step(2, fetch, 0.5, prepare_next=False).skipped and not torch.equal(toy.w.detach(), w)
+
+
+def test_an_overflow_that_the_grad_scaler_skips_updates_nothing():
+    """fp16 training: a finite loss with infinite gradients. GradScaler skips the optimiser step
+    and halves its scale; the step then leaves the teacher and the buffers as they were, too, and
+    says so."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step, toy, fetch, log = make(accum=2, scaler=scaler)
+    assert not step(0, fetch, 0.5, prepare_next=False).overflow
+    w, calls, teacher = toy.w.detach().clone(), toy.calls.clone(), toy.teacher.clone()
+    toy.blow_up = True
+    result = step(1, fetch, 0.5, prepare_next=False)
+    assert result.overflow and not result.skipped and math.isfinite(result.terms["loss"])
+    assert scaler.get_scale() == 512.0
+    assert torch.equal(toy.w.detach(), w) and torch.equal(toy.teacher, teacher)
+    assert torch.equal(toy.calls, calls) and toy.w.grad is None and "teacher" not in log[-3:]
+    toy.blow_up = False
+    result = step(2, fetch, 0.5, prepare_next=False)
+    assert not result.overflow and not result.skipped and log[-1] == "teacher"
+    assert not torch.equal(toy.w.detach(), w) and not torch.equal(toy.teacher, teacher)
+    assert scaler.get_scale() == 512.0 and torch.equal(toy.calls, calls + 2)
 
 
 def test_every_phase_is_labelled():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICES, ROOT
+from tests.test_step import InfGrad
 from train import checkpoint as ckpt
 from train import run as trainer
 from train.step import HostCopy
@@ -128,9 +129,10 @@ def test_compiled_forward_trains_like_the_eager_one(tiny_data, tmp_path):
 class _Wrap(torch.nn.Module):
     """Wraps the real method to observe (and poison) calls; test-only."""
 
-    def __init__(self, inner, nan_calls=(), always_nan=False):
+    def __init__(self, inner, nan_calls=(), always_nan=False, inf_grad_calls=(), always_inf_grad=False):
         super().__init__()
         self.inner, self.nan_calls, self.always_nan = inner, set(nan_calls), always_nan
+        self.inf_grad_calls, self.always_inf_grad = set(inf_grad_calls), always_inf_grad
         self.calls, self.seen = 0, []
 
     def forward(self, views):
@@ -146,6 +148,8 @@ class _Wrap(torch.nn.Module):
             x.is_contiguous(memory_format=torch.channels_last) for x in conv_inputs)
         if self.always_nan or self.calls in self.nan_calls:
             out = {**out, "loss": out["loss"] * float("nan")}
+        if self.always_inf_grad or self.calls in self.inf_grad_calls:
+            out = {**out, "loss": InfGrad.apply(out["loss"])}   # a finite loss, infinite gradients
         self.calls += 1
         return out
 
@@ -205,6 +209,43 @@ def test_run_of_nonfinite_losses_stops_with_clear_message(tiny_data, tmp_path, m
     _patch_build(monkeypatch, always_nan=True)
     with pytest.raises(SystemExit, match=r"3 non-finite losses in a row .*run.max_bad_steps=3"):
         trainer.main(tiny_args(tiny_data, tmp_path, "diverged", "--run.max_bad_steps", "3"))
+
+
+def _fp16_scaler(monkeypatch):
+    """An enabled GradScaler as fp16 runs get, in a float32 run (CPU fp16 convolutions are slow)."""
+    monkeypatch.setattr(trainer, "make_scaler", lambda device, dtype: torch.amp.GradScaler(device.type))
+
+
+@pytest.mark.slow
+def test_fp16_overflows_update_nothing_and_are_counted_apart(tiny_data, tmp_path, monkeypatch):
+    """GradScaler skips a step whose gradients overflow: the step leaves the student, the teacher
+    and the queue as they were, is logged as an overflow with the halved scale, and does not count
+    as a non-finite loss."""
+    _fp16_scaler(monkeypatch)
+    made = _patch_build(monkeypatch, inf_grad_calls={2})
+    summary = trainer.main(tiny_args(tiny_data, tmp_path, "fp16", "--run.max_steps", "4"))
+    assert summary["step"] == 4 and summary["skipped"] == 0 and summary["overflows"] == 1
+    seen = made[0].seen  # one per step (student and teacher parameters, the queue)
+    assert seen[3]["params"] == seen[2]["params"] and torch.equal(seen[3]["queue"], seen[2]["queue"])
+    assert seen[3]["queue_ptr"] == seen[2]["queue_ptr"]
+    assert seen[2]["params"] != seen[1]["params"]  # (the step before it trained)
+    log = [json.loads(line) for line in open(tmp_path / "fp16" / "log.jsonl")]
+    events = [r for r in log if r.get("kind") in ("overflow", "nonfinite")]
+    assert [(r["kind"], r["step"], r["scale"]) for r in events] == [("overflow", 2, 2.0 ** 15)]
+    records = read_log(str(tmp_path / "fp16" / "log.jsonl"))
+    assert [(r["overflows"], r["loss_scale"]) for r in records] == [
+        (0, 2.0 ** 16), (0, 2.0 ** 16), (1, 2.0 ** 15), (1, 2.0 ** 15)]
+    stats = [ckpt.load_checkpoint(path)["stats"] for _, path in ckpt.list_checkpoints(str(tmp_path / "fp16"))]
+    assert [(s["overflows"], s["overflows_in_a_row"]) for s in stats] == [(0, 0), (1, 0)]
+
+
+@pytest.mark.slow
+def test_a_run_of_fp16_overflows_stops_with_clear_message(tiny_data, tmp_path, monkeypatch):
+    _fp16_scaler(monkeypatch)
+    monkeypatch.setattr(trainer, "MAX_OVERFLOWS_IN_A_ROW", 3)
+    _patch_build(monkeypatch, always_inf_grad=True)
+    with pytest.raises(SystemExit, match=r"overflowed 3 steps in a row, down to a loss scale of 8.19e\+03"):
+        trainer.main(tiny_args(tiny_data, tmp_path, "overflows", "--run.max_bad_steps", "1"))
 
 
 def test_dali_flag_without_dali_says_how_to_install(tiny_data, tmp_path, monkeypatch):

@@ -48,6 +48,12 @@ class DataError(TrainingError):
     """The loader gave up on the data (too many unreadable images in a row: a wrong dataset path)."""
 
 
+# fp16: steps whose gradients overflow are GradScaler's calibration (each halves its scale), so they
+# do not count against run.max_bad_steps. 64 in a row take its initial scale of 2^16 to 2^-48, where
+# gradients that fit in fp16 cannot overflow: they are infinite at any scale, and the run stops.
+MAX_OVERFLOWS_IN_A_ROW = 64
+
+
 def _loader_failure(e: Exception) -> DataError:
     """A DataError saying why the loader gave up: a worker's exception arrives with its traceback
     as text, whose last line is the error itself."""
@@ -92,6 +98,11 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     if choice == "auto":
         choice = "bf16" if device.type == "cuda" else "none"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
+
+
+def make_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """The GradScaler of a run whose autocast dtype is `dtype`: enabled for fp16 only."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def configure_backends(cfg: TrainConfig, device: torch.device):
@@ -362,11 +373,11 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                     **{sync_kw: not synced_bn})
     forward = torch.compile(model) if cfg.run.compile else model
     optimizer = make_optimizer(cfg, raw, base_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype)
     generator = torch.Generator(device=device)
     stage = make_region_stage(cfg)
 
-    step, skipped_total, bad_in_a_row = 0, 0, 0
+    step, skipped_total, bad_in_a_row, overflows, overflows_in_a_row = 0, 0, 0, 0, 0
     if resume_path:
         state = ckpt.load_checkpoint(resume_path, map_location=device)
         raw.load_state_dict(state["model"])
@@ -376,6 +387,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         ckpt.set_rng_state(state["rng"])
         step, skipped_total = state["step"], state["stats"].get("skipped", 0)
         bad_in_a_row = state["stats"].get("bad_in_a_row", 0)  # a streak of skips goes on counting
+        overflows = state["stats"].get("overflows", 0)
+        overflows_in_a_row = state["stats"].get("overflows_in_a_row", 0)
         if master:
             print(f"resumed from {resume_path} at step {step}", flush=True)
             folder, later = ckpt.set_aside_later(run_dir, step)
@@ -396,7 +409,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                  "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                  "step": at_step, "epoch": at_step // steps_per_epoch,
                  "rng": ckpt.rng_state(generator), "config": to_dict(cfg),
-                 "stats": {"skipped": skipped_total, "bad_in_a_row": bad_in_a_row}}
+                 "stats": {"skipped": skipped_total, "bad_in_a_row": bad_in_a_row, "overflows": overflows,
+                           "overflows_in_a_row": overflows_in_a_row}}
         ckpt.atomic_save(state, ckpt.checkpoint_path(run_dir, at_step))
         ckpt.prune_checkpoints(run_dir, cfg.run.keep_ckpts)
 
@@ -473,6 +487,22 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                         f"resume from the newest checkpoint in {run_dir}/checkpoints.")
             else:
                 bad_in_a_row = 0
+            if result.overflow:
+                # fp16: GradScaler's own calibration (it halved its scale), not counted as a
+                # non-finite loss; only a streak that no scale explains stops the run.
+                overflows += 1
+                overflows_in_a_row += 1
+                logger.event("overflow", step=step, loss=loss_value, scale=scaler.get_scale(),
+                             in_a_row=overflows_in_a_row)
+                if overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                    logger.close()
+                    raise TrainingError(
+                        f"stopped at step {step}: the fp16 gradients overflowed {overflows_in_a_row} steps "
+                        f"in a row, down to a loss scale of {scaler.get_scale():.3g}: they are infinite at "
+                        f"any scale. Train with --run.amp bf16 or none, or lower optim.lr_per_256, then "
+                        f"resume from the newest checkpoint in {run_dir}/checkpoints.")
+            elif not result.skipped:
+                overflows_in_a_row = 0
             step += 1
 
             # --- bookkeeping (after a skipped step too, whose loss is logged as it was; its checkpoint
@@ -486,6 +516,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             if step % cfg.run.log_every == 0 or step == last_step:
                 rec = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "momentum": momentum,
                        "skipped": skipped_total}
+                if scaler.is_enabled():
+                    rec["overflows"], rec["loss_scale"] = overflows, scaler.get_scale()
                 for k, v in result.terms.items():
                     if k != "loss":
                         rec[k] = v
@@ -509,6 +541,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         bar.close()
     save(step)
     summary = {"run_dir": run_dir, "step": step, "skipped": skipped_total}
+    if scaler.is_enabled():
+        summary["overflows"] = overflows
     if stopping or (world == 1 and stop["signal"] is not None):
         logger.event("stop", step=step, signal=stop["signal"])
         logger.close()

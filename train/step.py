@@ -10,6 +10,7 @@ The order is chosen so that a GPU never waits for the host:
     read the loss terms: waits for the last forward only, while the GPU runs the backward
     finite everywhere: LARS step + teacher EMA, queued behind the backward
     otherwise: no update, the buffers restored, and the result says the step was skipped
+    (fp16: the same when GradScaler finds the gradients not finite and skips the LARS step itself)
 
 so the host issues the optimiser's and the next step's work while the GPU computes this step's
 backward. In bf16 or float32 nothing in a step reads a GPU value on the host but the loss terms
@@ -86,6 +87,9 @@ class StepResult:
     any_stop: bool    # some rank had been signalled when the terms were all-reduced
     skipped: bool     # the loss was not finite (on some rank): no update, buffers restored
     epoch: int        # epoch of the step's last micro-batch
+    # fp16 only: the loss was finite but the scaled gradients were not, so GradScaler skipped the
+    # optimiser step and lowered its scale; as after a skip, no EMA and the buffers restored
+    overflow: bool = False
 
 
 def _now(flag) -> bool:
@@ -209,9 +213,19 @@ class TrainStep:
                 torch._foreach_copy_(buffers, self._snapshot)
             return result
         with self.phase("optimiser"):
+            # With fp16 the scaler reads on the host whether the gradients were finite (its step
+            # waits for the backward anyway); it lowers the scale exactly when they were not.
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+        if scale is not None and self.scaler.get_scale() < scale:
+            # The scaler skipped the optimiser step: the student did not change, so neither does
+            # the teacher, and the forwards' buffer changes are undone as for a non-finite loss.
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, self._snapshot)
+            result.overflow = True
+            return result
         with self.phase("teacher update"):
             self.method.update_teacher(momentum)
         return result
