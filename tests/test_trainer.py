@@ -561,6 +561,44 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_data
     assert summary["step"] == 4
 
 
+def test_resuming_with_another_step_size_is_refused_with_the_options_that_keep_it(
+        tiny_data, tmp_path, capsys):
+    """The learning rate, its schedule and the epochs follow from the images per step: a resume
+    that would change that number (here the batch size) stops with a message saying how to keep it;
+    one that keeps it (the same batch in two micro-batches) goes on."""
+    args = tiny_args(tiny_data, tmp_path, "r", "--data.batch_size", "4")
+    trainer.main(args + ["--run.max_steps", "2"])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "r")))
+    assert (state["world_size"], state["images_per_step"]) == (1, 4)
+    with pytest.raises(SystemExit, match=r"took 4 images per optimiser step \(1 process\(es\)\); this one "
+                                         r"would take 2 .*resume with --optim.accum_steps 2"):
+        trainer.main(args + ["--data.batch_size", "2", "--resume", "auto", "--run.max_steps", "3"])
+    summary = trainer.main(args + ["--data.batch_size", "2", "--optim.accum_steps", "2", "--resume", "auto",
+                                   "--run.max_steps", "3"])
+    assert summary["step"] == 3 and "warning: resuming" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved, world, batch, accum, hint", [
+    ((8, 512), 4, 64, 1, "--optim.accum_steps 2"),
+    ((8, 512), 4, 48, 1, "--data.batch_size 128"),
+    ((3, 99), 2, 64, 1, "as many images per step")])
+def test_a_resume_on_another_process_count_must_keep_the_step_size(saved, world, batch, accum, hint):
+    from train.config import make_config
+    cfg = make_config("default", {"data.batch_size": batch, "optim.accum_steps": accum})
+    with pytest.raises(trainer.TrainingError, match=f"took {saved[1]} images .* resume with {hint}"):
+        trainer.check_resumed_step_size(saved, world, cfg, master=True)
+
+
+def test_a_resume_on_another_process_count_with_the_same_step_size_warns(capsys):
+    from train.config import make_config
+    cfg = make_config("default", {"data.batch_size": 64, "optim.accum_steps": 2})
+    trainer.check_resumed_step_size((8, 512), 4, cfg, master=True)
+    assert "warning: resuming on 4 process(es) a run of 8: the same 512 images per step" in capsys.readouterr().err
+    trainer.check_resumed_step_size((4, 512), 4, cfg, master=True)
+    trainer.check_resumed_step_size((8, 512), 4, cfg, master=False)   # rank 0 alone says it
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_unreadable_images_stop_the_first_step_with_a_clear_error_and_no_run_folder(

@@ -7,6 +7,7 @@ with ``torch.load(..., weights_only=True)``:
     optimizer  the optimiser's state_dict
     scaler     the GradScaler's state_dict (fp16 only; empty otherwise)
     step       optimiser steps done; epoch: the epoch the next step belongs to
+    world_size, images_per_step   processes, and images per optimiser step over all of them
     rng        {"torch", "numpy", "python", "cuda" (list, one per device), "region"} generator states
     config     the run's config as a nested dict
     stats      counters (skipped non-finite steps, ...)

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import sys
 import time
 
 import torch
@@ -200,6 +201,32 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
         raise TrainingError(f"data: {e}") from None
 
 
+def check_resumed_step_size(saved_shape: tuple[int, int], world: int, cfg: TrainConfig, master: bool):
+    """Resuming a checkpoint whose run had `saved_shape` = (processes, images per optimiser step):
+    the steps must stay the same size, as the learning rate, its schedule and the epoch that a step
+    belongs to all follow from it. With another number of processes and the same step size the run
+    goes on (the data are sharded anew from the next epoch on; the rest of the current one is drawn
+    from the new shards, so within it some images may come twice and others not at all)."""
+    saved_world, saved_images = saved_shape
+    batch, accum = cfg.data.batch_size, cfg.optim.accum_steps
+    images = batch * accum * world
+    if images != saved_images:
+        per_micro = world * batch
+        hint = (f"--optim.accum_steps {saved_images // per_micro}" if saved_images % per_micro == 0 else
+                f"--data.batch_size {saved_images // (world * accum)}" if saved_images % (world * accum) == 0
+                else "as many images per step")
+        raise TrainingError(
+            f"--resume: the checkpoint's run took {saved_images} images per optimiser step "
+            f"({saved_world} process(es)); this one would take {images} ({world} process(es) x "
+            f"data.batch_size {batch} x optim.accum_steps {accum}). The learning rate, its schedule and the "
+            f"epochs follow from that number: resume with {hint}.")
+    if world != saved_world and master:
+        print(f"warning: resuming on {world} process(es) a run of {saved_world}: the same {images} "
+              "images per step, but if the checkpoint is inside an epoch, the rest of that epoch is "
+              "drawn from the new shards (some of its images may come twice, others not at all)",
+              file=sys.stderr, flush=True)
+
+
 def new_run_name() -> str:
     """A fresh run folder's default name: the time, and a random suffix so that runs started in the
     same second (a job array) never share a folder."""
@@ -316,13 +343,20 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         shared = [run_dir, resume_path]
         dist.broadcast_object_list(shared, src=0)
         run_dir, resume_path = shared
+    saved_shape = None  # (processes, images per step) of the run that wrote the checkpoint
     if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
         # Continue with the run's own config; only what was given on this command line changes it.
         # The saved values are checked together with this command line's, so that one of them that
         # the checks refuse (a config saved by an older version) can be overridden here.
         try:
-            saved = from_dict(ckpt.load_checkpoint(resume_path)["config"], check=False) if resume_path else \
-                load_json(os.path.join(run_dir, "config.json"), check=False)
+            if resume_path:
+                saved_state = ckpt.load_checkpoint(resume_path)
+                saved = from_dict(saved_state["config"], check=False)
+                if "world_size" in saved_state:  # (not in checkpoints written before 2026-11-28)
+                    saved_shape = saved_state["world_size"], saved_state["images_per_step"]
+                del saved_state
+            else:
+                saved = load_json(os.path.join(run_dir, "config.json"), check=False)
             cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
                                           if k not in ("run.name", "run.out")})
         except ValueError as e:
@@ -332,6 +366,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             raise TrainingError(f"--resume: {e}") from None
     if master:
         check_writable(run_dir)
+    if saved_shape is not None:
+        check_resumed_step_size(saved_shape, world, cfg, master)
     dtype = amp_dtype(cfg, device)
     configure_backends(cfg, device)
     seed_everything(cfg.run.seed + rank)
@@ -408,6 +444,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                  "step": at_step, "epoch": at_step // steps_per_epoch,
+                 "world_size": world, "images_per_step": images_per_step,
                  "rng": ckpt.rng_state(generator), "config": to_dict(cfg),
                  "stats": {"skipped": skipped_total, "bad_in_a_row": bad_in_a_row, "overflows": overflows,
                            "overflows_in_a_row": overflows_in_a_row}}
