@@ -578,6 +578,21 @@ def test_resuming_with_another_step_size_is_refused_with_the_options_that_keep_i
     assert summary["step"] == 3 and "warning: resuming" not in capsys.readouterr().err
 
 
+def test_a_resume_whose_options_change_the_model_stops_with_a_clear_error(tiny_data, tmp_path):
+    """A resume whose command line builds another model than the checkpoint's (here a smaller
+    projection, so queue and heads) stops with a one-line error naming the changed option, and
+    leaves the run's config as it was, so the same resume without that option goes on."""
+    args = tiny_args(tiny_data, tmp_path, "r", "--run.max_steps", "2")
+    trainer.main(args)
+    config = (tmp_path / "r" / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"--resume: the checkpoint .*step_00000002.pt does not fit the model "
+                                         r"this command line builds \(size mismatch for queue: .*\)\. Options "
+                                         r"changed from the run's config: model.proj_dim 16 -> 8"):
+        trainer.main(args + ["--resume", "auto", "--model.proj_dim", "8"])
+    assert (tmp_path / "r" / "config.json").read_text() == config
+    assert trainer.main(args + ["--resume", "auto", "--run.max_steps", "3"])["step"] == 3
+
+
 @pytest.mark.parametrize("saved, world, batch, accum, hint", [
     ((8, 512), 4, 64, 1, "--optim.accum_steps 2"),
     ((8, 512), 4, 48, 1, "--data.batch_size 128"),

@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint as ckpt
 from train.step import TrainStep, loader_options
-from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, load_json, make_config,
-                          parse_args, save_json, to_dict, apply_overrides)
+from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, load_json,
+                          make_config, parse_args, save_json, to_dict, apply_overrides)
 from train.logging import NullLogger, RunLogger, plot_loss_lr
 
 
@@ -344,6 +344,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         dist.broadcast_object_list(shared, src=0)
         run_dir, resume_path = shared
     saved_shape = None  # (processes, images per step) of the run that wrote the checkpoint
+    changed = []        # "field saved -> given" for the saved config's fields this command line changes
     if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
         # Continue with the run's own config; only what was given on this command line changes it.
         # The saved values are checked together with this command line's, so that one of them that
@@ -357,8 +358,11 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                 del saved_state
             else:
                 saved = load_json(os.path.join(run_dir, "config.json"), check=False)
-            cfg = apply_overrides(saved, {k: v for k, v in (explicit or {}).items()
-                                          if k not in ("run.name", "run.out")})
+            overrides = {k: v for k, v in (explicit or {}).items() if k not in ("run.name", "run.out")}
+            before = {k: get_field(saved, k) for k in overrides}
+            cfg = apply_overrides(saved, overrides)
+            changed = [f"{k} {before[k]!r} -> {get_field(cfg, k)!r}" for k in overrides
+                       if get_field(cfg, k) != before[k]]
         except ValueError as e:
             raise TrainingError(f"--resume: the run's saved config with this command line's changes: {e} "
                                 "(override a saved value with --FIELD VALUE)") from None
@@ -393,7 +397,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     created_run_dir = master and not os.path.isdir(run_dir)  # by this invocation (removed if it fails to start)
     if master:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        save_json(cfg, os.path.join(run_dir, "config.json"))
 
     # --- model and optimiser ------------------------------------------------------------------------
     from d3ssl.model import lr_schedule, momentum_schedule
@@ -416,8 +419,18 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     step, skipped_total, bad_in_a_row, overflows, overflows_in_a_row = 0, 0, 0, 0, 0
     if resume_path:
         state = ckpt.load_checkpoint(resume_path, map_location=device)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [line.strip() for line in str(e).strip().splitlines()]
+            what = (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0])[:200].rstrip(".")
+            raise TrainingError(
+                f"--resume: the checkpoint {resume_path} does not fit the model this command line builds "
+                f"({what}). "
+                + (f"Options changed from the run's config: {'; '.join(changed)}: resume without those "
+                   "that shape the model or its queue, or start a new run (--name)." if changed else
+                   "The checkpoint was written by another version of the model code.")) from None
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
@@ -431,7 +444,9 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             if later:
                 print(f"the run's checkpoints of later steps ({', '.join(map(str, later))}) were moved to "
                       f"{folder}: this run goes on from step {step}", flush=True)
-    if master and os.path.isdir(run_dir):
+    if master:
+        # (written once the checkpoint is known to fit: a refused resume leaves the run as it was)
+        save_json(cfg, os.path.join(run_dir, "config.json"))
         ckpt.remove_temporaries(run_dir)
 
     logger = RunLogger(run_dir, start_step=step) if master else NullLogger()
