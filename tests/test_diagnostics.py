@@ -150,6 +150,8 @@ def test_compose_pair_places_objects():
     assert not im1[~mask].any()  # image 1: A and B on black
     with pytest.raises(ValueError, match="object_size"):
         coupling.compose_pair(a, b, 100, 60, 0)
+    with pytest.raises(ValueError, match="gap must be >= 0 px"):   # B would be pasted over A
+        coupling.compose_pair(a, b, 224, 96, -20)
 
 
 def test_sample_pairs_have_different_categories():
@@ -435,13 +437,65 @@ def test_report_on_tiny_dataset(tmp_path, synthetic_root):
         assert 0 <= share <= 1 and f"| {100 * share:.0f} % |" in text
 
 
+def _fake_results(backbone, data_root, objects, settings, device, progress=True):
+    """evaluate_network's result shape, for tests of what the report does around it."""
+    stats = probe.summarize(np.ones(3))
+    oknn = {"top1": 1.0, "top5": 2.0, "bank_size": 3, "num_queries": 4, "position_share": 0.5}
+    return {"oknn": oknn, "disturbed_oknn": oknn, "cr": {layer: stats for layer in probe.LAYERS},
+            "mcs": {layer: stats for layer in probe.LAYERS}}
+
+
+def test_report_evaluates_the_splits_it_is_given(tmp_path, synthetic_root, monkeypatch):
+    """--train-split and --val-split reach O-KNN and disturbed O-KNN (they had always used train
+    and val while the report named the given splits)."""
+    from d3ssl.eval import report
+    seen = {}
+
+    class Enough(Exception):
+        pass
+
+    def record(name):
+        def measure(backbone, data_root, **kw):
+            seen[name] = (kw["train_split"], kw["val_split"])
+            if len(seen) == 2:
+                raise Enough
+            return {"top1": 0.0}
+        return measure
+    monkeypatch.setattr(report, "evaluate_oknn", record("oknn"))
+    monkeypatch.setattr(report, "evaluate_disturbed_oknn", record("disturbed"))
+    with pytest.raises(Enough):
+        report.main(["--data", synthetic_root, "--out", str(tmp_path / "o"), "--arch", "resnet18",
+                     "--train-split", "val", "--val-split", "train", "--no-progress"])
+    assert seen == {"oknn": ("val", "train"), "disturbed": ("val", "train")}
+    with pytest.raises(SystemExit, match="every query would find itself in the bank"):
+        report.main(["--data", synthetic_root, "--out", str(tmp_path / "o"), "--train-split", "val",
+                     "--no-progress"])
+
+
+def test_report_gives_each_checkpoint_its_own_row(tmp_path, synthetic_root, monkeypatch):
+    """Two checkpoints of one run folder were both named after it, and one row overwrote the other."""
+    from d3ssl.eval import report
+    monkeypatch.setattr(report, "evaluate_network", _fake_results)
+    run = tmp_path / "runs" / "tiny" / "checkpoints"
+    os.makedirs(run)
+    for step in (2, 4):
+        _write_checkpoint(str(run / f"step_0000000{step}.pt"))
+    ckpts = [str(run / "step_00000002.pt"), str(run / "step_00000004.pt")]
+    results = report.main(sum((["--ckpt", c] for c in ckpts), []) + [
+        "--data", synthetic_root, "--out", str(tmp_path / "o"), "--no-progress", "--no-random"])
+    assert list(results) == ["tiny (step_00000002.pt)", "tiny (step_00000004.pt)"]
+    with pytest.raises(SystemExit, match="--label: each network needs its own label"):
+        report.main(sum((["--ckpt", c, "--label", "same"] for c in ckpts), []) + [
+            "--data", synthetic_root, "--out", str(tmp_path / "o"), "--no-progress"])
+
+
 def test_report_errors(tmp_path, synthetic_root):
     from d3ssl.eval import report
     base = ["--out", str(tmp_path / "o"), "--no-progress"]
     with pytest.raises(SystemExit, match="missing.pt"):
         report.main(["--ckpt", str(tmp_path / "missing.pt"), "--data", synthetic_root] + base)
     os.makedirs(tmp_path / "noann" / "val")
-    with pytest.raises(SystemExit, match="instances_val.json"):
+    with pytest.raises(SystemExit, match="no COCO-format split 'train'.*instances_train.json"):
         report.main(["--data", str(tmp_path / "noann"), "--arch", "resnet18"] + base)
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         report.main(["--data", synthetic_root, "--no-random"] + base)
@@ -493,6 +547,9 @@ def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsy
     from d3ssl.eval import compare, report
     with pytest.raises(SystemExit, match="--skip-train: no trained run for d3ssl"):
         compare.main(["--out", str(tmp_path / "cmp"), "--skip-train", "--methods", "d3ssl"])
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--out", str(tmp_path / "cmp"), "--max-train-images", "1"])
+    assert stop.value.code == 2 and "--max-train-images must be at least 2" in capsys.readouterr().err
     for argv, message in ((["--device", "tpu"], "--device tpu"), (["--data", str(tmp_path)], "--data: no COCO")):
         with pytest.raises(SystemExit) as stop:
             compare.main(["--out", str(tmp_path / "cmp"), *argv])
@@ -501,7 +558,11 @@ def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsy
     for argv, message in ((["--pairs", "0"], "--pairs: must be >= 1"),
                           (["--ckpt", "x", "--arch", "resnet18"], "--arch sets the random-init"),
                           (["--image-size", "16"], "--image-size must be >= 32"),
-                          (["--device", "tpu"], "--device tpu")):
+                          (["--device", "tpu"], "--device tpu"),
+                          (["--gap", "-2"], "--gap must be >= 0"),
+                          (["--cr-image-size", "128"], "--object-size 96 twice and --gap 0 do not fit"),
+                          (["--max-val-images", "1"], "--max-val-images must be at least 2"),
+                          (["--max-train-images", "1"], "--max-train-images must be at least 2")):
         with pytest.raises(SystemExit) as stop:
             report.main(["--data", str(tmp_path), "--out", str(tmp_path / "rep"), *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err, argv

@@ -1,6 +1,7 @@
 """O-KNN on features whose answer is known, and object features on a tiny COCO-format set."""
 import json
 import math
+import os
 from dataclasses import asdict
 
 import cv2
@@ -267,6 +268,44 @@ def test_cli_refuses_bad_input_before_any_work(tiny_coco, tmp_path, capsys):
             oknn.main(["--arch", "resnet18", "--data", str(tiny_coco), *args])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err, (args, err[-500:])
+
+
+def test_bank_and_queries_from_one_split_are_refused(tiny_coco, tmp_path, capsys):
+    """Every query would find itself in the bank: refused, by the library and by the CLI, also when
+    the two names reach one annotation file."""
+    with pytest.raises(ValueError, match="every query would find itself in the bank"):
+        oknn.evaluate_oknn(ResNetC4("resnet18"), str(tiny_coco), train_split="val", image_size=64)
+    os.symlink(tiny_coco / "annotations" / "instances_val.json", tiny_coco / "annotations" / "instances_v2.json")
+    os.symlink(tiny_coco / "val", tiny_coco / "v2")
+    with pytest.raises(SystemExit) as stop:
+        oknn.main(["--random-init", "--arch", "resnet18", "--data", str(tiny_coco), "--train-split", "v2"])
+    assert stop.value.code == 2
+    assert "the bank split 'v2' and the query split 'val' are the same" in capsys.readouterr().err
+
+
+def test_annotations_without_iscrowd_are_not_crowds(tiny_coco):
+    """iscrowd is optional in COCO-format files (the CR/MCS loader already read it so)."""
+    ann = tiny_coco / "annotations" / "instances_val.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["iscrowd"] = 1
+    for a in data["annotations"][::2]:
+        del a["iscrowd"]
+    ann.write_text(json.dumps(data))
+    records = oknn.load_objects(str(tiny_coco), "val")
+    assert [r[2].tolist() for r in records] == [[1], [3]]   # the crowd left out, the others kept
+
+
+def test_vote_stays_right_at_tiny_temperatures():
+    """exp(sim / T) overflows for T below ~1/700 (every weight inf: the tie went to the lower class)
+    and underflows for negative similarities (no class counted as voted for)."""
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.436], [-1.0, 0.01], [-0.99, -0.1]]), dim=1)
+    bank_y = torch.tensor([0, 1, 2, 3])
+    query = F.normalize(torch.tensor([[0.88, 0.47], [-1.0, 0.0]]), dim=1)   # nearest: class 1; class 2
+    for t in (0.07, 1e-3, 1e-6):
+        res = oknn.o_knn(bank, bank_y, query, torch.tensor([1, 2]), k=2, temperature=t)
+        assert res == {"top1": 100.0, "top5": 100.0}, t
+    res = oknn.o_knn(bank[2:], bank_y[2:], query[:1], torch.tensor([3]), k=2, temperature=1e-3)
+    assert res == {"top1": 0.0, "top5": 100.0}   # only dissimilar neighbours, but they did vote
 
 
 def test_resolve_split_accepts_the_training_loaders_layouts(tmp_path):

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-train", action="store_true", help="only run the report on existing runs")
     a = p.parse_args(argv)
     check_image_size(p, "--image-size", a.image_size)
+    if a.max_train_images == 1:
+        p.error("--max-train-images must be at least 2: the report's disturbed O-KNN takes each image's "
+                "background from another image of its split")
     try:
         methods = parse_methods(a.methods)
     except ValueError as e:
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         from .oknn import check_splits
         try:
             check_splits(a.data, "train", "val")
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             p.error(f"--data: {e}")
     runs = os.path.join(a.out, "runs")
     if a.skip_train:

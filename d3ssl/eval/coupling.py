@@ -32,6 +32,8 @@ def compose_pair(crop_a: np.ndarray, crop_b: np.ndarray, image_size: int = 224, 
     Returns:
         image1 uint8 [S,S,3] (A and B), image2 uint8 [S,S,3] (A only), box_a, box_b: float [4] x1,y1,x2,y2 px.
     """
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0 px (a negative one pastes B over A), got {gap}")
     if 2 * object_size + gap > image_size:
         raise ValueError(f"object_size: two objects of {object_size} px and a gap of {gap} px do not fit "
                          f"side by side in an image of {image_size} px")

@@ -62,10 +62,14 @@ def resolve_split(data_root: str, split: str) -> tuple[str, str]:
         f"{os.path.join(data_root, split)}")
 
 
-def check_splits(data_root: str, *splits: str):
-    """Raises resolve_split's FileNotFoundError for the first of `splits` missing from `data_root`."""
-    for split in splits:
-        resolve_split(data_root, split)
+def check_splits(data_root: str, train_split: str, val_split: str):
+    """Checks O-KNN's bank split and query split before any feature is extracted: resolve_split's
+    FileNotFoundError for the first missing from `data_root`, ValueError when both are one
+    annotation file (every query would find itself in the bank)."""
+    bank, queries = (resolve_split(data_root, split)[0] for split in (train_split, val_split))
+    if os.path.realpath(bank) == os.path.realpath(queries):
+        raise ValueError(f"the bank split {train_split!r} and the query split {val_split!r} are the same "
+                         f"annotations ({bank}): every query would find itself in the bank")
 
 
 def load_objects(data_root: str, split: str, max_objects_per_image: int | None = None,
@@ -96,8 +100,9 @@ def load_objects(data_root: str, split: str, max_objects_per_image: int | None =
         image_ids = image_ids[:max_images]
     for image_id in image_ids:
         info = coco.loadImgs(image_id)[0]
-        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
-                if a["bbox"][2] >= min_box_size and a["bbox"][3] >= min_box_size]
+        # (iscrowd is optional in COCO-format files: a missing one means not a crowd)
+        anns = [a for a in coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)
+                and a["bbox"][2] >= min_box_size and a["bbox"][3] >= min_box_size]
         if max_objects_per_image is not None:
             remaining, anns = anns, []
             while remaining and len(anns) < max_objects_per_image:
@@ -261,11 +266,16 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
     for start in range(0, len(query_feats), chunk_size):
         q = query_feats[start:start + chunk_size].float()
         sim, idx = (q @ bank.t()).topk(k, dim=1)
+        # exp(sim / T), divided by each query's largest (the ranking is the same): stays finite
+        # and above 0 for the nearest neighbours however small T is
+        weights = ((sim.double() - sim[:, :1].double()) / temperature).exp()
         votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
-        votes.scatter_add_(1, bank_y[idx], (sim.double() / temperature).exp())
+        votes.scatter_add_(1, bank_y[idx], weights)
+        voters = torch.zeros(len(q), len(classes), dtype=torch.long)
+        voters.scatter_add_(1, bank_y[idx], torch.ones_like(idx))
         ranked = votes.argsort(dim=1, descending=True, stable=True)
         y = query_y[start:start + chunk_size].unsqueeze(1)
-        voted = votes.gather(1, y)[:, 0] > 0     # a class no neighbour voted for is never a guess
+        voted = voters.gather(1, y)[:, 0] > 0    # a class no neighbour voted for is never a guess
         correct1 += ((ranked[:, :1] == y).any(dim=1) & voted).sum().item()
         correct5 += ((ranked[:, :5] == y).any(dim=1) & voted).sum().item()
     n = len(query_feats)
@@ -322,6 +332,7 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
     Returns {"top1", "top5" (percent), "bank_size", "num_queries", "position_share" (of the val
     features, see :func:`position_share`; left out with fewer than 3 queries)}.
     """
+    check_splits(data_root, train_split, val_split)
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
                                              image_hook if hook_bank else None, progress=progress)

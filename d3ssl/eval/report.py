@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .coupling import coupling_rate
 from .disturbed import evaluate_disturbed_oknn
-from .oknn import DEFAULT_OBJECTS_PER_IMAGE, evaluate_oknn
+from .oknn import DEFAULT_OBJECTS_PER_IMAGE, _checkpoint_file, check_splits, evaluate_oknn
 from .positional import mean_cosine_similarity
 from .probe import LAYERS, load_objects, summarize
 
@@ -49,7 +49,8 @@ def run_label(path: str) -> str:
 def evaluate_network(backbone, data_root: str, objects, settings: dict, device, progress: bool = True) -> dict:
     """All four measures for one backbone. Returns {"oknn", "disturbed_oknn", "cr", "mcs"}."""
     backbone = backbone.to(device)
-    oknn_kw = dict(max_objects_per_image=settings["objects_per_image"], k=settings["k"],
+    oknn_kw = dict(train_split=settings["train_split"], val_split=settings["val_split"],
+                   max_objects_per_image=settings["objects_per_image"], k=settings["k"],
                    temperature=settings["temperature"], image_size=settings["image_size"], device=device,
                    batch_size=settings["batch_size"], max_train_images=settings["max_train_images"],
                    max_val_images=settings["max_val_images"], progress=progress)
@@ -195,12 +196,33 @@ def main(argv=None) -> dict:
     a.device = check_device(p, "--device", a.device)
     if a.label and len(a.label) != len(a.ckpt):
         raise SystemExit(f"error: --label: give one per --ckpt ({len(a.ckpt)}), got {len(a.label)}")
+    # (the measures' own checks, made now rather than after the first network's O-KNN)
+    if a.gap < 0:
+        p.error(f"--gap must be >= 0, got {a.gap}")
+    if 2 * a.object_size + a.gap > a.cr_image_size:
+        p.error(f"--object-size {a.object_size} twice and --gap {a.gap} do not fit side by side in "
+                f"--cr-image-size {a.cr_image_size}")
+    for name in ("max_train_images", "max_val_images"):
+        if getattr(a, name) == 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 2: disturbed O-KNN takes each image's "
+                    "background from another image of its split")
     progress = not a.no_progress
     try:
         networks = []  # (label, arch, loader)
         for i, ckpt in enumerate(a.ckpt):
             backbone, arch = load_backbone(ckpt)  # fail early, before hours of evaluation
             networks.append((a.label[i] if a.label else run_label(ckpt), arch, backbone))
+        labels = [label for label, _, _ in networks]
+        if len(set(labels)) < len(labels):  # (each network is one row, keyed by its label)
+            if a.label:
+                raise ValueError(f"--label: each network needs its own label, got {labels}")
+            networks = [(f"{label} ({os.path.basename(ckpt)})" if labels.count(label) > 1 else label, arch, bb)
+                        for (label, arch, bb), ckpt in zip(networks, map(_checkpoint_file, a.ckpt))]
+            labels = [label for label, _, _ in networks]
+            if len(set(labels)) < len(labels):
+                raise ValueError(f"--ckpt: two of the checkpoints get the same name ({labels}): name "
+                                 "each with --label")
+        check_splits(a.data, a.train_split, a.val_split)
         if not a.no_random:
             archs = sorted({arch for _, arch, _ in networks}) or [a.arch or "resnet50"]
             for arch in archs:
