@@ -145,6 +145,54 @@ def test_corrupt_image_gets_whole_image_box(images, tmp_path):
     assert all(store.status(k) == 0 for k in others)
 
 
+def test_a_pool_after_opencv_work_in_this_process_does_not_hang(images, tmp_path):
+    """OpenCV's thread pool started in this process, then generation with forked workers: each
+    worker had set OpenCV's thread count, which hangs in a forked child of such a parent. Run in a
+    subprocess, so that a hang fails the test instead of the suite; the thread count is restored."""
+    import subprocess
+    import sys
+    script = f"""
+import cv2, numpy as np
+from d3ssl.data.datasets import ImageFolder
+from d3ssl.data.proposals import generate_proposals
+big = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.GaussianBlur(cv2.resize(big, (1000, 1000)), (0, 0), 3)   # OpenCV's pool is up
+before = cv2.getNumThreads()
+store = generate_proposals(ImageFolder({images!r}), {str(tmp_path / "p.bin")!r}, max_side=128, workers=2,
+                           chunk_size=2, progress=False)
+print(len(store), before == cv2.getNumThreads())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["7", "True"]
+
+
+def test_an_opencv_without_selective_search_is_a_clear_error(images, tmp_path, monkeypatch, capsys):
+    """Without OpenCV's contrib modules every image failed and the store was written with
+    whole-image boxes, under warnings only; now nothing is written and the error says what to do."""
+    monkeypatch.delattr(cv2, "ximgproc")
+    out = tmp_path / "p.bin"
+    with pytest.raises(ImportError, match="pip install opencv-contrib-python-headless"):
+        generate_proposals(ImageFolder(images), str(out), workers=1, progress=False)
+    with pytest.raises(SystemExit) as stop:
+        main(["--images", images, "--out", str(out), "--workers", "1"])
+    assert stop.value.code == 2 and "cv2.ximgproc" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_failure_that_is_not_the_images_stops_the_generation(images, tmp_path, monkeypatch):
+    """Only unreadable images get the whole-image box: any other error is raised, not recorded."""
+    import d3ssl.data.proposals as proposals
+
+    def broken(*args):
+        raise TypeError("a bug")
+    monkeypatch.setattr(proposals, "proposals_for_image", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        generate_proposals(ImageFolder(images), str(tmp_path / "p.bin"), workers=1, progress=False)
+
+
 def test_cli_and_default_path(images, store_path, tmp_path, capsys):
     out = str(tmp_path / "cli.bin")
     main(["--images", images, "--out", out, "--max-side", "128", "--workers", "1", "--chunk-size", "3"])

@@ -381,7 +381,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     # retry, or for --resume auto to pick up)
     try:
         dataset, store, oknn_data = prepare_data(cfg, rank, world)
-    except (ValueError, OSError) as e:  # unreadable, empty or mismatched data, proposals store
+    except (ValueError, OSError, ImportError) as e:  # unreadable, empty or mismatched data, proposals
+        # store, or an OpenCV without selective search
         raise TrainingError(f"data (--data, --proposals): {e}") from None
     loader = make_data_loader(cfg, dataset, store, rank, world, device)
     accum = cfg.optim.accum_steps

@@ -261,9 +261,18 @@ def _chunk_path(partial: str, c: int) -> str:
     return os.path.join(partial, f"chunk_{c:07d}.bin")
 
 
-def _run_chunk(job):
+def _serial_opencv():
+    """A pool worker's OpenCV runs one thread (as many workers as cores run at once). Forked workers
+    inherit it from the parent instead (generate_proposals sets it there): calling
+    cv2.setNumThreads in a forked child whose parent had started OpenCV's thread pool can hang."""
     import cv2
     cv2.setNumThreads(1)
+
+
+def _run_chunk(job):
+    import cv2
+
+    from .datasets import ImageDecodeError
     c, items, cfg, partial = job
     keys, boxes, sizes, status, failures = [], [], [], [], []
     for key, path, hint in items:
@@ -272,7 +281,8 @@ def _run_chunk(job):
             h, w = img.shape[:2]
             b = proposals_for_image(img, key, cfg)
             st = STATUS_OK
-        except Exception as e:  # noqa: BLE001  (any unreadable file: report, whole-image box, go on)
+        except (ImageDecodeError, OSError, cv2.error) as e:  # an unreadable file (or one selective
+            # search cannot take): report, whole-image box, go on; anything else is a bug and stops
             w, h = hint or _header_size(path)
             b = np.array([[0, 0, w, h]], np.float32)
             st = STATUS_UNREADABLE
@@ -309,6 +319,12 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
 
     Returns the opened store. Unreadable images are reported with warnings.warn and get the
     whole-image box (size from the annotations, else from the file header, else 0x0)."""
+    import cv2
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError(
+            f"selective search needs OpenCV's contrib modules (cv2.ximgproc), which the installed OpenCV "
+            f"{cv2.__version__} lacks: `pip install opencv-contrib-python-headless` (uninstall any other "
+            "opencv-python* package first: they share the cv2 module)")
     cfg = cfg or ProposalConfig()
     cfg = ProposalConfig(**{**asdict(cfg), "max_side": int(max_side)})
     if cfg.max_side < 16:
@@ -350,11 +366,15 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
     failures = []
     workers = max(1, workers or os.cpu_count() or 1)
     pool = None
+    opencv_threads = cv2.getNumThreads()
     try:
+        cv2.setNumThreads(1)  # (restored below) inherited by forked workers; see _serial_opencv
         if workers == 1 or len(jobs) <= 1:
             results = map(_run_chunk, jobs)
         else:
-            pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
+            spawn = sys.platform == "darwin"
+            pool = mp.get_context("spawn" if spawn else "fork").Pool(
+                workers, initializer=_serial_opencv if spawn else None)
             results = pool.imap_unordered(_run_chunk, jobs)
         for _c, count, fails in results:
             bar.update(count)
@@ -368,6 +388,7 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
         bar.close()
         if pool:
             pool.terminate()
+        cv2.setNumThreads(opencv_threads)
     if stop_after_chunks is not None and len(done) + len(jobs) < num_chunks:
         return None
     # merge the chunks, in order, into the final store
@@ -420,17 +441,20 @@ def main(argv=None):
         p.error("--image-root goes with --coco (the images of its JSON); --images already names them")
     check_output_file(p, "--out", args.out)
     from .datasets import CocoDataset, ImageFolder, open_dataset
-    if args.images:
-        dataset = ImageFolder(args.images)
-    elif args.image_root:
-        dataset = CocoDataset(args.image_root, args.coco)
-    else:
-        dataset = open_dataset(args.coco)
-    out = args.out or default_store_path(dataset)
     t0 = time.time()
-    cfg = ProposalConfig(max_boxes=args.max_boxes, mode=args.mode)
-    store = generate_proposals(dataset, out, max_side=args.max_side, workers=args.workers,
-                               chunk_size=args.chunk_size, cfg=cfg)
+    try:
+        if args.images:
+            dataset = ImageFolder(args.images)
+        elif args.image_root:
+            dataset = CocoDataset(args.image_root, args.coco)
+        else:
+            dataset = open_dataset(args.coco)
+        out = args.out or default_store_path(dataset)
+        cfg = ProposalConfig(max_boxes=args.max_boxes, mode=args.mode)
+        store = generate_proposals(dataset, out, max_side=args.max_side, workers=args.workers,
+                                   chunk_size=args.chunk_size, cfg=cfg)
+    except (ValueError, OSError, ImportError) as e:  # the data or the OpenCV build: one line
+        p.exit(2, f"error: {e}\n")
     print(f"wrote {out}: {len(store)} images, {store.num_boxes} boxes "
           f"({store.num_boxes / len(store):.1f} per image) in {time.time() - t0:.1f} s")
 
