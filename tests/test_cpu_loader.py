@@ -249,9 +249,13 @@ def test_corrupt_file_is_skipped_and_counted(boxes_dataset, tmp_path):
                          view_cfg=ViewConfig(size=S))
     broken = keys.index("03b_broken.png")
     with pytest.warns(UserWarning, match="unreadable"):
-        ids = torch.cat([b.image_id for b in loader]).tolist()
+        batches = list(loader)
+    ids = torch.cat([b.image_id for b in batches]).tolist()
     assert len(ids) == len(bad) and loader.skipped == 1 and loader.skipped_keys == ["03b_broken.png"]
     assert broken not in ids and ids.count(broken + 1) == 2       # replaced by the next image
+    # ... drawn with the broken file's slot's seed: another sample of that image, not a copy
+    view1, boxes2 = torch.cat([b.view1 for b in batches]), torch.cat([b.boxes2 for b in batches])
+    assert not torch.equal(view1[broken], view1[broken + 1]) and not torch.equal(boxes2[broken], boxes2[broken + 1])
 
 
 def test_make_loader_errors(boxes_dataset, tmp_path):

@@ -66,7 +66,7 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, epoch = item
-        skipped = []
+        requested, skipped = index, []
         img = self._decode(index)
         while isinstance(img, Exception):
             key = self.dataset.key(index)
@@ -77,17 +77,20 @@ class ViewDataset(torch.utils.data.Dataset):
                                    "is the dataset path right?")
             index = (index + 1) % len(self.dataset)
             img = self._decode(index)
-        return self.make_views(img, index, epoch) + (skipped,)
+        # (a replacement draws with the requested slot's seed: with its own, the epoch would hold
+        # two identical samples, as the replacement also comes in its own slot)
+        return self.make_views(img, index, epoch, requested) + (skipped,)
 
-    def make_views(self, img: np.ndarray, index: int, epoch: int):
-        """img: uint8 RGB [H,W,3]. Returns (view1, view2, view2_small uint8 HWC, boxes1, boxes2, valid, index)."""
+    def make_views(self, img: np.ndarray, index: int, epoch: int, slot: int | None = None):
+        """img: uint8 RGB [H,W,3] of dataset image `index`, drawn with the seed of dataset slot `slot`
+        (default: `index`). Returns (view1, view2, view2_small uint8 HWC, boxes1, boxes2, valid, index)."""
         cfg = self.view_cfg
         h, w = img.shape[:2]
         props = np.asarray(self.store.boxes(index), np.float32)
         sw, sh = self.store.size(index)
         if (sw, sh) != (w, h) and sw > 0 and sh > 0:   # store made from a differently sized copy
             props = props * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
-        rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index if slot is None else slot))
         p = sample_views(w, h, props, rng, cfg)
         s = cfg.size
         view1 = resize_square(img, s)

@@ -297,7 +297,7 @@ class ViewSource:
 
     def sample(self, epoch: int, index: int):
         """One row of outputs for dataset image `index` (or the first usable image after it)."""
-        index = int(index)
+        index = requested = int(index)
         n = len(self.dataset)
         for _ in range(min(MAX_REPLACEMENTS, n)):
             got = self._read(index)
@@ -312,8 +312,9 @@ class ViewSource:
         sw, sh = self.store.size(index)
         if (sw, sh) != (w, h) and sw > 0 and sh > 0:  # store made from a differently sized copy
             props = props * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
-        # the CPU loader's draws, in its order: geometry, then colour of view 1, then of view 2
-        rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
+        # the CPU loader's draws, in its order: geometry, then colour of view 1, then of view 2 (a
+        # replacement, as there, with the requested slot's seed)
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, requested))
         vp = sample_views(w, h, props, rng, self.view_cfg)
         size = self.view_cfg.size
         c1, c2 = sample_colour(rng, self.colour_cfg, 0, size), sample_colour(rng, self.colour_cfg, 1, size)
