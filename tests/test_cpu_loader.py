@@ -258,6 +258,35 @@ def test_corrupt_file_is_skipped_and_counted(boxes_dataset, tmp_path):
     assert not torch.equal(view1[broken], view1[broken + 1]) and not torch.equal(boxes2[broken], boxes2[broken + 1])
 
 
+@pytest.mark.parametrize("w, h", [(1000, 300), (2000, 320), (640, 200), (300, 1000)])
+def test_resize_square_does_not_alias_long_sides(w, h):
+    """1-px stripes across the long side of a wide or tall image average out (a bilinear shrink of
+    that side by 3-9x, as an axis was halved only while both were large, kept them: std ~73)."""
+    from d3ssl.data.cpu_loader import resize_square
+    img = np.zeros((h, w, 3), np.uint8)
+    if w > h:
+        img[:, ::2] = 255
+    else:
+        img[::2] = 255
+    out = resize_square(img, 224).astype(np.float64)
+    assert out.shape == (224, 224, 3) and abs(out.mean() - 127.5) < 2 and out.std() < 3
+
+
+@pytest.mark.parametrize("w", [640, 1023, 2047, 4095, 527, 401])
+def test_resize_square_keeps_content_where_it_is(w):
+    """An edge at original x lands at x * S / W in the view, also after halvings of odd widths
+    (dropping their last column moved the content by up to ~0.8 view px); measured from the
+    profile of a bright band (its mass is its width, its centroid its centre)."""
+    from d3ssl.data.cpu_loader import resize_square
+    s, h = 224, 500
+    for x1, x2 in ((w // 2, w - 8), (8, w // 3), (3, w - 3)):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, x1:x2] = 255
+        p = resize_square(img, s)[s // 2, :, 0].astype(np.float64) / 255
+        mass, centre = p.sum(), ((np.arange(s) + 0.5) * p).sum() / p.sum()
+        assert abs(centre - mass / 2 - x1 * s / w) < 0.15 and abs(centre + mass / 2 - x2 * s / w) < 0.15, (x1, x2)
+
+
 def test_make_loader_errors(boxes_dataset, tmp_path):
     ds, store, _ = boxes_dataset
     with pytest.raises(ValueError, match="backend"):

@@ -32,20 +32,36 @@ MAX_REPLACEMENTS = 16   # consecutive unreadable files before the loader gives u
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Resizes uint8 [H,W,3] to [size,size,3] without aliasing, fast.
+    """Resizes uint8 [H,W,3] to [size,size,3] without aliasing, fast, with the exact geometry: view
+    pixel u covers original pixels [u W/size, (u+1) W/size) (and likewise in y).
 
-    While the image is at least twice the target in both directions it is halved by exact 2x2
-    averaging (OpenCV's integer INTER_AREA path, ~15x faster than a general INTER_AREA resize); an
-    odd last row or column is dropped there, which moves content by under half a view pixel. The
-    rest (a factor below 2) is bilinear, or area averaging when it still shrinks by more than 1.5."""
-    h, w = img.shape[:2]
-    while w >= 2 * size and h >= 2 * size:
-        img = cv2.resize(img[:h - h % 2, :w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    Each axis that is more than 1.5 times the target is halved by exact 2-pixel averaging (OpenCV's
+    integer INTER_AREA path, ~15x faster than a general INTER_AREA resize), until none is; the rest
+    (a factor of at most 1.5, or an enlargement) is bilinear. An odd last row or column is
+    repeated before a halving (so its pixel keeps its value); the final resize then maps the
+    original's extent alone, leaving the repeats outside, so no content moves."""
+    h0, w0 = img.shape[:2]
+    fx = fy = 1   # original pixels per pixel of img, along x and y
+    while True:
         h, w = img.shape[:2]
-    if (w, h) == (size, size):
-        return img
-    interp = cv2.INTER_AREA if (w > 1.5 * size and h > 1.5 * size) else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+        half_x, half_y = w > 1.5 * size, h > 1.5 * size
+        if not (half_x or half_y):
+            break
+        pad_x, pad_y = half_x and w % 2, half_y and h % 2
+        if pad_x or pad_y:
+            img = cv2.copyMakeBorder(img, 0, int(pad_y), 0, int(pad_x), cv2.BORDER_REPLICATE)
+        if half_x:
+            w, fx = (w + 1) // 2, fx * 2
+        if half_y:
+            h, fy = (h + 1) // 2, fy * 2
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    if (w * fx, h * fy) == (w0, h0):   # no repeats: img covers the original exactly
+        return img if (w, h) == (size, size) else cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    # view pixel centre u + 0.5 is original x = (u + 0.5) W/size, i.e. x / fx - 0.5 in img's pixels
+    ax, ay = w0 / (size * fx), h0 / (size * fy)
+    m = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5]])
+    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 class ViewDataset(torch.utils.data.Dataset):
