@@ -193,6 +193,26 @@ def test_a_failure_that_is_not_the_images_stops_the_generation(images, tmp_path,
         generate_proposals(ImageFolder(images), str(tmp_path / "p.bin"), workers=1, progress=False)
 
 
+def test_file_names_that_are_not_utf8_work_end_to_end(images, tmp_path):
+    """A POSIX file name need not be UTF-8 (Latin-1 from an old archive): the store writes and
+    reads its key back byte for byte, and the loader finds its proposals."""
+    import torch
+    from d3ssl.data import ViewConfig, make_loader
+    root = tmp_path / "imgs"
+    root.mkdir()
+    src = sorted(os.path.join(images, "a", f) for f in os.listdir(os.path.join(images, "a")))
+    for name, path in zip((b"a.jpg", b"caf\xe9.jpg"), src):
+        shutil.copy(path, os.path.join(bytes(root), name))
+    ds = ImageFolder(str(root))
+    store = generate_proposals(ds, str(tmp_path / "p.bin"), max_side=128, workers=1, progress=False)
+    assert store.keys == ds.keys == ["a.jpg", "caf\udce9.jpg"] and store.status(1) == 0
+    store.check_matches(ds)
+    loader = make_loader(ds, str(tmp_path / "p.bin"), batch_size=2, workers=0, view_cfg=ViewConfig(size=64),
+                         shuffle=False)
+    batch = next(iter(loader))
+    assert sorted(batch.image_id.tolist()) == [0, 1] and torch.isfinite(batch.boxes1).all()
+
+
 def test_cli_and_default_path(images, store_path, tmp_path, capsys):
     out = str(tmp_path / "cli.bin")
     main(["--images", images, "--out", out, "--max-side", "128", "--workers", "1", "--chunk-size", "3"])

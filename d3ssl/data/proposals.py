@@ -46,6 +46,9 @@ from ..cli import check_output_file, positive_int
 MAGIC = b"D3SSLPS1"
 ALIGN = 64
 STATUS_OK, STATUS_UNREADABLE = 0, 1
+# Keys are file paths: on POSIX a file name need not be UTF-8, and Python keeps its other bytes as
+# surrogates, which this error handler writes back as the same bytes.
+KEY_ERRORS = "surrogateescape"
 STORE_SUFFIX = ".proposals"
 
 
@@ -65,7 +68,7 @@ def write_store(path: str, keys: list[str], boxes: list[np.ndarray], sizes: np.n
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     all_boxes = (np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes])
                  if boxes else np.zeros((0, 4), np.float32))
-    key_bytes = [k.encode("utf-8") for k in keys]
+    key_bytes = [k.encode("utf-8", KEY_ERRORS) for k in keys]
     key_offsets = np.concatenate([[0], np.cumsum([len(k) for k in key_bytes])]).astype(np.int64)
     arrays = {
         "offsets": offsets, "boxes": all_boxes.astype("<f4"), "sizes": np.asarray(sizes, "<i4").reshape(-1, 2),
@@ -121,7 +124,7 @@ class ProposalStore:
         self._offsets, self._boxes = arr["offsets"], arr["boxes"]
         self._sizes, self._status = arr["sizes"], arr["status"]
         raw, ko = bytes(arr["keys"]), arr["key_offsets"]
-        self.keys = [raw[ko[i]:ko[i + 1]].decode("utf-8") for i in range(header["num_images"])]
+        self.keys = [raw[ko[i]:ko[i + 1]].decode("utf-8", KEY_ERRORS) for i in range(header["num_images"])]
         self._index = None
 
     def __getstate__(self):          # loader workers reopen the file instead of pickling the maps
@@ -233,7 +236,7 @@ def proposals_for_image(image_bgr: np.ndarray, key: str, cfg: ProposalConfig) ->
     h, w = image_bgr.shape[:2]
     boxes, _ = filter_boxes(selective_search(image_bgr, cfg.max_side, cfg.mode), w, h, cfg)
     if len(boxes) > cfg.max_boxes:
-        rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
+        rng = np.random.default_rng(zlib.crc32(key.encode("utf-8", KEY_ERRORS)))
         boxes = boxes[np.sort(rng.choice(len(boxes), cfg.max_boxes, replace=False))]
     return boxes
 
@@ -333,7 +336,7 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
     if n == 0:
         raise ValueError("generate_proposals: the dataset is empty")
     keys = [dataset.key(i) for i in range(n)]
-    fingerprint = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    fingerprint = hashlib.sha256("\n".join(keys).encode("utf-8", KEY_ERRORS)).hexdigest()
     manifest = {"fingerprint": fingerprint, "num_images": n, "chunk_size": chunk_size, "config": asdict(cfg)}
     partial = out_path + ".partial"
     man_path = os.path.join(partial, "manifest.json")
