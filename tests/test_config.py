@@ -73,6 +73,42 @@ def test_overrides_are_typed_and_applied_in_order():
     assert cfg2.run.max_steps is None
 
 
+@pytest.mark.parametrize("argv, field, want", [
+    (["--set", "run.epochs=5", "--run.epochs", "10"], "run.epochs", 10.0),
+    (["--run.epochs", "10", "--set", "run.epochs=5"], "run.epochs", 5.0),
+    (["--data.path", "/b", "--data", "/a"], "data.path", "/a"),
+    (["--data", "/a", "--data.path", "/b"], "data.path", "/b"),
+    (["--run.compile", "false", "--compile"], "run.compile", True),
+    (["--compile", "--run.compile", "false"], "run.compile", False),
+    (["--dali", "--set", "data.backend=cpu"], "data.backend", "cpu"),
+])
+def test_the_last_setting_of_a_field_wins_whatever_its_form(argv, field, want):
+    """--FIELD, --set and the aliases were applied in a fixed order of kinds, whatever the order given."""
+    preset, overrides, _ = C.parse_args(argv)
+    assert C.get_field(C.make_config("default", overrides), field) == want
+
+
+def test_set_preset_is_refused_for_what_it_would_not_do(capsys):
+    with pytest.raises(SystemExit):
+        C.parse_args(["--set", "preset=coco"])
+    assert "use --preset NAME" in capsys.readouterr().err
+
+
+def test_one_region_per_step_is_refused():
+    """Training-mode BatchNorm in res5 and the heads needs two regions (it failed deep in torch)."""
+    with pytest.raises(ValueError, match="data.batch_size x view.num_boxes must be >= 2"):
+        C.make_config("default", {"data.batch_size": "1", "view.num_boxes": "1"})
+    assert C.make_config("default", {"data.batch_size": "1", "view.num_boxes": "2"}).data.batch_size == 1
+
+
+def test_fields_the_method_does_not_read_are_named():
+    soco, d3ssl = C.make_config("soco"), C.make_config("default")
+    names = ["region.prc", "model.temperature", "soco_aug.cutout_p", "optim.lr_per_256", "model.queue_size"]
+    assert C.ignored_fields(soco, names) == ["region.prc", "model.temperature", "model.queue_size"]
+    assert C.ignored_fields(d3ssl, names) == ["soco_aug.cutout_p"]
+    assert all(C.ignored_fields(soco, [f]) == [f] for f in ("model.use_dp", "model.teacher_view1"))
+
+
 def test_presets_are_small_overrides_of_the_dataclass():
     base = C.TrainConfig()
     for name, overrides in C.PRESETS.items():
@@ -178,6 +214,7 @@ def test_parse_value_generic_types():
     ("colour.blur_p=1.0,1.5", "probability"),
     ("region.fill=inf", "must be finite"),
     ("run.epochs=0.5", "optim.warmup_epochs .* is longer than run.epochs"),
+    ("data.synthetic_val=0", "data.synthetic_val must be >= 1 with run.oknn on"),
 ])
 def test_bad_values_are_refused_naming_the_field(override, message):
     name, value = override.split("=")

@@ -248,6 +248,25 @@ def test_a_run_of_fp16_overflows_stops_with_clear_message(tiny_data, tmp_path, m
         trainer.main(tiny_args(tiny_data, tmp_path, "overflows", "--run.max_bad_steps", "1"))
 
 
+def test_fields_the_method_does_not_read_are_named_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        trainer.main(["--preset", "soco", "--region.prc", "false", "--model.temperature", "0.1",
+                      "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert ("note: model.method=soco does not read region.prc, model.temperature: they change nothing"
+            in capsys.readouterr().err)
+
+
+def test_an_oknn_that_cannot_run_after_training_is_skipped_not_a_crash(tiny_data, tmp_path, monkeypatch, capsys):
+    """The training is saved; an O-KNN refusing the data (e.g. a val split without usable objects)
+    ends the run with a note instead of a traceback."""
+    def refuse(*args, **kw):
+        raise ValueError("split 'val' has no usable objects")
+    monkeypatch.setattr(trainer, "evaluate_trained_vs_random", refuse)
+    summary = trainer.main(tiny_args(tiny_data, tmp_path, "r", "--run.max_steps", "1", "--run.oknn", "true"))
+    assert summary["step"] == 1 and "oknn" not in summary
+    assert "O-KNN skipped: split 'val' has no usable objects" in capsys.readouterr().out
+
+
 def test_dali_flag_without_dali_says_how_to_install(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali -> ImportError
     with pytest.raises(SystemExit, match=r"--dali: .*pip install"):

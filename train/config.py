@@ -5,7 +5,8 @@ Every leaf field of :class:`TrainConfig` can be set from the command line by its
     python -m train.run --optim.lr_per_256 0.5 --model.arch resnet50
     python -m train.run --set optim.lr_per_256=0.5 --set model.arch=resnet50
 
-A preset (``--preset NAME``) is applied first, then the overrides, in the order given. The defaults
+A preset (``--preset NAME``) is applied first, then the overrides (``--FIELD``, ``--set`` and the
+aliases alike) in the order given: of two settings of one field, the later wins. The defaults
 of the nested method configs (model, region, soco_aug, view, colour) are the paper's values; the presets say
 what changes for a given job.
 """
@@ -175,6 +176,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_leaves(self)
+        if self.data.batch_size * self.view.num_boxes < 2:
+            raise ValueError("data.batch_size x view.num_boxes must be >= 2: training-mode BatchNorm in res5 "
+                             f"and the heads needs more than one region, got {self.data.batch_size} x "
+                             f"{self.view.num_boxes}")
+        if self.run.oknn and self.data.path is None and self.data.synthetic_val < 1:
+            raise ValueError("data.synthetic_val must be >= 1 with run.oknn on (its val images are O-KNN's "
+                             "queries): raise it, or set run.oknn false")
         if self.optim.warmup_epochs > self.run.epochs:
             raise ValueError(f"optim.warmup_epochs ({self.optim.warmup_epochs}) is longer than run.epochs "
                              f"({self.run.epochs}): lower optim.warmup_epochs")
@@ -484,6 +492,46 @@ def load_json(path, check: bool = True) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- command line
 
+# Fields one method does not read: setting them for it is a no-op (train.run says so).
+IGNORED_BY_METHOD = {
+    "soco": ("region.", "model.temperature", "model.queue_size", "model.use_dp", "model.teacher_view1"),
+    "d3ssl": ("soco_aug.",),
+}
+SECTION_NOTES = {"region": " (d3ssl only; SoCo's augmentations are soco_aug's)",
+                 "soco_aug": " (soco only; D3SSL's are region's)"}
+
+
+def ignored_fields(cfg, names) -> list[str]:
+    """Those of the dotted `names` that cfg.model.method does not read."""
+    prefixes = IGNORED_BY_METHOD.get(cfg.model.method, ())
+    return [n for n in names if any(n == p or (p.endswith(".") and n.startswith(p)) for p in prefixes)]
+
+
+_ORDERED = "overrides in order"   # the Namespace attribute _Override appends (field, value) to
+
+
+class _Override(argparse.Action):
+    """Records (field, value) on the namespace in command-line order, for --FIELD V, --set NAME=VALUE
+    (field None) and the aliases (`value`: a flag's fixed value), so that parse_args applies them
+    in the order given."""
+
+    def __init__(self, option_strings, dest, field=None, value=None, **kw):
+        self.field, self.value = field, value
+        super().__init__(option_strings, dest, nargs=0 if value is not None else None, default=None, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.field is not None:
+            name, value = self.field, values if self.value is None else self.value
+        else:
+            if "=" not in values:
+                parser.error(f"--set expects NAME=VALUE, got {values!r}")
+            name, value = values.split("=", 1)
+            name = name.strip()
+            if name == "preset":
+                parser.error("--set preset=NAME would only relabel the config: use --preset NAME")
+        setattr(namespace, _ORDERED, [*getattr(namespace, _ORDERED, []), (name, value)])
+
+
 def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     """The command line; each field's help shows its value under `preset` (that of --preset when
     parse_args is given one)."""
@@ -501,17 +549,20 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="named configuration to start from (default: default)")
-    p.add_argument("--data", default=None, metavar="PATH", help="alias of --data.path")
-    p.add_argument("--proposals", default=None, metavar="FILE", help="alias of --data.proposals")
-    p.add_argument("--dali", action="store_true", help="use the DALI loader (alias of --data.backend dali)")
-    p.add_argument("--out", default=None, metavar="DIR", help="alias of --run.out")
-    p.add_argument("--name", default=None, help="alias of --run.name")
-    p.add_argument("--compile", action="store_true", help="alias of --run.compile true")
+    p.add_argument("--data", action=_Override, field="data.path", metavar="PATH", help="alias of --data.path")
+    p.add_argument("--proposals", action=_Override, field="data.proposals", metavar="FILE",
+                   help="alias of --data.proposals")
+    p.add_argument("--dali", action=_Override, field="data.backend", value="dali",
+                   help="use the DALI loader (alias of --data.backend dali)")
+    p.add_argument("--out", action=_Override, field="run.out", metavar="DIR", help="alias of --run.out")
+    p.add_argument("--name", action=_Override, field="run.name", help="alias of --run.name")
+    p.add_argument("--compile", action=_Override, field="run.compile", value="true",
+                   help="alias of --run.compile true")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help=(
         "continue a run: `auto` = newest checkpoint of the run folder (--name, else the newest run "
         "folder under --out; a fresh run if there is none), a run folder, or a checkpoint file in a run "
         "folder's checkpoints/ (the run continues in that folder)"))
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--set", action=_Override, metavar="NAME=VALUE",
                    help="override any config field by dotted name (repeatable)")
     p.add_argument("--print-config", action="store_true",
                    help="print the config this command line gives (preset and overrides), as JSON, and exit")
@@ -522,11 +573,11 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
             continue
         section = name.split(".")[0]
         if section not in groups:
-            groups[section] = p.add_argument_group(f"{section} fields")
+            groups[section] = p.add_argument_group(f"{section} fields{SECTION_NOTES.get(section, '')}")
         doc = field_help(_resolve(defaults, name)[0], f).rstrip(".")
         default = get_field(defaults, name)
         helptext = f"{doc + '; ' if doc else ''}{_type_name(tp, default)}, {preset} preset: {default!r}"
-        groups[section].add_argument(f"--{name}", dest=f"field:{name}", default=None, metavar="V",
+        groups[section].add_argument(f"--{name}", action=_Override, field=name, metavar="V",
                                      help=helptext.replace("%", "%%"))
     return p
 
@@ -539,23 +590,9 @@ def parse_args(argv=None, with_flags: bool = False):
     known, _ = first.parse_known_args(argv)
     args = build_parser(known.preset if known.preset in PRESETS else "default").parse_args(argv)
     overrides = {}
-    aliases = {"data.path": args.data, "data.proposals": args.proposals, "run.out": args.out,
-               "run.name": args.name}
-    for k, v in aliases.items():
-        if v is not None:
-            overrides[k] = v
-    if args.dali:
-        overrides["data.backend"] = "dali"
-    if args.compile:
-        overrides["run.compile"] = "true"
-    for k, v in vars(args).items():
-        if k.startswith("field:") and v is not None:
-            overrides[k[len("field:"):]] = v
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v
+    for k, v in getattr(args, _ORDERED, []):   # in command-line order: the last setting of a field wins
+        overrides.pop(k, None)
+        overrides[k] = v
     if with_flags:
         return args.preset, overrides, args.resume, {"print_config": args.print_config}
     return args.preset, overrides, args.resume

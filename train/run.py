@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint as ckpt
 from train.step import TrainStep, loader_options
-from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, load_json,
-                          make_config, parse_args, save_json, to_dict, apply_overrides)
+from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, ignored_fields,
+                          load_json, make_config, parse_args, save_json, to_dict, apply_overrides)
 from train.logging import NullLogger, RunLogger, plot_loss_lr
 
 
@@ -624,8 +624,12 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         plot_loss_lr(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "loss_lr.png"))
         eval_root, why_not = oknn_data
         if cfg.run.oknn and eval_root is not None:
-            summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
-                                                         step, run_dir)
+            try:
+                summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
+                                                             step, run_dir)
+            except ValueError as e:  # e.g. a val split without usable objects: the training is saved
+                print(f"O-KNN skipped: {e} (the trained network is in {run_dir}/checkpoints; "
+                      f"`python -m d3ssl.eval.oknn --ckpt {run_dir} --data DIR` evaluates it)")
         elif cfg.run.oknn:
             print(f"O-KNN skipped: {why_not}")
     logger.close()
@@ -695,6 +699,10 @@ def main(argv=None):
               "--data it trains on the embedded synthetic set", flush=True)
     # What this command line asks for explicitly; a resumed run applies only these to its saved config.
     explicit = {**(PRESETS[preset] if preset else {}), **overrides}
+    ignored = ignored_fields(cfg, overrides)
+    if ignored and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: model.method={cfg.model.method} does not read {', '.join(ignored)}: "
+              "they change nothing in this run", file=sys.stderr, flush=True)
     t0 = time.time()
     try:
         summary = train(cfg, resume=resume, explicit=explicit)

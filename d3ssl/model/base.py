@@ -29,7 +29,7 @@ class ModelConfig:
     proj_dim: int = 256            # output side of projector and predictor (the InfoNCE features)
     pred_hidden: int = 4096        # predictor proj_dim -> pred_hidden -> proj_dim (student only)
     queue_size: int = 65536        # negatives (teacher region features of earlier steps); d3ssl only
-    temperature: float = 0.2       # tau of the InfoNCE
+    temperature: float = 0.2       # tau of the InfoNCE; d3ssl only
     base_momentum: float = 0.99    # teacher EMA momentum at step 0 (cosine to 1)
     use_dp: bool = True            # de-positioning loss L_dp (ablation switch); d3ssl only
     sync_bn: bool = False          # SyncBatchNorm when several GPU processes train (DDP); no effect otherwise
