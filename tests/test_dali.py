@@ -523,6 +523,39 @@ def test_file_failing_in_the_decoder_skips_its_batch_not_the_run(tmp_path):
     assert ids[-1] == [6, 0]
 
 
+@needs_dali
+def test_an_epoch_stopped_after_a_failed_batch_starts_over(tmp_path):
+    """A batch DALI failed on rebuilt the pipeline mid-epoch and marked it as the epoch's start: a
+    caller that stopped early and iterated the same epoch again resumed it, losing samples and
+    reporting readable files as unreadable."""
+    ds, store, _ = _write_dataset(str(tmp_path / "images"), n=9, extra=[("img01b.jpg", _bad_huffman_jpeg())])
+    loader = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False)    # index 2 is the bad file
+    with pytest.warns(RuntimeWarning, match="could not process batch 1"):
+        first = [b.image_id.tolist() for _, b in zip(range(2), loader)]
+    assert first == [[0, 1], [4, 5]] and loader.epoch == 0
+    with pytest.warns(RuntimeWarning, match="could not process batch 1"):
+        again = [b.image_id.tolist() for b in loader]
+    assert again == [[0, 1], [4, 5], [6, 7], [8, 9]] and loader.skipped_keys == []
+
+
+@needs_dali
+def test_a_dataset_the_dali_source_gives_up_on_raises_unreadable_data(tmp_path):
+    """DALI passes an error raised in its source workers on as a plain Exception; the loader gives
+    it back its type and message, as the CPU loader raises it (the trainer's one-line error)."""
+    from d3ssl.data.datasets import UnreadableData
+    ds, store, _ = _write_dataset(str(tmp_path / "images"), n=0, extra=[(f"{i}.jpg", b"\0" * 100) for i in range(6)])
+    loader = _dali(ds, store, batch_size=2, drop_last=False, shuffle=False)
+    with pytest.raises(UnreadableData, match=r"^6 unreadable images in a row \(last: '\d.jpg'\): is the dataset path"):
+        _epoch(loader)
+
+
+def test_a_png_with_bytes_after_its_end_is_not_corrupt():
+    png = cv2.imencode(".png", np.full((20, 30, 3), 7, np.uint8))[1].tobytes()
+    assert dali_mod.probe_image(png + b"\0" * 40) == (30, 20)
+    with pytest.raises(dali_mod.CorruptImage):
+        dali_mod.probe_image(png[:len(png) - 12])
+
+
 def test_missing_dali_says_how_to_install(data, monkeypatch):
     ds, store, _ = data
     monkeypatch.setattr(dali_mod, "_DALI_IMPORT_ERROR", ImportError("No module named 'nvidia.dali'"))

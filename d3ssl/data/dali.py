@@ -184,6 +184,14 @@ def _probe_jpeg(b: bytes) -> tuple[int, int]:
     raise CorruptImage("JPEG ends before its scan data")
 
 
+def _worker_gave_up(error: BaseException) -> str | None:
+    """The message of an UnreadableData raised in a DALI source worker, which DALI passes on as a
+    plain Exception holding the worker's traceback as text; None for any other error."""
+    tag = UnreadableData.__name__ + ": "
+    lines = [line for line in str(error).splitlines() if tag in line]
+    return lines[-1].split(tag, 1)[1].strip() if lines else None
+
+
 def probe_image(data: bytes) -> tuple[int, int]:
     """(width, height) in pixels of an encoded image as decoded (EXIF orientation applied).
 
@@ -195,7 +203,7 @@ def probe_image(data: bytes) -> tuple[int, int]:
     if data[:2] == b"\xff\xd8":
         return _probe_jpeg(data)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        if data[12:16] != b"IHDR" or b"IEND" not in data[-16:]:
+        if data[12:16] != b"IHDR" or b"IEND" not in data[33:]:   # (bytes may follow IEND)
             raise CorruptImage("PNG is truncated or has no IHDR chunk")
         w, h = struct.unpack(">II", data[16:24])
         if w == 0 or h == 0:
@@ -572,7 +580,12 @@ class DaliLoader:
                 outputs = self._pipe.run()
             except StopIteration:
                 break
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001
+                given_up = _worker_gave_up(e)
+                if given_up is not None:   # the source gave up on the data: as the CPU loader says it
+                    raise UnreadableData(given_up) from None
+                if not isinstance(e, RuntimeError):
+                    raise
                 # DALI could not process the next batch: a file passed the header check but not the
                 # decoder (check="decode" catches more of these earlier). Skip that batch, not the run.
                 failures += 1
@@ -585,6 +598,7 @@ class DaliLoader:
                               f"run). DALI said: {str(e).strip().splitlines()[-1][:300]}", RuntimeWarning)
                 done += 1
                 self._build(start_batch=done)   # a failed DALI pipeline cannot run on: restart after it
+                self._pipe_epoch = None          # (mid-epoch, as above)
                 continue
             failures = 0
             yield self._to_batch(outputs, batches[done])
