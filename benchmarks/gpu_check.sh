@@ -31,7 +31,7 @@
 # (~7 min, timeout_s 560), then at once, still warm, "train_bench_compile" (~5.5 min).
 # Give OUTDIR under /tmp and tar it into the folder that comes back (few files return per call).
 set -uo pipefail
-out=${1:?usage: gpu_check.sh OUTDIR}
+out=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR}")   # (before the cd below)
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 failed=()
@@ -89,7 +89,7 @@ step train_bench 300 env PYTHONPATH="${DALI_SITE:-/tmp/dali-site}${PYTHONPATH:+:
 # default groups; run it alone when a lease has the time).
 step train_bench_compile 540 python benchmarks/throughput.py --section train --device cuda --backend cpu \
   --compile --json "$out/train_compile.json"
-# A short main job on the GPU and the trainer tests (see the script).
+# A short main job on the GPU, stopped and resumed, without selective search or O-KNN (see the script).
 step train 300 bash benchmarks/gpu_check_train.sh "$out/train"
 
 echo "failed steps: ${failed[*]:-none}" | tee "$out/summary.txt"

@@ -59,3 +59,31 @@ def test_train_benchmark_epochs_keep_every_loader_worker_busy(device, quick):
     assert batches >= max(MIN_BATCHES_PER_EPOCH, 4 * cfg.data.workers)
     cfg.data.workers = 16
     assert num_images(cfg) // cfg.data.batch_size >= 64
+
+
+def test_the_region_anchors_do_the_work_of_the_ops_they_time():
+    """Each straightforward version gives the op's own result (a cheaper anchor would inflate the
+    ratio): region_erase out of place and in place, and the composite."""
+    import torch
+
+    from benchmarks.sections.region import (make_batch, plain_composite, plain_region_erase,
+                                            plain_region_erase_)
+    from d3ssl.augment import samplers as S
+    from d3ssl.ops.region import composite, region_erase
+    batch = make_batch(4, 32, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    valid = batch.box_valid
+    ops = S.concat_ops(S.sample_prc(batch.boxes1, valid, gen, image_size=32).ops(),
+                       S.sample_prm(batch.boxes1, valid, 32, gen).ops())
+    rects, erase, offsets = ops.csr()
+    x = batch.view1
+    want = region_erase(x, rects, erase, offsets, 0.0)
+    assert not torch.equal(want, x)
+    assert torch.equal(plain_region_erase(x, rects, erase, offsets, 0.0), want)
+    assert torch.equal(plain_region_erase_(x.clone(), rects, erase, offsets, 0.0), want)
+    t = S.sample_shift(batch.boxes2, valid, 32, gen).shift
+    bg_index = S.sample_background(4, gen, "cpu")
+    boxes3 = batch.boxes2 + t[:, None, :].repeat(1, 1, 2).float()
+    cops = S.concat_ops(S.box_ops(boxes3, valid, erase=False), S.sample_prc(boxes3, valid, gen, image_size=32).ops())
+    args = (x, batch.view2, bg_index, t, *cops.csr())
+    assert torch.equal(plain_composite(*args), composite(*args))

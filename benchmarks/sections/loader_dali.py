@@ -78,7 +78,11 @@ def dali_rows(args, dataset, store, *, workers: int, batch_size: int, view_cfg=N
         return []
     device = torch.device(args.device)
     region_stage = _region_stage()
-    kw = dict(batch_size=batch_size, workers=workers, view_cfg=view_cfg, seed=0, drop_last=True)
+    # Both deliver what training takes on this device (bf16 views on a GPU: train.step.loader_options),
+    # so neither side normalises or moves more bytes than the other.
+    from train.step import loader_options
+    kw = dict(batch_size=batch_size, workers=workers, view_cfg=view_cfg, seed=0, drop_last=True,
+              **loader_options(device, torch.bfloat16))
     cpu = make_loader(dataset, store, backend="cpu", device=device, **kw)
     dali = make_loader(dataset, store, backend="dali", device=device, **kw)
     images = len(cpu) * batch_size
