@@ -256,6 +256,28 @@ def test_fields_the_method_does_not_read_are_named_before_training(tmp_path, cap
             in capsys.readouterr().err)
 
 
+def test_the_note_on_ignored_fields_follows_the_resumed_runs_method(tiny_data, tmp_path, capsys):
+    args = tiny_args(tiny_data, tmp_path, "s", "--run.max_steps", "1")
+    trainer.main(args + ["--preset", "soco"])
+    capsys.readouterr()
+    trainer.main(args + ["--resume", "auto", "--run.max_steps", "2", "--soco_aug.jitter", "false"])
+    assert "does not read" not in capsys.readouterr().err        # the resumed run is SoCo's
+    trainer.main(args + ["--resume", "auto", "--run.max_steps", "3", "--region.prc", "false"])
+    assert "note: model.method=soco does not read region.prc" in capsys.readouterr().err
+
+
+def test_a_dataset_whose_val_split_is_its_train_split_trains_without_oknn(tiny_data, tmp_path, capsys):
+    """O-KNN cannot use such a dataset (every query would find itself), but training can."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root, symlinks=True)
+    os.remove(root / "annotations" / "instances_val.json")
+    os.symlink(root / "annotations" / "instances_train.json", root / "annotations" / "instances_val.json")
+    summary = trainer.main(tiny_args(str(root), tmp_path, "r", "--run.max_steps", "1", "--run.oknn", "true"))
+    assert summary["step"] == 1 and "oknn" not in summary
+    assert "O-KNN skipped: the bank split 'train' and the query split 'val' are the same" in capsys.readouterr().out
+
+
 def test_an_oknn_that_cannot_run_after_training_is_skipped_not_a_crash(tiny_data, tmp_path, monkeypatch, capsys):
     """The training is saved; an O-KNN refusing the data (e.g. a val split without usable objects)
     ends the run with a note instead of a traceback."""

@@ -170,7 +170,7 @@ def oknn_root(root: str) -> tuple[str | None, str]:
         return None, f"--data {root!r} is not a COCO-format folder with train and val ground truth"
     try:
         check_splits(root, "train", "val")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # (ValueError: both splits are one annotation file)
         return None, str(e)
     return root, ""
 
@@ -329,9 +329,11 @@ def state_checksum(model) -> dict:
 
 # ----------------------------------------------------------------------------- the main job
 
-def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = None) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = None,
+          command_line: dict | None = None) -> dict:
     """Runs training (and O-KNN) for `cfg`; returns a summary dict. `explicit` are the command-line
-    overrides, re-applied on top of a resumed run's saved config."""
+    overrides with the preset's, re-applied on top of a resumed run's saved config; `command_line`
+    those given as options alone (a note names those the run's method does not read)."""
     rank, world, local_rank, device = setup_distributed(cfg)
     master = rank == 0
     if cfg.run.threads:
@@ -370,6 +372,10 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             raise TrainingError(f"--resume: {e}") from None
     if master:
         check_writable(run_dir)
+        ignored = ignored_fields(cfg, command_line or {})   # (a resumed run's method, where it resumes)
+        if ignored:
+            print(f"note: model.method={cfg.model.method} does not read {', '.join(ignored)}: "
+                  "they change nothing in this run", file=sys.stderr, flush=True)
     if saved_shape is not None:
         check_resumed_step_size(saved_shape, world, cfg, master)
     dtype = amp_dtype(cfg, device)
@@ -699,13 +705,9 @@ def main(argv=None):
               "--data it trains on the embedded synthetic set", flush=True)
     # What this command line asks for explicitly; a resumed run applies only these to its saved config.
     explicit = {**(PRESETS[preset] if preset else {}), **overrides}
-    ignored = ignored_fields(cfg, overrides)
-    if ignored and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: model.method={cfg.model.method} does not read {', '.join(ignored)}: "
-              "they change nothing in this run", file=sys.stderr, flush=True)
     t0 = time.time()
     try:
-        summary = train(cfg, resume=resume, explicit=explicit)
+        summary = train(cfg, resume=resume, explicit=explicit, command_line=overrides)
     except TrainingError as e:
         raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
