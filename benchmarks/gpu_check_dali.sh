@@ -4,9 +4,11 @@
 # against the CPU loader, same workers, same run).
 #
 #   usage: benchmarks/gpu_check_dali.sh [PARTS_DIR] [OUT_DIR]
-#     PARTS_DIR  folder with the dali-part-NN files: where pip works,
+#     PARTS_DIR  folder with the dali-part-NN files: where pip works, ../shared/tools/dali-wheels-in-parts.sh
+#                DIR makes them (DALI and the wheels it needs that a torch machine lacks), or
 #                  pip download nvidia-dali-cuda130 -d W && tar -C W -cf - . | split -b 62M -d -a 2 - dali-part-
-#                (the wheels of DALI and its dependencies at the tar's top level)
+#                (the wheels at the tar's top level; wheels of packages the machine already imports,
+#                numpy for one, are left out of the install so they cannot shadow its own)
 #                (default: $DALI_PARTS, else .dali-parts in the repository root)
 #     OUT_DIR    where the logs and the benchmark JSON go (default: $OUT, else ./gpu-check-out)
 #   environment: DALI_SHA256  sha256sum of the whole tar, before it was cut (checked
@@ -48,7 +50,19 @@ if ! PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" $py -c "import nvidia.dali" 2
     exit 4
   fi
   rm -rf /tmp/dali-wheels && mkdir -p /tmp/dali-wheels && tar -xf /tmp/dali-all.tar -C /tmp/dali-wheels
-  $py -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/dali-wheels/*.whl \
+  # Only the wheels of packages this Python cannot import yet: a second numpy (or torch, ...) in
+  # $site would come first on PYTHONPATH and shadow the one torch was built against.
+  wheels=()
+  for w in /tmp/dali-wheels/*.whl; do
+    mod=$(basename "$w" | cut -d- -f1 | tr '[:upper:]' '[:lower:]')
+    case "$mod" in nvidia_*) wheels+=("$w"); continue ;; esac   # namespace packages: always
+    if $py -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$mod') else 1)" 2>/dev/null; then
+      echo "gpu_check_dali: $(basename "$w"): '$mod' is already installed here, left out"
+    else
+      wheels+=("$w")
+    fi
+  done
+  $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" \
     || { echo "gpu_check_dali: installing the DALI wheels failed" >&2; exit 4; }
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

@@ -597,6 +597,31 @@ def test_gpu_graph_matches_cpu_graph(data):
     assert bf16.view1.dtype == torch.bfloat16 and bf16.view1.is_contiguous(memory_format=torch.channels_last)
 
 
+@needs_dali
+@pytest.mark.cuda
+def test_gpu_colour_matches_cpu_colour(data):
+    """Every colour operation on at once (each view jittered, gray, blurred and solarized by the
+    recipe's draws, the same draws on both devices): what the GPU graph's colour operators change in
+    a view is what the CPU graph's change, so the colour stage is the same on both devices (the
+    decoders' and resamplers' differences cancel out against each device's colour-off views)."""
+    ds, store, _ = data
+    on = ColourConfig(jitter_p=1.0, grayscale_p=0.3, blur_p=(1.0, 0.5), solarize_p=(0.3, 0.5),
+                      blur_reference_size=VIEW.size)
+    batches = {}
+    for device in ("cpu", "cuda"):
+        for name, cfg in (("on", on), ("off", NO_COLOUR)):
+            batches[device, name] = _epoch(_dali(ds, store, colour_cfg=cfg, drop_last=False, device=device))
+    for i, (cpu_on, cpu_off, gpu_on, gpu_off) in enumerate(zip(
+            batches["cpu", "on"], batches["cpu", "off"], batches["cuda", "on"], batches["cuda", "off"], strict=True)):
+        assert torch.equal(cpu_on.image_id, gpu_on.image_id.cpu())
+        for view in ("view1", "view2", "view2_small"):
+            def change(a, b):
+                return _pixels(getattr(a, view).float().cpu()) - _pixels(getattr(b, view).float().cpu())
+            change_cpu, change_gpu = change(cpu_on, cpu_off), change(gpu_on, gpu_off)
+            err, effect = np.abs(change_cpu - change_gpu).mean(), np.abs(change_cpu).mean()
+            assert err < 3.0 and effect > 4 * err, (i, view, err, effect)
+
+
 def test_source_workers_leave_stop_signals_to_the_training_process(data):
     """In one of DALI's source workers (another process than the one that made the source), the
     source defers SIGTERM and SIGINT from its first call (d3ssl.data.cpu_loader.defer_stop_signals):
