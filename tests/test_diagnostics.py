@@ -119,6 +119,41 @@ def test_coupling_rate_is_one_for_pointwise_network(gap):
         np.testing.assert_allclose(value.numpy(), 1.0, atol=1e-6, err_msg=name)
 
 
+def test_probes_of_a_network_in_train_mode_do_not_depend_on_the_batch():
+    """In train mode BatchNorm would normalise with the batch's statistics (and move its running
+    ones): a pair's CR and an object's MCS would change with the other images of their batch. The
+    probes run the backbone in eval mode and give it back in the mode it had."""
+    net = torchvision.models.resnet18(num_classes=1).train()
+    rng = np.random.default_rng(3)
+    crops = _objects(rng, 6)
+    pairs = [coupling.compose_pair(crops[k], crops[k + 3], 64, 24, 0) for k in range(3)]
+    i1, i2, ba, bb = (torch.as_tensor(np.stack(v)) for v in zip(*pairs))
+    i1, i2 = probe.normalize_images(i1.numpy()), probe.normalize_images(i2.numpy())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    alone = coupling.coupling_rate_images(net, i1[:1], i2[:1], ba[:1], bb[:1])
+    batch = coupling.coupling_rate_images(net, i1, i2, ba, bb)
+    grids = [positional.tile_grid(c, 32) for c in crops[:3]]
+    images, boxes = probe.normalize_images(np.stack([g[0] for g in grids])), torch.as_tensor(np.stack([g[1] for g in grids]))
+    mcs_alone = positional.grid_similarity(net, images[:1], boxes[:1])
+    mcs_batch = positional.grid_similarity(net, images, boxes)
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k              # running statistics untouched
+    for name in probe.LAYERS:
+        torch.testing.assert_close(alone[name], batch[name][:1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mcs_alone[name], mcs_batch[name][:1], rtol=1e-5, atol=1e-6)
+
+
+def test_probe_images_must_be_whole_numbers_of_the_backbone_stride():
+    """Each feature cell must cover whole pixels for the exact box pooling: image sides that are
+    not multiples of 32 are refused, by the functions and by the report's command line."""
+    objects = [probe.GroundTruthObject("unused.png", (0.0, 0.0, 10.0, 10.0), c) for c in (1, 2)]
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of 32"):
+        coupling.coupling_rate(pointwise_net(), objects, num_pairs=1, image_size=100, object_size=40)
+    with pytest.raises(ValueError, match="tile_size must be a positive multiple of 32"):
+        positional.mean_cosine_similarity(pointwise_net(), objects, num_objects=1, tile_size=50)
+
+
 def test_coupling_rate_of_global_network_matches_formula():
     rng = np.random.default_rng(2)
     a, b = _objects(rng, 2)
@@ -561,6 +596,8 @@ def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsy
                           (["--device", "tpu"], "--device tpu"),
                           (["--gap", "-2"], "--gap must be >= 0"),
                           (["--cr-image-size", "128"], "--object-size 96 twice and --gap 0 do not fit"),
+                          (["--cr-image-size", "250"], "--cr-image-size must be a multiple of 32"),
+                          (["--tile-size", "50"], "--tile-size must be a multiple of 32"),
                           (["--max-val-images", "1"], "--max-val-images must be at least 2"),
                           (["--max-train-images", "1"], "--max-train-images must be at least 2")):
         with pytest.raises(SystemExit) as stop:

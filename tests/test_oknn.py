@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict
 
 import cv2
@@ -334,3 +335,72 @@ def test_feature_extraction_shows_progress_over_the_images(tiny_coco, capsys):
     err = capsys.readouterr().err
     assert "O-KNN features, val" in err and f"0/{n} " in err   # a bar over the split's images
     torch.testing.assert_close(loud, quiet)
+
+
+def test_a_voted_class_ranks_above_unvoted_ones_at_tiny_temperatures():
+    """With more than 5 classes: a far neighbour's weight rounds to 0 at a tiny T; its class was
+    still voted for and must rank above the classes nobody voted for (it tied with them before)."""
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.1, 0.995]] + [[-1.0, 0.0]] * 8), dim=1)
+    bank_y = torch.tensor([0, 9, 1, 2, 3, 4, 5, 6, 7, 8])   # classes 1-8 are never among the k = 2
+    query = torch.tensor([[1.0, 0.0]])
+    for t in (0.07, 1e-2, 1e-3, 1e-6):
+        res = oknn.o_knn(bank, bank_y, query, torch.tensor([9]), k=2, temperature=t)
+        assert res == {"top1": 0.0, "top5": 100.0}, t
+
+
+def test_non_finite_features_give_nan_with_a_warning():
+    """A diverged network's NaN features used to score like a poor network (10 % top-1 here)."""
+    x, y = clustered(10, 8, 16, torch.Generator().manual_seed(0))
+    bank, bank_y, query, query_y = x[::2], y[::2], x[1::2], y[1::2]
+    assert oknn.o_knn(bank, bank_y, query, query_y)["top1"] > 90
+    for bad_bank, bad_query in ((torch.full_like(bank, float("nan")), query),
+                                (bank, torch.cat([query[:10], torch.full_like(query[10:], float("inf"))]))):
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            res = oknn.o_knn(bad_bank, bank_y, bad_query, query_y)
+        assert math.isnan(res["top1"]) and math.isnan(res["top5"])
+
+
+def test_two_splits_listing_the_same_images_are_refused(tiny_coco):
+    """Two annotation files (not one file twice) whose images are the same files."""
+    ann = json.loads((tiny_coco / "annotations" / "instances_train.json").read_text())
+    for img in ann["images"]:
+        img["file_name"] = os.path.join("..", "train", img["file_name"])
+    (tiny_coco / "annotations" / "instances_copy.json").write_text(json.dumps(ann))
+    (tiny_coco / "copy").mkdir()
+    with pytest.raises(ValueError, match=r"3 image file\(s\) are in both the bank split 'train' and the query "
+                                         r"split 'copy'"):
+        oknn.evaluate_oknn(ResNetC4("resnet18"), str(tiny_coco), val_split="copy", image_size=64)
+
+
+def _exif_jpeg(path, pixels, orientation):
+    """A JPEG of `pixels` (RGB, as stored) with an EXIF orientation tag."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=100)
+
+
+def test_boxes_land_on_their_objects_whatever_the_file_orientation_or_size(tmp_path):
+    """COCO's boxes are in the pixels as stored; decoding turns a JPEG by its EXIF orientation. The
+    image whose size matches the annotation is used; a resized copy gets its boxes scaled (with a
+    warning); the object, white on black, must fill its box in the resized view either way."""
+    from d3ssl.eval import probe
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :40] = 255                                     # the object: the left half, as stored
+    _exif_jpeg(tmp_path / "turned.jpg", stored, 6)           # shown turned by 90 degrees
+    assert cv2.imread(str(tmp_path / "turned.jpg")).shape[:2] == (80, 40)
+    cv2.imwrite(str(tmp_path / "half.png"), cv2.resize(stored, (40, 20), interpolation=cv2.INTER_AREA))
+    box = np.array([[0, 0, 40, 40]], np.float32)
+    probe._warned_resized = False
+    for name, warns in (("turned.jpg", False), ("half.png", True)):
+        records = [(str(tmp_path / name), box, np.array([1]), (80, 40))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image, boxes, _ = oknn.ObjectImages(records, 64)[0]
+        assert any("annotations are for 80x40" in str(w.message) for w in caught) == warns, name
+        np.testing.assert_allclose(boxes.numpy(), [[0, 0, 32, 64]])
+        px = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+        assert px[:, 4:60, 2:29].min() > 0.9 and px[:, 4:60, 35:62].max() < 0.1, name
+        obj = probe.GroundTruthObject(str(tmp_path / name), (0.0, 0.0, 40.0, 40.0), 1, (80, 40))
+        crop = probe.crop_object(obj)
+        assert crop.min() > 200 and crop.shape[:2] == ((40, 40) if name == "turned.jpg" else (20, 20))

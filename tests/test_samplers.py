@@ -84,6 +84,11 @@ def test_prc_invariants():
                 ph = int(pix[j].any(1).sum())
                 # the proposal's aspect ratio: w = floor(pw*t), h = floor(ph*t) for one t
                 assert max(w / pw, h / ph) < min((w + 1) / pw, (h + 1) / ph)
+                # its area tops the proposal up from what was erased before its turn (c, 0 after a
+                # restore) towards the target a ~ U(0.2, 0.5): w*h = floor(pw*t)*floor(ph*t) with
+                # t^2 = a - c, so c*area + w*h lies in [0.2*area - (pw + ph), 0.5*area]
+                c_pixels = 0 if restored.any() else before
+                assert 0.2 * area - (pw + ph) <= c_pixels + w * h <= 0.5 * area + 1e-6, (b, s, c_pixels, w * h, area)
             if s == 0:  # nothing erased before: the target U(0.2,0.5) up to whole-pixel rounding
                 pw, ph = int(pix[j].any(0).sum()), int(pix[j].any(1).sum())
                 assert after >= 0.2 * area - (pw + ph)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .probe import (LAYERS, GroundTruthObject, box_average_pool, cosine, crop_object, fit_resize,
+from .probe import (LAYERS, GroundTruthObject, box_average_pool, check_probe_size, cosine, crop_object, fit_resize,
                     layer_features, normalize_images)
 
 
@@ -77,7 +77,9 @@ def coupling_rate_images(backbone: nn.Module, image1: torch.Tensor, image2: torc
         image1, image2: float [N,3,S,S] normalised images (A and B; A only).
         box_a, box_b: float [N,4] boxes in pixels.
     Returns:
-        layer → float64 [N] coupling rates.
+        layer → float64 [N] coupling rates. The backbone runs in eval mode (see
+        :func:`~d3ssl.eval.probe.layer_features`), so a pair's rate does not depend on the others.
+        A denominator cos(A2, B) of 0 (features that are all zero) is taken as 1e-12.
     """
     size = tuple(image1.shape[-2:])
     both = layer_features(backbone, torch.cat([image1, image2]), layers)
@@ -103,12 +105,14 @@ def coupling_rate(backbone: nn.Module, objects: list[GroundTruthObject], num_pai
         objects: ground-truth objects (:func:`~d3ssl.eval.probe.load_objects`).
         image_size: side of the synthetic images, px. object_size: longer side of each pasted object, px.
         gap: black pixels between A and B. seed: pair sampling.
+        image_size must be a multiple of 32 (the backbone's stride), so that every feature cell
+        covers whole pixels of the image.
     Returns:
-        layer → float64 [num_pairs] coupling rates (summarise with :func:`~d3ssl.eval.probe.summarize`).
+        layer → float64 [num_pairs] coupling rates (summarise with :func:`~d3ssl.eval.probe.summarize`:
+        the report gives their mean over pairs, not a ratio of mean similarities, with the quartiles).
     """
+    check_probe_size(image_size, "image_size")
     pairs = sample_pairs(objects, num_pairs, seed)
-    was_training = backbone.training
-    backbone.eval()
     results = {name: [] for name in layers}
     crops: dict[int, np.ndarray] = {}
 
@@ -117,19 +121,16 @@ def coupling_rate(backbone: nn.Module, objects: list[GroundTruthObject], num_pai
             crops[i] = crop_object(objects[i])
         return crops[i]
 
-    try:
-        for start in tqdm(range(0, len(pairs), batch_size), desc="coupling rate", disable=not progress,
-                          leave=False):
-            i1, i2, ba, bb = [], [], [], []
-            for a, b in pairs[start:start + batch_size]:
-                im1, im2, box_a, box_b = compose_pair(crop(a), crop(b),
-                                                      image_size, object_size, gap)
-                i1.append(im1), i2.append(im2), ba.append(box_a), bb.append(box_b)
-            cr = coupling_rate_images(backbone, normalize_images(np.stack(i1), device),
-                                      normalize_images(np.stack(i2), device),
-                                      torch.as_tensor(np.stack(ba)), torch.as_tensor(np.stack(bb)), layers)
-            for name in layers:
-                results[name].append(cr[name].cpu().numpy())
-    finally:
-        backbone.train(was_training)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="coupling rate", disable=not progress,
+                      leave=False):
+        i1, i2, ba, bb = [], [], [], []
+        for a, b in pairs[start:start + batch_size]:
+            im1, im2, box_a, box_b = compose_pair(crop(a), crop(b),
+                                                  image_size, object_size, gap)
+            i1.append(im1), i2.append(im2), ba.append(box_a), bb.append(box_b)
+        cr = coupling_rate_images(backbone, normalize_images(np.stack(i1), device),
+                                  normalize_images(np.stack(i2), device),
+                                  torch.as_tensor(np.stack(ba)), torch.as_tensor(np.stack(bb)), layers)
+        for name in layers:
+            results[name].append(cr[name].cpu().numpy())
     return {name: np.concatenate(v) for name, v in results.items()}

@@ -87,7 +87,8 @@ def evaluate_disturbed_oknn(backbone, data_root: str, seed: int = 0, disturb_ban
         seed: choice of the background images.
         disturb_bank: also disturb the bank's (train split's) images (default); False: queries only.
     Returns:
-        {"top1", "top5" (percent), "bank_size", "num_queries"}.
+        as ``evaluate_oknn``: {"top1", "top5" (percent), "bank_size", "num_queries",
+        "position_share" (with 3 queries or more)}.
     """
     from .oknn import evaluate_oknn
     return evaluate_oknn(backbone, data_root, image_hook=BackgroundReplacer(seed), hook_bank=disturb_bank,

@@ -19,8 +19,10 @@ import contextlib
 import io
 import glob
 import json
+import math
 import os
 import re
+import warnings
 from collections import Counter
 
 import cv2
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from d3ssl import ops
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.data.cpu_loader import resize_square
+
+from .probe import annotated_size, read_annotated_rgb
 
 ROI_SIZE = 7          # RoIAlign output side on C5 (paper)
 C5_STRIDE = 32
@@ -72,6 +76,17 @@ def check_splits(data_root: str, train_split: str, val_split: str):
                          f"annotations ({bank}): every query would find itself in the bank")
 
 
+def check_disjoint(bank_records, query_records, train_split: str, val_split: str):
+    """ValueError when an image file is in both O-KNN splits (as two annotation files that list the
+    same images would have it): its objects would find themselves in the bank."""
+    bank_files = {os.path.realpath(r[0]) for r in bank_records}
+    shared = sorted({os.path.realpath(r[0]) for r in query_records} & bank_files)
+    if shared:
+        raise ValueError(f"{len(shared)} image file(s) are in both the bank split {train_split!r} and the "
+                         f"query split {val_split!r} (e.g. {shared[0]}): their objects would find "
+                         "themselves in the bank")
+
+
 def load_objects(data_root: str, split: str, max_objects_per_image: int | None = None,
                  max_images: int | None = None, min_box_size: float = 1.0):
     """Object annotations of a split, per image.
@@ -79,12 +94,14 @@ def load_objects(data_root: str, split: str, max_objects_per_image: int | None =
     Args:
         max_objects_per_image: keep at most this many objects per image (None: all). Images are
             visited in id order and each keeps the objects whose classes are rarest in the
-            selection so far (larger objects first among equals), so the classes stay balanced.
+            selection so far (larger objects first among equals): this evens out the classes as far
+            as each image's objects allow, without balancing the whole selection.
         max_images: use only the first images (by id) of the split.
         min_box_size: drop boxes narrower or shorter than this (pixels); crowd boxes are dropped.
     Returns:
         list of (image path, boxes float32 [n,4] x1,y1,x2,y2 pixels, labels int64 [n],
-        (width, height)); images without objects are left out.
+        (width, height) as annotated, or None when the file gives none); images without objects
+        are left out.
     """
     from pycocotools.coco import COCO  # import here: slow, and only evaluation needs it
 
@@ -116,8 +133,7 @@ def load_objects(data_root: str, split: str, max_objects_per_image: int | None =
             continue
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float32)
         labels = np.array([a["category_id"] for a in anns], np.int64)
-        records.append((os.path.join(image_dir, info["file_name"]), boxes, labels,
-                        (info["width"], info["height"])))
+        records.append((os.path.join(image_dir, info["file_name"]), boxes, labels, annotated_size(info)))
     return records
 
 
@@ -127,6 +143,8 @@ class ObjectImages(torch.utils.data.Dataset):
     Item: (image float32 [3,S,S], boxes float32 [n,4] in S-px, labels int64 [n]).
     ``image_hook(records, i, image, boxes) -> image``, when given, edits each image (uint8 RGB
     [H,W,3] at its own size, boxes in its pixels) before the resize (disturbed O-KNN uses it).
+    Images are read as :func:`~d3ssl.eval.probe.read_annotated_rgb` says, so that the boxes land
+    on their objects also when the file's EXIF orientation or size differs from the annotations'.
     """
 
     def __init__(self, records, image_size: int = 224, image_hook=None):
@@ -140,13 +158,12 @@ class ObjectImages(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        path, boxes, labels, _ = self.records[i]
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            raise FileNotFoundError(f"cannot read image {path}")
+        path, boxes, labels, size = self.records[i]
+        img, (sx, sy) = read_annotated_rgb(path, size)
+        if (sx, sy) != (1.0, 1.0):
+            boxes = boxes * np.array([sx, sy, sx, sy], np.float32)
         h, w = img.shape[:2]
         s = self.image_size
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if self.image_hook is not None:
             img = self.image_hook(self.records, i, img, boxes)
         img = resize_square(img, s)
@@ -246,7 +263,8 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
     Returns:
         {"top1", "top5"} accuracy in percent: a query is right at top-n when its label is among
         the n classes with the largest summed weight over its k nearest bank features (classes
-        without a vote never count, even when fewer than n classes got one).
+        without a vote never count, even when fewer than n classes got one). Both are NaN, with a
+        warning, when a feature is not finite (a diverged network): no score is right then.
     """
     if bank_feats.dim() != 2 or query_feats.dim() != 2 or bank_feats.shape[1] != query_feats.shape[1]:
         raise ValueError(f"bank_feats [N,D] and query_feats [M,D] must share D, got "
@@ -257,6 +275,10 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
         raise ValueError("o_knn needs a non-empty bank and at least one query")
     if k <= 0 or not temperature > 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    if not (torch.isfinite(bank_feats).all() and torch.isfinite(query_feats).all()):
+        warnings.warn("O-KNN: some object features are not finite (NaN or inf); top-1 and top-5 are "
+                      "reported as NaN", RuntimeWarning)
+        return {"top1": float("nan"), "top5": float("nan")}
     classes = torch.unique(torch.cat([bank_labels, query_labels]))
     bank_y = torch.searchsorted(classes, bank_labels.contiguous())
     query_y = torch.searchsorted(classes, query_labels.contiguous())
@@ -273,9 +295,12 @@ def o_knn(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torc
         votes.scatter_add_(1, bank_y[idx], weights)
         voters = torch.zeros(len(q), len(classes), dtype=torch.long)
         voters.scatter_add_(1, bank_y[idx], torch.ones_like(idx))
+        # a class no neighbour voted for is never a guess, and ranks below every voted class even
+        # where a far neighbour's weight rounds to 0 (tiny temperatures)
+        votes.masked_fill_(voters == 0, -math.inf)
         ranked = votes.argsort(dim=1, descending=True, stable=True)
         y = query_y[start:start + chunk_size].unsqueeze(1)
-        voted = voters.gather(1, y)[:, 0] > 0    # a class no neighbour voted for is never a guess
+        voted = voters.gather(1, y)[:, 0] > 0
         correct1 += ((ranked[:, :1] == y).any(dim=1) & voted).sum().item()
         correct5 += ((ranked[:, :5] == y).any(dim=1) & voted).sum().item()
     n = len(query_feats)
@@ -333,10 +358,13 @@ def evaluate_oknn(backbone, data_root: str, train_split: str = "train", val_spli
     features, see :func:`position_share`; left out with fewer than 3 queries)}.
     """
     check_splits(data_root, train_split, val_split)
+    bank_records = load_objects(data_root, train_split, max_objects_per_image, max_images=max_train_images)
+    val_records = load_objects(data_root, val_split, None, max_images=max_val_images)
+    check_disjoint(bank_records, val_records, train_split, val_split)
     bank_x, bank_y = extract_object_features(backbone, data_root, train_split, max_objects_per_image,
                                              image_size, device, batch_size, num_workers, max_train_images,
-                                             image_hook if hook_bank else None, progress=progress)
-    val_records = load_objects(data_root, val_split, None, max_images=max_val_images)
+                                             image_hook if hook_bank else None, records=bank_records,
+                                             progress=progress)
     val_x, val_y = extract_object_features(backbone, data_root, val_split, None, image_size, device,
                                            batch_size, num_workers, max_val_images, image_hook,
                                            records=val_records, progress=progress)

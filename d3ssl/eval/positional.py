@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .probe import (LAYERS, GroundTruthObject, box_average_pool, cosine, crop_object, layer_features,
+from .probe import (LAYERS, GroundTruthObject, box_average_pool, check_probe_size, cosine, crop_object, layer_features,
                     normalize_images)
 
 #: Tile order: row-major over the grid; index 4 is the centre.
@@ -52,7 +52,8 @@ def grid_similarity(backbone: nn.Module, images: torch.Tensor, boxes: torch.Tens
     Args:
         images: float [N,3,3T,3T] normalised grids. boxes: float [N,9,4] tile boxes in pixels (centre = 4).
     Returns:
-        layer → float64 [N]: mean over the 8 outer tiles of cos(f(centre), f(tile)).
+        layer → float64 [N]: mean over the 8 outer tiles of cos(f(centre), f(tile)). The backbone
+        runs in eval mode (see :func:`~d3ssl.eval.probe.layer_features`).
     """
     size = tuple(images.shape[-2:])
     out = {}
@@ -74,24 +75,21 @@ def mean_cosine_similarity(backbone: nn.Module, objects: list[GroundTruthObject]
     Args:
         backbone: ResNet in torchvision's layout; run in eval mode (its mode is restored afterwards).
         objects: ground-truth objects (:func:`~d3ssl.eval.probe.load_objects`).
-        tile_size: side of one grid tile, px (the grid image is 3·tile_size px square).
+        tile_size: side of one grid tile, px (the grid image is 3·tile_size px square); a multiple
+            of 32 (the backbone's stride), so that every feature cell covers whole pixels.
     Returns:
         layer → float64 [num_objects] MCS values (summarise with :func:`~d3ssl.eval.probe.summarize`).
     """
+    check_probe_size(tile_size, "tile_size")
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(objects))[:num_objects]
-    was_training = backbone.training
-    backbone.eval()
     results = {name: [] for name in layers}
-    try:
-        for start in tqdm(range(0, len(picked), batch_size), desc="positional bias", disable=not progress,
-                          leave=False):
-            grids = [tile_grid(crop_object(objects[i]), tile_size) for i in picked[start:start + batch_size]]
-            images = normalize_images(np.stack([g[0] for g in grids]), device)
-            boxes = torch.as_tensor(np.stack([g[1] for g in grids]))
-            mcs = grid_similarity(backbone, images, boxes, layers)
-            for name in layers:
-                results[name].append(mcs[name].cpu().numpy())
-    finally:
-        backbone.train(was_training)
+    for start in tqdm(range(0, len(picked), batch_size), desc="positional bias", disable=not progress,
+                      leave=False):
+        grids = [tile_grid(crop_object(objects[i]), tile_size) for i in picked[start:start + batch_size]]
+        images = normalize_images(np.stack([g[0] for g in grids]), device)
+        boxes = torch.as_tensor(np.stack([g[1] for g in grids]))
+        mcs = grid_similarity(backbone, images, boxes, layers)
+        for name in layers:
+            results[name].append(mcs[name].cpu().numpy())
     return {name: np.concatenate(v) for name, v in results.items()}

@@ -7,8 +7,10 @@ COCO-format dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -43,12 +45,27 @@ def resnet_modules(backbone: nn.Module) -> dict[str, nn.Module]:
         f"or a ResNetC4 (trunk, res5), got {type(backbone).__name__}")
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Runs the block with ``module`` in eval mode (BatchNorm on its running statistics, which stay
+    as they are), then restores the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def layer_features(backbone: nn.Module, images: torch.Tensor,
                    layers: tuple[str, ...] = LAYERS) -> dict[str, torch.Tensor]:
     """Feature map of each probed layer for a batch of whole images.
 
     ``conv1`` is read after conv1 → bn1 → relu (before the max-pool); ``layerN`` after the stage.
     layer4 (res5) is applied to the whole map here, not to RoIs: its convolutions are the same ones.
+    The backbone runs in eval mode (its mode is restored afterwards): in train mode BatchNorm would
+    normalise with the batch's own statistics, so an image's features would depend on the other
+    images of its batch.
 
     Args:
         backbone: a ResNet (see :func:`resnet_modules`).
@@ -63,22 +80,39 @@ def layer_features(backbone: nn.Module, images: torch.Tensor,
         raise ValueError(f"layers: expected names from {LAYERS}, got {unknown}")
     deepest = max(LAYERS.index(name) for name in layers)
     out = {}
-    x = m["relu"](m["bn1"](m["conv1"](images)))
-    if "conv1" in layers:
-        out["conv1"] = x
-    x = m["maxpool"](x)
-    for name in LAYERS[1:deepest + 1]:
-        x = m[name](x)
-        if name in layers:
-            out[name] = x
+    with eval_mode(backbone):
+        x = m["relu"](m["bn1"](m["conv1"](images)))
+        if "conv1" in layers:
+            out["conv1"] = x
+        x = m["maxpool"](x)
+        for name in LAYERS[1:deepest + 1]:
+            x = m[name](x)
+            if name in layers:
+                out[name] = x
     return out
+
+
+#: The deepest probed layer's stride (layer4 of a ResNet, res5 of a ResNetC4): images fed to the
+#: probes must be a whole number of its cells on each side, or the last cell of a layer would cover
+#: fewer pixels than :func:`box_average_pool` assumes.
+PROBE_STRIDE = 32
+
+
+def check_probe_size(size: int, what: str):
+    """ValueError unless ``size`` (an image side fed to the probes) is a positive multiple of
+    :data:`PROBE_STRIDE`."""
+    if size <= 0 or size % PROBE_STRIDE:
+        raise ValueError(f"{what} must be a positive multiple of {PROBE_STRIDE} (the backbone's stride), "
+                         f"got {size}")
 
 
 def box_average_pool(features: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Exact area-weighted average of a feature map over boxes given in image pixels.
 
     Feature cell (i, j) covers image pixels [j·sx, (j+1)·sx) × [i·sy, (i+1)·sy) with sx = W/W_l,
-    sy = H/H_l; its weight is the area it shares with the box. Unlike bilinear sampling, a cell that
+    sy = H/H_l (the layer's stride when the image is a whole number of strides, as
+    :func:`check_probe_size` makes the diagnostics' images); its weight is the area it shares with
+    the box. Unlike bilinear sampling, a cell that
     does not meet the box has weight exactly 0, so a pointwise network's pooled feature of a box
     depends only on the pixels the box's cells read (what makes CR = 1 testable exactly).
 
@@ -144,6 +178,8 @@ class GroundTruthObject:
     image_path: str
     box: tuple[float, float, float, float]
     category: int
+    #: (width, height) of the image as the annotations give it; None when they do not
+    image_size: tuple[int, int] | None = None
 
 
 def load_objects(data_root: str, split: str = "val", min_size: float = 16.0) -> list[GroundTruthObject]:
@@ -167,29 +203,64 @@ def load_objects(data_root: str, split: str = "val", min_size: float = 16.0) -> 
         if key not in coco:
             raise ValueError(f"data: {ann_file} is not a COCO instances file (no {key!r} entry)")
     files = {img["id"]: os.path.join(image_dir, img["file_name"]) for img in coco["images"]}
+    sizes = {img["id"]: annotated_size(img) for img in coco["images"]}
     objects = []
     for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
         if ann.get("iscrowd", 0) or w < min_size or h < min_size or ann["image_id"] not in files:
             continue
-        objects.append(GroundTruthObject(files[ann["image_id"]], (x, y, x + w, y + h), int(ann["category_id"])))
+        objects.append(GroundTruthObject(files[ann["image_id"]], (x, y, x + w, y + h), int(ann["category_id"]),
+                                         sizes[ann["image_id"]]))
     if not objects:
         raise ValueError(f"data: {ann_file} has no non-crowd object of at least {min_size} px per side")
     return objects
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """uint8 RGB [H,W,3] of an image file."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+def read_rgb(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """uint8 RGB [H,W,3] of an image file (OpenCV's IMREAD_COLOR turns it by its EXIF orientation)."""
+    image = cv2.imread(path, flags)
     if image is None:
         raise FileNotFoundError(f"data: cannot read image {path!r}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def annotated_size(image_info: dict) -> tuple[int, int] | None:
+    """(width, height) of a COCO ``images`` entry, None when it has none (both are optional here)."""
+    w, h = image_info.get("width"), image_info.get("height")
+    return (int(w), int(h)) if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0 \
+        else None
+
+
+_warned_resized = False
+
+
+def read_annotated_rgb(path: str, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """An image whose annotations were made on a (width, height) = ``size`` image: uint8 RGB
+    [H,W,3] and the factors (sx, sy) that take the annotations' pixels to the returned image's.
+
+    COCO's boxes are in the pixels as stored in the file, while decoding turns a JPEG by its EXIF
+    orientation: when the turned image does not have the annotated size and the stored one does,
+    the stored one is returned. Any other difference (annotations of a resized copy) scales the
+    boxes, with a warning the first time. ``size`` None: the image as decoded, factors 1."""
+    global _warned_resized
+    image = read_rgb(path)
+    h, w = image.shape[:2]
+    if size is None or (w, h) == tuple(size):
+        return image, (1.0, 1.0)
+    stored = read_rgb(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if stored.shape[1::-1] == tuple(size):
+        return stored, (1.0, 1.0)
+    if not _warned_resized:
+        _warned_resized = True
+        warnings.warn(f"data: {path!r} is {w}x{h} px but its annotations are for {size[0]}x{size[1]} px; its "
+                      "boxes (and those of any other such image) are scaled to the image", RuntimeWarning)
+    return image, (w / size[0], h / size[1])
+
+
 def crop_object(obj: GroundTruthObject) -> np.ndarray:
     """uint8 RGB crop [h,w,3] of the object's box (rounded outwards to whole pixels)."""
-    image = read_rgb(obj.image_path)
-    x1, y1, x2, y2 = obj.box
+    image, (sx, sy) = read_annotated_rgb(obj.image_path, obj.image_size)
+    x1, y1, x2, y2 = (v * f for v, f in zip(obj.box, (sx, sy, sx, sy)))
     h, w = image.shape[:2]
     x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
     x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))

@@ -30,7 +30,7 @@ from .coupling import coupling_rate
 from .disturbed import evaluate_disturbed_oknn
 from .oknn import DEFAULT_OBJECTS_PER_IMAGE, _checkpoint_file, check_splits, evaluate_oknn
 from .positional import mean_cosine_similarity
-from .probe import LAYERS, load_objects, summarize
+from .probe import LAYERS, PROBE_STRIDE, load_objects, summarize
 
 RANDOM = "random-init"
 
@@ -160,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, default=224, help="O-KNN: side the images are resized to, px")
     p.add_argument("--pairs", type=positive_int, default=200, help="CR: object pairs")
     p.add_argument("--cr-image-size", type=positive_int, default=224,
-                   help="CR: side of the synthetic pair images, px")
+                   help="CR: side of the synthetic pair images, px (a multiple of 32)")
     p.add_argument("--object-size", type=positive_int, default=96, help="CR: longer side of each pasted object, px")
     p.add_argument("--gap", type=int, default=0, help="CR: black pixels between the two objects")
     p.add_argument("--objects", type=positive_int, default=200, help="MCS: objects")
-    p.add_argument("--tile-size", type=positive_int, default=96, help="MCS: side of a grid tile, px")
+    p.add_argument("--tile-size", type=positive_int, default=96,
+                   help="MCS: side of a grid tile, px (a multiple of 32)")
     p.add_argument("--min-object-size", type=float, default=16.0,
                    help="CR/MCS: use objects at least this many px wide and high")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
@@ -199,6 +200,10 @@ def main(argv=None) -> dict:
     # (the measures' own checks, made now rather than after the first network's O-KNN)
     if a.gap < 0:
         p.error(f"--gap must be >= 0, got {a.gap}")
+    for flag, size in (("--cr-image-size", a.cr_image_size), ("--tile-size", a.tile_size)):
+        if size % PROBE_STRIDE:
+            p.error(f"{flag} must be a multiple of {PROBE_STRIDE} (the backbone's stride: each feature cell "
+                    f"of the probed layers then covers whole pixels), got {size}")
     if 2 * a.object_size + a.gap > a.cr_image_size:
         p.error(f"--object-size {a.object_size} twice and --gap {a.gap} do not fit side by side in "
                 f"--cr-image-size {a.cr_image_size}")
