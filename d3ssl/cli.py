@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -40,6 +41,24 @@ def check_device(parser: argparse.ArgumentParser, option: str, text: str | None)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text) or (text.startswith("cuda") and not torch.cuda.is_available()):
         parser.error(f"{option} {text}: use cpu, or cuda[:N] on a machine with a visible GPU")
     return text
+
+
+def number(value: float, spec: str = ".2f") -> str:
+    """`value` formatted with `spec`, or "not finite" for NaN and infinities (a diverged network's
+    measures), so that no result reads as the number "nan"."""
+    return format(value, spec) if math.isfinite(value) else "not finite"
+
+
+def finite_or_none(obj):
+    """`obj` (dicts, lists and tuples of plain values) with every NaN or infinite float replaced by
+    None, which JSON writes as null: strict JSON readers refuse the NaN that Python would write."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def positive_int(text: str) -> int:

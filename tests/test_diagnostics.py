@@ -507,6 +507,38 @@ def test_report_evaluates_the_splits_it_is_given(tmp_path, synthetic_root, monke
                      "--no-progress"])
 
 
+def test_report_of_a_diverged_network_says_not_finite_and_writes_strict_json(tmp_path, synthetic_root,
+                                                                             monkeypatch):
+    """A network whose features are not finite: "not finite" in report.md (never "nan") and null
+    in results.json; the finite network's numbers are untouched."""
+    from d3ssl.eval import report
+
+    def results(backbone, *args, **kwargs):
+        out = _fake_results(backbone, *args, **kwargs)
+        calls.append(backbone)
+        if len(calls) == 1:  # the first network (the checkpoint's) diverged
+            nan = float("nan")
+            bad = {**out["oknn"], "top1": nan, "top5": nan, "position_share": nan}
+            stats = probe.summarize(np.full(3, nan))
+            out = {"oknn": bad, "disturbed_oknn": bad, "cr": {layer: stats for layer in probe.LAYERS},
+                   "mcs": {layer: stats for layer in probe.LAYERS}}
+        return out
+    calls = []
+    run = tmp_path / "runs" / "tiny" / "checkpoints"
+    os.makedirs(run)
+    _write_checkpoint(str(run / "step_00000002.pt"))
+    monkeypatch.setattr(report, "evaluate_network", results)
+    report.main(["--ckpt", str(tmp_path / "runs" / "tiny"), "--data", synthetic_root, "--out",
+                 str(tmp_path / "o"), "--no-progress"])
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "nan" not in text.lower() and "| tiny | resnet18 | not finite | not finite |" in text
+    assert "| random-init | resnet18 | 1.00 | 2.00 |" in text and "Not finite: the features of tiny" in text
+    saved = json.loads((tmp_path / "o" / "results.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))["results"]
+    assert saved["tiny"]["oknn"]["top1"] is None and saved["tiny"]["cr"]["conv1"]["mean"] is None
+    assert saved["random-init"]["oknn"]["top1"] == 1.0
+
+
 def test_report_gives_each_checkpoint_its_own_row(tmp_path, synthetic_root, monkeypatch):
     """Two checkpoints of one run folder were both named after it, and one row overwrote the other."""
     from d3ssl.eval import report

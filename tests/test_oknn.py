@@ -360,7 +360,7 @@ def test_non_finite_features_give_nan_with_a_warning():
         assert math.isnan(res["top1"]) and math.isnan(res["top5"])
 
 
-def test_two_splits_listing_the_same_images_are_refused(tiny_coco):
+def test_two_splits_listing_the_same_images_are_refused(tiny_coco, capsys):
     """Two annotation files (not one file twice) whose images are the same files."""
     ann = json.loads((tiny_coco / "annotations" / "instances_train.json").read_text())
     for img in ann["images"]:
@@ -370,6 +370,32 @@ def test_two_splits_listing_the_same_images_are_refused(tiny_coco):
     with pytest.raises(ValueError, match=r"3 image file\(s\) are in both the bank split 'train' and the query "
                                          r"split 'copy'"):
         oknn.evaluate_oknn(ResNetC4("resnet18"), str(tiny_coco), val_split="copy", image_size=64)
+    # the tools: one line, no traceback, before any feature is extracted
+    from d3ssl.eval import report
+    with pytest.raises(SystemExit) as stop:
+        oknn.main(["--random-init", "--arch", "resnet18", "--data", str(tiny_coco), "--val-split", "copy",
+                   "--image-size", "64", "--no-progress"])
+    assert stop.value.code == 2
+    assert "error: 3 image file(s) are in both" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: 3 image file\(s\) are in both"):
+        report.main(["--arch", "resnet18", "--data", str(tiny_coco), "--val-split", "copy", "--image-size", "64",
+                     "--out", str(tiny_coco / "report"), "--no-progress"])
+
+
+def test_images_without_annotated_size_take_their_stored_size(tiny_coco):
+    """width/height are optional in a COCO images entry: the position share then takes the file's
+    size (as stored) for the box centres, and O-KNN runs through."""
+    ann = tiny_coco / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    for img in coco["images"]:
+        del img["width"], img["height"]
+    ann.write_text(json.dumps(coco))
+    records = oknn.load_objects(str(tiny_coco), "val")
+    assert [r[3] for r in records] == [None, None]
+    np.testing.assert_allclose(oknn.object_centres(records).numpy(),
+                               [[20 / 60, 20 / 60], [42.5 / 60, 35 / 60], [20 / 70, 20 / 50]])
+    res = oknn.evaluate_oknn(ResNetC4("resnet18"), str(tiny_coco), image_size=64)
+    assert res["num_queries"] == 3 and "position_share" in res
 
 
 def _exif_jpeg(path, pixels, orientation):
@@ -404,3 +430,39 @@ def test_boxes_land_on_their_objects_whatever_the_file_orientation_or_size(tmp_p
         obj = probe.GroundTruthObject(str(tmp_path / name), (0.0, 0.0, 40.0, 40.0), 1, (80, 40))
         crop = probe.crop_object(obj)
         assert crop.min() > 200 and crop.shape[:2] == ((40, 40) if name == "turned.jpg" else (20, 20))
+
+
+@pytest.mark.parametrize("orientation,shape", [(3, (40, 80)), (6, (60, 60))])
+def test_stored_pixels_win_when_both_decodes_have_the_annotated_size(tmp_path, orientation, shape):
+    """A turn by 180 degrees (orientation 3), or by 90 degrees of a square image, keeps the size:
+    the boxes are in the stored pixels, so those must be what is read, for the right size and a
+    resized copy alike."""
+    from d3ssl.eval import probe
+    h, w = shape
+    stored = np.zeros((h, w, 3), np.uint8)
+    stored[: h // 2, : w // 2] = 255                        # the object: the top-left quarter as stored
+    _exif_jpeg(tmp_path / "full.jpg", stored, orientation)
+    assert cv2.imread(str(tmp_path / "full.jpg"))[: h // 4, : w // 4].max() < 50   # decoders do turn it
+    small = cv2.resize(stored, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    _exif_jpeg(tmp_path / "small.jpg", small, orientation)
+    probe._warned_resized = True                            # (the warning has its own test)
+    for name, factor in (("full.jpg", 1.0), ("small.jpg", 0.5)):
+        image, (sx, sy) = probe.read_annotated_rgb(str(tmp_path / name), (w, h))
+        assert (sx, sy) == (factor, factor), name
+        qh, qw = round(h * factor) // 2, round(w * factor) // 2
+        assert image[: qh - 2, : qw - 2].min() > 200 and image[qh + 2:, qw + 2:].max() < 50, name
+        obj = probe.GroundTruthObject(str(tmp_path / name), (0.0, 0.0, w / 2, h / 2), 1, (w, h))
+        assert probe.crop_object(obj).mean() > 200, name
+
+
+def test_cli_of_a_diverged_network_prints_not_finite_and_strict_json(tiny_coco, monkeypatch, capsys):
+    nan = float("nan")
+    monkeypatch.setattr(oknn, "evaluate_oknn", lambda *a, **k: {
+        "top1": nan, "top5": nan, "bank_size": 7, "num_queries": 3, "position_share": nan})
+    args = ["--random-init", "--arch", "resnet18", "--data", str(tiny_coco), "--no-progress"]
+    oknn.main(args)
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "top-1 not finite%" in out and "diverged" in out
+    oknn.main(args + ["--json"])
+    res = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"printed {c}"))
+    assert res["top1"] is None and res["position_share"] is None and res["bank_size"] == 7

@@ -709,3 +709,37 @@ def test_default_run_names_are_the_time_and_differ_within_a_second():
     import re
     first, second = trainer.new_run_name(), trainer.new_run_name()   # (2^-24 to collide)
     assert first != second and all(re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", n) for n in (first, second))
+
+
+def test_oknn_of_a_diverged_network_says_so_and_writes_strict_json(tmp_path, monkeypatch, capsys):
+    """Non-finite features give O-KNN NaN: the summary says "not finite" (never "+nan") and why,
+    and oknn.json and the log's event hold null, which strict JSON readers take."""
+    from types import SimpleNamespace
+
+    import d3ssl.eval.oknn as oknn_module
+    from train.config import make_config
+    from train.logging import RunLogger
+    trained_net = object()
+    nan = float("nan")
+
+    def fake_oknn(backbone, root, **kwargs):
+        if backbone is trained_net:
+            return {"top1": nan, "top5": nan, "bank_size": 4, "num_queries": 3, "position_share": nan}
+        return {"top1": 10.0, "top5": 40.0, "bank_size": 4, "num_queries": 3, "position_share": 0.5}
+
+    monkeypatch.setattr(oknn_module, "evaluate_oknn", fake_oknn)
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: SimpleNamespace(online_backbone=object()))
+    cfg = make_config("default", {"run.oknn_random_draws": 2})
+    logger = RunLogger(str(tmp_path), tensorboard=False)
+    trainer.evaluate_trained_vs_random(cfg, SimpleNamespace(online_backbone=trained_net), "data", 8, "cpu",
+                                       logger, 5, str(tmp_path))
+    logger.close()
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower(), out
+    assert "difference not finite" in out and "training diverged" in out and "trained not finite%" in out
+    saved = json.loads((tmp_path / "oknn.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert saved["trained"]["top1"] is None and saved["diff_top5"] is None
+    assert saved["random_init"]["top1"] == 10.0 and saved["random_top1_mean"] == 10.0
+    event = [json.loads(line, parse_constant=lambda c: pytest.fail(c))
+             for line in open(tmp_path / "log.jsonl")][-1]
+    assert event["kind"] == "oknn" and event["trained_top1"] is None and event["random_top1"] == 10.0

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from d3ssl.cli import finite_or_none, number
 from train import checkpoint as ckpt
 from train.step import TrainStep, loader_options
 from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, ignored_fields,
@@ -661,26 +662,30 @@ def evaluate_trained_vs_random(cfg, raw, eval_root, num_images, device, logger, 
     result = {"trained": trained, "random_init": random_init, "random_draws": draws,
               "diff_top1": trained["top1"] - random_init["top1"],
               "diff_top5": trained["top5"] - random_init["top5"]}
-    print(f"O-KNN top-1: trained {trained['top1']:.2f}  random init {random_init['top1']:.2f}  "
-          f"difference {result['diff_top1']:+.2f}")
-    print(f"O-KNN top-5: trained {trained['top5']:.2f}  random init {random_init['top5']:.2f}  "
-          f"difference {result['diff_top5']:+.2f}")
+    for key in ("top1", "top5"):
+        print(f"O-KNN {key[:3]}-{key[3:]}: trained {number(trained[key])}  random init "
+              f"{number(random_init[key])}  difference {number(result['diff_' + key], '+.2f')}")
+    if not math.isfinite(trained["top1"]):
+        print("O-KNN: the trained network's features are not finite: its weights are (the training "
+              "diverged; log.jsonl has the loss of every step)")
     if len(draws) > 1:
         top1 = [d["top1"] for d in draws]
         mean, std = statistics.mean(top1), statistics.stdev(top1)
         result.update(random_top1_mean=mean, random_top1_std=std)
         above = (f"{(trained['top1'] - mean) / std:+.1f} of their standard deviations from their mean"
-                 if std > 0 else "their standard deviation is 0")
-        print(f"O-KNN top-1 of {len(draws)} random initialisations: {mean:.2f} ± {std:.2f} "
-              f"({min(top1):.2f}-{max(top1):.2f}); the trained network is {above}")
+                 if std > 0 and math.isfinite(trained["top1"]) else
+                 "their standard deviation is 0" if std == 0 else "not comparable (not finite)")
+        print(f"O-KNN top-1 of {len(draws)} random initialisations: {number(mean)} ± {number(std)} "
+              f"({number(min(top1))}-{number(max(top1))}); the trained network is {above}")
     if "position_share" in trained and "position_share" in random_init:
         print(f"Share of the val object features' variance explained by the object's position: "
-              f"trained {100 * trained['position_share']:.0f}%  random init "
-              f"{100 * random_init['position_share']:.0f}%")
-    logger.event("oknn", step=step, trained_top1=trained["top1"], trained_top5=trained["top5"],
-                 random_top1=random_init["top1"], random_top5=random_init["top5"])
+              f"trained {number(100 * trained['position_share'], '.0f')}%  random init "
+              f"{number(100 * random_init['position_share'], '.0f')}%")
+    logger.event("oknn", step=step, **finite_or_none(dict(
+        trained_top1=trained["top1"], trained_top5=trained["top5"], random_top1=random_init["top1"],
+        random_top5=random_init["top5"])))
     with open(os.path.join(run_dir, "oknn.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(finite_or_none(result), f, indent=2)
     return result
 
 

@@ -76,13 +76,17 @@ def check_splits(data_root: str, train_split: str, val_split: str):
                          f"annotations ({bank}): every query would find itself in the bank")
 
 
+class SplitsOverlap(ValueError):
+    """An image file is in both O-KNN splits."""
+
+
 def check_disjoint(bank_records, query_records, train_split: str, val_split: str):
-    """ValueError when an image file is in both O-KNN splits (as two annotation files that list the
-    same images would have it): its objects would find themselves in the bank."""
+    """SplitsOverlap (a ValueError) when an image file is in both O-KNN splits (as two annotation
+    files that list the same images would have it): its objects would find themselves in the bank."""
     bank_files = {os.path.realpath(r[0]) for r in bank_records}
     shared = sorted({os.path.realpath(r[0]) for r in query_records} & bank_files)
     if shared:
-        raise ValueError(f"{len(shared)} image file(s) are in both the bank split {train_split!r} and the "
+        raise SplitsOverlap(f"{len(shared)} image file(s) are in both the bank split {train_split!r} and the "
                          f"query split {val_split!r} (e.g. {shared[0]}): their objects would find "
                          "themselves in the bank")
 
@@ -335,9 +339,12 @@ def position_share(features: torch.Tensor, centres: torch.Tensor) -> float:
 
 def object_centres(records) -> torch.Tensor:
     """float64 [N,2]: box centres of load_objects() records as fractions of their image's width and
-    height, in the order extract_object_features returns the objects."""
+    height, in the order extract_object_features returns the objects. A record without an
+    annotated size takes the file's stored size (read_annotated_rgb's image then)."""
+    from .probe import stored_size
     out = []
-    for _, boxes, _, (w, h) in records:
+    for path, boxes, _, size in records:
+        w, h = size if size is not None else stored_size(path)
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
         out.append(np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h], 1))
     return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, 2, dtype=torch.float64)
@@ -438,7 +445,7 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    from d3ssl.cli import check_device, check_image_size, positive_int
+    from d3ssl.cli import check_device, check_image_size, finite_or_none, number, positive_int
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
                                     "(its latest checkpoints/step_<N>.pt)")
@@ -479,17 +486,22 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     backbone = backbone.to(device, memory_format=torch.channels_last)
-    res = evaluate_oknn(backbone, a.data, a.train_split, a.val_split, a.objects_per_image, a.k,
-                        a.temperature, a.image_size, device, a.batch_size, a.workers,
-                        a.max_train_images, a.max_val_images, progress=not a.no_progress)
+    try:  # (the splits' overlap is known once their annotations are read, before any feature)
+        res = evaluate_oknn(backbone, a.data, a.train_split, a.val_split, a.objects_per_image, a.k,
+                            a.temperature, a.image_size, device, a.batch_size, a.workers,
+                            a.max_train_images, a.max_val_images, progress=not a.no_progress)
+    except SplitsOverlap as e:
+        p.exit(2, f"error: {e}\n")
     res.update(arch=arch, checkpoint=path or "random-init")
     if a.json:
-        print(json.dumps(res))
+        print(json.dumps(finite_or_none(res)))
     else:
-        print(f"O-KNN {res['checkpoint']} ({arch}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        print(f"O-KNN {res['checkpoint']} ({arch}): top-1 {number(res['top1'])}%  top-5 {number(res['top5'])}%  "
               f"(bank {res['bank_size']}, queries {res['num_queries']})"
-              + (f"; position explains {100 * res['position_share']:.0f}% of the object features' variance"
-                 if "position_share" in res else ""))
+              + (f"; position explains {number(100 * res['position_share'], '.0f')}% of the object "
+                 "features' variance" if "position_share" in res else "")
+              + ("\nThe features are not finite: the network's weights are (a diverged training?)"
+                 if not math.isfinite(res["top1"]) else ""))
     return res
 
 

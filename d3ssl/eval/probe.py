@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -231,6 +232,16 @@ def annotated_size(image_info: dict) -> tuple[int, int] | None:
         else None
 
 
+def stored_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file as stored (before any EXIF turn), from its header."""
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            return tuple(im.size)
+    except Exception:  # noqa: BLE001  (PIL raises many types; OpenCV may still read the file)
+        return read_rgb(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION).shape[1::-1]
+
+
 _warned_resized = False
 
 
@@ -238,22 +249,30 @@ def read_annotated_rgb(path: str, size: tuple[int, int] | None) -> tuple[np.ndar
     """An image whose annotations were made on a (width, height) = ``size`` image: uint8 RGB
     [H,W,3] and the factors (sx, sy) that take the annotations' pixels to the returned image's.
 
-    COCO's boxes are in the pixels as stored in the file, while decoding turns a JPEG by its EXIF
-    orientation: when the turned image does not have the annotated size and the stored one does,
-    the stored one is returned. Any other difference (annotations of a resized copy) scales the
-    boxes, with a warning the first time. ``size`` None: the image as decoded, factors 1."""
+    COCO's boxes are in the pixels as stored in the file, so the stored pixels are returned (an
+    EXIF orientation tag is ignored) unless only the image turned by its orientation has the
+    annotated size. Annotations of a resized copy (neither has the size) scale the boxes to the
+    decode whose aspect ratio is the annotated one's (the stored one when both are), with a
+    warning the first time in a process. ``size`` None: the stored pixels, factors 1."""
     global _warned_resized
-    image = read_rgb(path)
-    h, w = image.shape[:2]
-    if size is None or (w, h) == tuple(size):
-        return image, (1.0, 1.0)
     stored = read_rgb(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if stored.shape[1::-1] == tuple(size):
+    if size is None or stored.shape[1::-1] == tuple(size):
         return stored, (1.0, 1.0)
+    turned = read_rgb(path)
+    if turned.shape[1::-1] == tuple(size):
+        return turned, (1.0, 1.0)
+
+    def aspect_error(image):
+        h, w = image.shape[:2]
+        return abs(math.log((w / h) / (size[0] / size[1])))
+
+    image = min((stored, turned), key=aspect_error)  # min keeps the first (stored) of equals
+    h, w = image.shape[:2]
     if not _warned_resized:
         _warned_resized = True
         warnings.warn(f"data: {path!r} is {w}x{h} px but its annotations are for {size[0]}x{size[1]} px; its "
-                      "boxes (and those of any other such image) are scaled to the image", RuntimeWarning)
+                      "boxes (and those of any other such image, without a further warning) are scaled to "
+                      "the image", RuntimeWarning)
     return image, (w / size[0], h / size[1])
 
 

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from d3ssl.cli import finite_or_none, number
+
 from .coupling import coupling_rate
 from .disturbed import evaluate_disturbed_oknn
-from .oknn import DEFAULT_OBJECTS_PER_IMAGE, _checkpoint_file, check_splits, evaluate_oknn
+from .oknn import DEFAULT_OBJECTS_PER_IMAGE, SplitsOverlap, _checkpoint_file, check_splits, evaluate_oknn
 from .positional import mean_cosine_similarity
 from .probe import LAYERS, PROBE_STRIDE, load_objects, summarize
 
@@ -77,7 +79,7 @@ def evaluate_network(backbone, data_root: str, objects, settings: dict, device, 
 
 
 def _pm(s: dict) -> str:
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if np.isfinite(s["mean"]) else "not finite"
 
 
 def markdown(results: dict, settings: dict) -> str:
@@ -94,11 +96,15 @@ def markdown(results: dict, settings: dict) -> str:
     for n in names:
         r = results[n]
         share = r["oknn"].get("position_share")
-        lines.append(f"| {n} | {r['arch']} | {r['oknn']['top1']:.2f} | {r['oknn']['top5']:.2f} | "
-                     f"{r['disturbed_oknn']['top1']:.2f} | {r['disturbed_oknn']['top5']:.2f} | "
-                     f"{'-' if share is None else f'{100 * share:.0f} %'} |")
+        lines.append(f"| {n} | {r['arch']} | {number(r['oknn']['top1'])} | {number(r['oknn']['top5'])} | "
+                     f"{number(r['disturbed_oknn']['top1'])} | {number(r['disturbed_oknn']['top5'])} | "
+                     f"{'-' if share is None else number(100 * share, '.0f') + ' %'} |")
     lines += ["", "Position share: the part of the O-KNN object features' variance that the objects' "
               "centres explain linearly (0 = none; where an object is, not what it is)."]
+    diverged = [n for n in names if not np.isfinite(results[n]["oknn"]["top1"])]
+    if diverged:
+        lines += ["", f"Not finite: the features of {', '.join(diverged)} are not finite numbers, as those of "
+                  "a network whose weights are not (a diverged training)."]
     for key, title, ideal in (("cr", "Coupling rate (CR)", "ideal 1; higher = more coupling"),
                               ("mcs", "Positional bias: mean cosine similarity of a 3×3 grid (MCS)",
                                "ideal 1; lower = more position encoded")):
@@ -242,10 +248,15 @@ def main(argv=None) -> dict:
     results = {}
     t0 = time.time()
     for label, arch, backbone in tqdm(networks, desc="networks", disable=not progress):
-        results[label] = {"arch": arch, **evaluate_network(backbone, a.data, objects, settings, a.device, progress)}
+        try:  # (the splits' overlap is known once their annotations are read, before any feature)
+            results[label] = {"arch": arch,
+                              **evaluate_network(backbone, a.data, objects, settings, a.device, progress)}
+        except SplitsOverlap as e:
+            raise SystemExit(f"error: {e}") from None
         del backbone
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"settings": settings, "checkpoints": a.ckpt, "results": results}, f, indent=2)
+        json.dump(finite_or_none({"settings": settings, "checkpoints": a.ckpt, "results": results}), f,
+                  indent=2)
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(markdown(results, settings))
     plot(results, "cr", "coupling rate (CR)", os.path.join(a.out, "cr.png"))
