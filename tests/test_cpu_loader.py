@@ -1,4 +1,6 @@
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -382,33 +384,97 @@ def test_blur_sigma_scales_with_the_view_size():
         ColourConfig(hue=0.6)
 
 
-def _deferring_worker(grace):
+def _deferring_worker(wait):
     import time
 
     from d3ssl.data.cpu_loader import defer_stop_signals
-    defer_stop_signals(grace)
+    defer_stop_signals(wait)
     time.sleep(60)
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="POSIX signals")
-def test_a_signalled_worker_goes_on_for_its_grace_then_exits():
-    """defer_stop_signals: SIGTERM (or a second one) does not end a loader worker at once, so the
-    training process can finish its step and save; the worker ends on its own `grace` later."""
+def _parent_of_a_deferring_worker(wait, pids):
+    """A training process stand-in: starts a deferring worker, tells its pid, then waits to be killed."""
+    import multiprocessing
+    import time
+    worker = multiprocessing.get_context("fork").Process(target=_deferring_worker, args=(wait,))
+    worker.start()
+    pids.put(worker.pid)
+    time.sleep(60)
+
+
+def _alive(pid):
+    """Whether process `pid` runs (a zombie, which no one may reap here, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not hasattr(__import__("signal"), "SIGALRM"),
+                    reason="POSIX signals, /proc")
+def test_a_signalled_worker_waits_for_a_stopping_training_process():
+    """defer_stop_signals: a worker signalled with its training process (the whole process group)
+    goes on while that process finishes its step and saves, however long that takes, and ends on
+    the next signal; signalled alone (its loader ending it), it ends `wait` seconds later; it
+    ends when its parent is gone."""
     import multiprocessing
     import signal
     import time
-    worker = multiprocessing.get_context("fork").Process(target=_deferring_worker, args=(2,))
+
+    from d3ssl.data import cpu_loader
+    fork = multiprocessing.get_context("fork")
+    # alone: the parent says nothing
+    worker = fork.Process(target=_deferring_worker, args=(1.5,))
     worker.start()
     try:
         time.sleep(0.5)
         t0 = time.monotonic()
         worker.terminate()                       # SIGTERM
-        time.sleep(0.5)
-        worker.terminate()                       # a repeat does not restart the countdown
-        time.sleep(0.5)
+        time.sleep(0.3)
+        worker.terminate()                       # a repeat does not end it while the parent is silent
+        time.sleep(0.3)
         assert worker.is_alive()
         worker.join(timeout=10)
-        assert worker.exitcode == -signal.SIGALRM and 1.5 < time.monotonic() - t0 < 5
+        assert worker.exitcode == -signal.SIGTERM and 1.2 < time.monotonic() - t0 < 4
     finally:
         if worker.is_alive():
             worker.kill()
+    # with the parent stopping too: it outlives the wait, and the next signal ends it at once
+    worker = fork.Process(target=_deferring_worker, args=(1.0,))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        worker.terminate()
+        cpu_loader.announce_stop()
+        assert os.path.exists(cpu_loader.stop_flag_path(os.getpid()))
+        time.sleep(2.5)
+        assert worker.is_alive()
+        t0 = time.monotonic()
+        worker.terminate()
+        worker.join(timeout=5)
+        assert worker.exitcode == -signal.SIGTERM and time.monotonic() - t0 < 1
+    finally:
+        cpu_loader.clear_stop()
+        if worker.is_alive():
+            worker.kill()
+    assert not os.path.exists(cpu_loader.stop_flag_path(os.getpid()))
+    # the parent gone: its worker ends (its new parent does not speak for it)
+    pids = fork.Queue()
+    parent = fork.Process(target=_parent_of_a_deferring_worker, args=(100.0, pids))
+    parent.start()
+    pid = pids.get(timeout=10)
+    try:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert _alive(pid)
+        parent.kill()
+        parent.join()
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

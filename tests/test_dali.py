@@ -641,7 +641,7 @@ def test_source_workers_leave_stop_signals_to_the_training_process(data):
         assert all(signal.getsignal(s) == h for s, h in before.items())
         source._owner = -1                            # as if in a worker
         outputs = source(info)
-        assert all(getattr(signal.getsignal(s), "__name__", None) == "exit_later" for s in stops)
+        assert all(getattr(signal.getsignal(s), "__name__", None) == "on_stop" for s in stops)
         assert len(outputs[0]) == 4                   # and it still makes the batch
     finally:
         for s, h in before.items():

@@ -379,20 +379,42 @@ def test_sigkill_then_resume_continues_the_same_losses(tiny_data, tmp_path):
             torch.testing.assert_close(final_got["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
 
+# The trainer with steps of 2 s, and loader workers that wait 0.5 s for it to say it is stopping.
+_SLOW_STEPS = """
+import sys, time
+import d3ssl.data.cpu_loader as loader
+import train.step as step
+loader.STOP_WAIT_S = 0.5
+call = step.TrainStep.__call__
+def slow(self, *args, **kwargs):
+    time.sleep(2.0)
+    return call(self, *args, **kwargs)
+step.TrainStep.__call__ = slow
+from train.run import main
+sys.exit(0 if main(sys.argv[1:]) else 1)
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("to", ["process", "group"])
+@pytest.mark.parametrize("to", ["process", "group", "group, steps longer than the workers' wait"])
 def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path, to):
     """SIGTERM to the training process, or to its whole process group with loader workers in it
-    (Slurm's scancel, torchrun stopping its workers): the run saves and exits 0."""
+    (Slurm's scancel, Ctrl-C): the run saves and exits 0, however long its step still takes (the
+    workers, signalled too, wait for the training process to shut them down)."""
     log_path = tmp_path / "term" / "log.jsonl"
     workers = "0" if to == "process" else "2"
+    args = tiny_args(tiny_data, tmp_path, "term", "--data.batch_size", "2", "--run.epochs", "50",
+                     "--run.ckpt_every", "1000", "--data.workers", workers)
     with open(tmp_path / "term.out", "w") as out:
-        proc = _spawn(tiny_args(tiny_data, tmp_path, "term", "--data.batch_size", "2",
-                                "--run.epochs", "50", "--run.ckpt_every", "1000",
-                                "--data.workers", workers), out, start_new_session=True)
+        if to.startswith("group, steps"):
+            env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.Popen([sys.executable, "-c", _SLOW_STEPS, *args], cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        else:
+            proc = _spawn(args, out, start_new_session=True)
         started = _wait_for(lambda: log_path.is_file() and read_log(str(log_path)), proc)
         assert started, (tmp_path / "term.out").read_text()
-        if to == "group":
+        if to.startswith("group"):
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)

@@ -474,11 +474,14 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         ckpt.atomic_save(state, ckpt.checkpoint_path(run_dir, at_step))
         ckpt.prune_checkpoints(run_dir, cfg.run.keep_ckpts)
 
-    # SIGTERM/SIGINT: finish the current step, save, exit. A second SIGINT interrupts at once.
+    # SIGTERM/SIGINT: finish the current step, save, exit. A second SIGINT interrupts at once. The
+    # loader's workers, when signalled with this process, wait for it (announce_stop).
     stop = {"signal": None}
+    from d3ssl.data.cpu_loader import announce_stop, clear_stop
 
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
+        announce_stop()
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -610,6 +613,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             print(f"\n{stop['signal']}: saved step {step} in {run_dir}; continue with "
                   f"`python -m train.run --resume {run_dir}`", flush=True)
         summary["stopped"] = stop["signal"]
+        data.close()  # the loader's workers end now, while they still wait for this process
+        clear_stop()
         finish_distributed(world)
         return summary
 

@@ -14,9 +14,13 @@ skips (``loader.skipped``, ``loader.skipped_keys``). ``image_id`` reports the im
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import os
 import signal
+import tempfile
+import time
 import warnings
 
 import cv2
@@ -236,25 +240,72 @@ class EpochBatchSampler:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
 
-# How long a loader worker goes on after SIGTERM or SIGINT (see defer_stop_signals).
-STOP_GRACE_S = 30
+# A signalled loader worker waits this long for its training process to say that it is stopping too.
+STOP_WAIT_S = 5.0
+_POLL_S = 0.5
 
 
-def defer_stop_signals(grace: int = STOP_GRACE_S):
+def stop_flag_path(pid: int) -> str:
+    """The file by which the training process `pid` tells its loader workers that it is stopping."""
+    return os.path.join(tempfile.gettempdir(), f"d3ssl-stopping-{pid}")
+
+
+def announce_stop():
+    """Called by the training process on its stop signal: its loader workers, signalled with it (a
+    scheduler or Ctrl-C signals the whole process group), keep going until it shuts them down."""
+    path = stop_flag_path(os.getpid())
+    if not os.path.exists(path):
+        open(path, "w").close()
+        atexit.register(clear_stop)
+
+
+def clear_stop():
+    """Removes :func:`announce_stop`'s file (at the training process's exit; harmless when none)."""
+    try:
+        os.remove(stop_flag_path(os.getpid()))
+    except FileNotFoundError:
+        pass
+
+
+def defer_stop_signals(wait: float | None = None):
     """For a loader's worker process: SIGTERM and SIGINT are the training process's to act on. A
-    scheduler (Slurm's scancel, torchrun stopping its workers) or a Ctrl-C signals the whole process
-    group, and a worker that died of it would make the training process fail before it could
-    finish its step and save. So a signalled worker goes on for `grace` seconds (the training
-    process shuts it down sooner once it has saved), then exits: a worker is still ended by a
-    signal when nothing else ends it (DALI terminating its other workers after one died waits for
-    them; a stuck worker delays the interpreter's exit). Slurm sends SIGKILL 30 s after SIGTERM by
-    default anyway."""
-    def exit_later(signum, frame):
-        if signal.getitimer(signal.ITIMER_REAL)[0] == 0:   # the first signal starts the countdown
-            signal.alarm(grace)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)            # the alarm ends the process
-    signal.signal(signal.SIGTERM, exit_later)
-    signal.signal(signal.SIGINT, exit_later)
+    scheduler (Slurm's scancel) or a Ctrl-C signals the whole process group, and a worker that died
+    of it would make the training process fail before it could finish its step and save, however
+    long that step is. So a signalled worker asks its parent, every half second:
+
+    - the parent announced that it is stopping too (:func:`announce_stop`): the worker goes on, and
+      the next signal (the parent's own shutdown of its workers, or a second Ctrl-C) ends it;
+    - the parent is gone: the worker ends;
+    - the parent said nothing within `wait` seconds: the signal was meant for this worker (the
+      loader ending its workers, on an error or at exit), which ends.
+
+    A worker ends by the signal it got, as it would have without this. `wait` None: STOP_WAIT_S."""
+    wait = STOP_WAIT_S if wait is None else wait
+    parent = os.getppid()
+    flag = stop_flag_path(parent)
+    state = {"signal": None, "since": 0.0}
+
+    def die():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(state["signal"], signal.SIG_DFL)
+        os.kill(os.getpid(), state["signal"])
+
+    def on_stop(signum, frame):
+        if state["signal"] is None:
+            state["signal"], state["since"] = signum, time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, _POLL_S, _POLL_S)
+        elif os.path.exists(flag):
+            die()
+
+    def poll(signum, frame):
+        if os.getppid() != parent:
+            die()
+        if not os.path.exists(flag) and time.monotonic() - state["since"] >= wait:
+            die()
+
+    signal.signal(signal.SIGALRM, poll)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
 
 
 def _init_worker(_):
