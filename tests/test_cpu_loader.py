@@ -250,7 +250,7 @@ def test_corrupt_file_is_skipped_and_counted(boxes_dataset, tmp_path):
     loader = make_loader(bad, str(tmp_path / "p.bin"), batch_size=3, workers=0, drop_last=False, shuffle=False,
                          view_cfg=ViewConfig(size=S))
     broken = keys.index("03b_broken.png")
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(RuntimeWarning, match="unreadable"):
         batches = list(loader)
     ids = torch.cat([b.image_id for b in batches]).tolist()
     assert len(ids) == len(bad) and loader.skipped == 1 and loader.skipped_keys == ["03b_broken.png"]
@@ -478,3 +478,22 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process():
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_unreadable_images_are_warned_about_for_a_few_batches_then_counted():
+    """A dataset with many unreadable files: a warning for each of the first WARNED_SKIPS batches
+    with one (the last says that counting goes on silently), every key counted."""
+    import warnings
+    from types import SimpleNamespace
+
+    from d3ssl.data.cpu_loader import WARNED_SKIPS, warn_skipped
+    loader = SimpleNamespace(skipped_keys=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in range(12):
+            warn_skipped(loader, [f"{b}a.jpg", f"{b}b.jpg"])
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == WARNED_SKIPS == 5 and len(loader.skipped_keys) == 24
+    assert texts[0].startswith("skipped 2 unreadable image(s): ['0a.jpg', '0b.jpg'] (2 so far this run)")
+    assert "further ones are counted" in texts[-1] and "(10 so far" in texts[-1]
+    assert not any("further" in t for t in texts[:-1])

@@ -1,4 +1,5 @@
 import os
+import warnings
 import shutil
 
 import cv2
@@ -121,6 +122,25 @@ def test_changed_settings_restart(images, tmp_path):
     with pytest.warns(UserWarning, match="starting over"):
         store = generate_proposals(ds, out, max_side=96, workers=1, chunk_size=3, progress=False)
     assert store.params["max_side"] == 96
+
+
+def test_many_unreadable_images_are_named_a_few_then_counted(tmp_path):
+    """A folder of unreadable files: the first LISTED_FAILURES are named in warnings, the rest are
+    counted in one more, not one warning per image."""
+    from d3ssl.data import proposals
+    root = tmp_path / "junk"
+    root.mkdir()
+    for i in range(9):
+        (root / f"{i}.jpg").write_bytes(bytes(range(256)) * (i + 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = generate_proposals(ImageFolder(str(root)), str(tmp_path / "p.bin"), workers=1, progress=False)
+    texts = [str(w.message) for w in caught]
+    named = [t for t in texts if t.startswith("unreadable image, using the whole-image box")]
+    assert len(named) == proposals.LISTED_FAILURES == 3
+    assert [t for t in texts if "more unreadable" in t] == ["6 more unreadable image(s) (not listed one by one) "
+                                                              "got the whole-image box"]
+    assert len(texts) == 4 and store.params["unreadable"] == 9
 
 
 def test_corrupt_image_gets_whole_image_box(images, tmp_path):

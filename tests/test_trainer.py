@@ -678,11 +678,14 @@ def test_a_resume_on_another_process_count_with_the_same_step_size_warns(capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("workers", ["0", "2"])
 def test_unreadable_images_stop_the_first_step_with_a_clear_error_and_no_run_folder(
         tiny_data, tmp_path, workers):
     """Every train image unreadable once training starts (the proposals store was made before):
-    a one-line error naming the cause, and the run folder this command made is gone."""
+    a one-line error naming the cause, the run folder this command made is gone, and so are the
+    loader's workers (which the exception's traceback would otherwise keep until the process's
+    exit, where ending them held the exit up and printed their deaths as a traceback)."""
+    import multiprocessing
     import shutil
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -691,6 +694,7 @@ def test_unreadable_images_stop_the_first_step_with_a_clear_error_and_no_run_fol
     with pytest.raises(SystemExit, match=r"^error: data: the loader failed: .*unreadable images in a row"):
         trainer.main(tiny_args(str(data), tmp_path / "runs", "r1", "--data.workers", workers))
     assert not os.path.exists(tmp_path / "runs" / "r1")
+    assert multiprocessing.active_children() == []
 
 
 def test_an_unwritable_out_is_refused_before_the_data_are_prepared(tmp_path):
@@ -765,3 +769,30 @@ def test_oknn_of_a_diverged_network_says_so_and_writes_strict_json(tmp_path, mon
     event = [json.loads(line, parse_constant=lambda c: pytest.fail(c))
              for line in open(tmp_path / "log.jsonl")][-1]
     assert event["kind"] == "oknn" and event["trained_top1"] is None and event["random_top1"] == 10.0
+
+
+@pytest.mark.slow
+def test_resume_auto_keeps_to_the_method_asked_for(tiny_data, tmp_path, capsys):
+    """--resume auto without a name takes the newest run of the method the command line asks for
+    (by an option or its --preset), not a newer run of another method; resuming a named run with
+    another method stops with that reason, before the step size's check (whose advice would not
+    fit), and changes nothing."""
+    base = tiny_args(tiny_data, tmp_path, "unused", "--run.max_steps", "1")
+    del base[base.index("--name"):base.index("--name") + 2]
+    trainer.main(base)                                     # a d3ssl run
+    time.sleep(0.05)
+    trainer.main(base + ["--preset", "soco"])              # then a SoCo run, the newest
+    runs = {trainer._saved_method(str(d)): str(d) for d in tmp_path.iterdir() if (d / "config.json").is_file()}
+    assert set(runs) == {"d3ssl", "soco"}
+    capsys.readouterr()
+    summary = trainer.main(base + ["--model.method", "d3ssl", "--resume", "auto", "--run.max_steps", "2"])
+    assert summary["run_dir"] == runs["d3ssl"] and summary["step"] == 2
+    assert f"--resume auto: resuming {runs['d3ssl']}, as the newer runs" in capsys.readouterr().err
+    summary = trainer.main(base + ["--preset", "soco", "--resume", "auto", "--run.max_steps", "2"])
+    assert summary["run_dir"] == runs["soco"] and summary["step"] == 2
+    config = (tmp_path / os.path.basename(runs["d3ssl"]) / "config.json").read_text()
+    named = base + ["--name", os.path.basename(runs["d3ssl"]), "--resume", "auto", "--data.batch_size", "2"]
+    with pytest.raises(SystemExit, match=r"--resume: .* is a run of model.method='d3ssl', model.arch='resnet18'; "
+                                         r"this command line changes model.method 'd3ssl' -> 'soco' \(an option"):
+        trainer.main(named + ["--model.method", "soco"])
+    assert (tmp_path / os.path.basename(runs["d3ssl"]) / "config.json").read_text() == config

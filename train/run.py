@@ -234,8 +234,19 @@ def new_run_name() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | None]:
-    """(run folder, checkpoint to resume from or None). Never reuses a non-empty folder silently."""
+def _saved_method(run_dir: str) -> str | None:
+    """model.method of the run in `run_dir` (its config.json), None when that cannot be read."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)["model"]["method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_run_dir(cfg: TrainConfig, resume: str | None, explicit: dict | None = None) -> tuple[str, str | None]:
+    """(run folder, checkpoint to resume from or None). Never reuses a non-empty folder silently.
+    `--resume auto` without a name takes the newest run of the output folder, of the method that
+    `explicit` (the command line's options with its preset's) asks for, if it asks for one."""
     out = cfg.run.out
     if resume and resume != "auto":
         if os.path.isdir(resume):
@@ -260,7 +271,15 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[str, str | No
         else:
             candidates = [os.path.join(out, d) for d in os.listdir(out)] if os.path.isdir(out) else []
             candidates = [d for d in candidates if os.path.isfile(os.path.join(d, "config.json"))]
+            method = (explicit or {}).get("model.method")
+            if method is not None:  # (a run keeps its method: a run of another one is no candidate)
+                others = [d for d in candidates if _saved_method(d) not in (method, None)]
+                candidates = [d for d in candidates if d not in others]
             run_dir = max(candidates, key=os.path.getmtime) if candidates else None
+            if method is not None and others and max(map(os.path.getmtime, others)) > (
+                    os.path.getmtime(run_dir) if run_dir else 0):
+                print(f"--resume auto: {'resuming ' + run_dir if run_dir else 'a new run'}, as the newer "
+                      f"runs in {out} are not of model.method={method}", file=sys.stderr, flush=True)
             if run_dir is None:
                 run_dir = os.path.join(out, new_run_name())
         return run_dir, ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
@@ -341,7 +360,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         torch.set_num_threads(cfg.run.threads)
 
     # --- run folder, resume point, config --------------------------------------------------------
-    run_dir, resume_path = resolve_run_dir(cfg, resume) if master else (None, None)
+    run_dir, resume_path = resolve_run_dir(cfg, resume, explicit) if master else (None, None)
     if world > 1:
         shared = [run_dir, resume_path]
         dist.broadcast_object_list(shared, src=0)
@@ -371,6 +390,14 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
                                 "(override a saved value with --FIELD VALUE)") from None
         except RuntimeError as e:  # a damaged or foreign checkpoint file
             raise TrainingError(f"--resume: {e}") from None
+        # (before the step size's check, whose advice assumes the same model)
+        another = [c for c in changed if c.split()[0] in ("model.method", "model.arch")]
+        if another:
+            raise TrainingError(
+                f"--resume: {run_dir} is a run of model.method={before.get('model.method', cfg.model.method)!r}, "
+                f"model.arch={before.get('model.arch', cfg.model.arch)!r}; this command line changes "
+                f"{'; '.join(another)} (an option, or its --preset's): a run keeps its model. Resume it "
+                "without that, or start a new run (--name)")
     if master:
         check_writable(run_dir)
         ignored = ignored_fields(cfg, command_line or {})   # (a resumed run's method, where it resumes)
@@ -598,6 +625,11 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             shutil.rmtree(run_dir, ignore_errors=True)
         raise TrainingError(f"{e} (step {step})") from None
     finally:
+        # the loader's workers end now, whatever ended the loop (with a stop signal, while they
+        # still wait for this process; after an error, before the process exits with its message)
+        data.close()
+        if hasattr(loader, "close"):  # (both loaders have one; a wrapper around them may not)
+            loader.close()
         for s, h in previous.items():
             signal.signal(s, h)
     if bar is not None:
@@ -613,8 +645,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             print(f"\n{stop['signal']}: saved step {step} in {run_dir}; continue with "
                   f"`python -m train.run --resume {run_dir}`", flush=True)
         summary["stopped"] = stop["signal"]
-        data.close()  # the loader's workers end now, while they still wait for this process
-        clear_stop()
+        clear_stop()  # (after the finally below closed the loader: its workers waited for it)
         finish_distributed(world)
         return summary
 

@@ -89,8 +89,8 @@ class ViewDataset(torch.utils.data.Dataset):
         requested, skipped = index, []
         img = self._decode(index)
         while isinstance(img, Exception):
+            # (the training process warns, with the keys: a warning here would come once per worker)
             key = self.dataset.key(index)
-            warnings.warn(f"skipping unreadable image {key!r} ({img}); using the next image instead")
             skipped.append(key)
             if len(skipped) >= min(MAX_REPLACEMENTS, len(self.dataset)):
                 raise UnreadableData(f"{len(skipped)} unreadable images in a row (last: {key!r}): "
@@ -240,6 +240,23 @@ class EpochBatchSampler:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
 
+# Batches with unreadable images that a loader warns about; later ones are only counted.
+WARNED_SKIPS = 5
+
+
+def warn_skipped(loader, keys: list[str]):
+    """Adds a batch's replaced (unreadable) images to ``loader.skipped_keys`` and warns, for the
+    first WARNED_SKIPS such batches of the loader, then once that it goes on counting silently."""
+    loader.skipped_keys += keys
+    batches = getattr(loader, "_skip_warnings", 0) + 1
+    loader._skip_warnings = batches
+    if batches <= WARNED_SKIPS:
+        more = (f"; further ones are counted (the loader's skipped_keys), not warned about"
+                if batches == WARNED_SKIPS else "")
+        warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({len(loader.skipped_keys)} so far "
+                      f"this run); each was replaced by the next image{more}", RuntimeWarning, stacklevel=3)
+
+
 # A signalled loader worker waits this long for its training process to say that it is stopping too.
 STOP_WAIT_S = 5.0
 _POLL_S = 0.5
@@ -370,12 +387,21 @@ class CpuLoader:
     def __len__(self):
         return len(self.sampler)
 
+    def close(self):
+        """Ends the worker processes now. They are kept from one epoch to the next, so otherwise
+        they last as long as this loader, which an exception's traceback can keep until the
+        interpreter's exit. A later iteration starts new ones."""
+        iterator = getattr(self._loader, "_iterator", None)  # (the DataLoader's persistent one)
+        if iterator is not None:
+            self._loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
     def __iter__(self):
         for batch, skipped in self._loader:
             if skipped:
-                self.skipped_keys += skipped
-                warnings.warn(f"skipped {len(skipped)} unreadable image(s): {skipped[:3]} "
-                              f"({self.skipped} so far this run)")
+                warn_skipped(self, skipped)
             if self.device is not None and self.device.type != "cpu":
                 batch = batch.to(self.device, non_blocking=True)
             if self.normalise == "device":

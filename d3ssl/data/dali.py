@@ -71,7 +71,7 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, ColourParams, sample_colour
-from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, defer_stop_signals
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, defer_stop_signals, warn_skipped
 from .datasets import UnreadableData
 from .views import ViewConfig, sample_seed, sample_views
 
@@ -621,10 +621,7 @@ class DaliLoader:
         ids = torch.from_numpy(meta[:, -1].astype(np.int64))
         replaced = [i for i, got in zip(expected, ids.tolist()) if i != got]
         if replaced:
-            keys = [self.dataset.key(i) for i in replaced]
-            self.skipped_keys += keys
-            warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({self.skipped} so far "
-                          "this run); each was replaced by the next image", RuntimeWarning)
+            warn_skipped(self, [self.dataset.key(i) for i in replaced])
 
         def view(tl):
             # Zero copy: DALI's dynamic executor (the default; see _build) hands each batch's output

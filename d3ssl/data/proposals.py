@@ -308,6 +308,10 @@ def default_store_path(dataset) -> str:
     return os.path.normpath(root) + STORE_SUFFIX
 
 
+# Unreadable images named one by one in warnings while proposals are generated; the rest are counted.
+LISTED_FAILURES = 3
+
+
 def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.max_side,
                        workers: int | None = None, chunk_size: int = 32,
                        cfg: ProposalConfig | None = None, progress: bool = True,
@@ -383,7 +387,8 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
             bar.update(count)
             for msg in fails:
                 failures.append(msg)
-                warnings.warn(f"unreadable image, using the whole-image box: {msg}")
+                if len(failures) <= LISTED_FAILURES:
+                    warnings.warn(f"unreadable image, using the whole-image box: {msg}")
         if pool:
             pool.close()
             pool.join()
@@ -404,6 +409,9 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
     write_store(out_path, keys, all_boxes, np.concatenate(sizes), np.concatenate(status),
                 params={**asdict(cfg), "unreadable": int(sum((s != 0).sum() for s in status))})
     shutil.rmtree(partial, ignore_errors=True)
+    if len(failures) > LISTED_FAILURES:
+        warnings.warn(f"{len(failures) - LISTED_FAILURES} more unreadable image(s) (not listed one by one) "
+                      "got the whole-image box")
     if failures and progress:
         print(f"{len(failures)} unreadable image(s) got the whole-image box", file=sys.stderr)
     return ProposalStore(out_path)
