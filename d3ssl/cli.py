@@ -2,8 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
+import re
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The tools' parser: whole option names only (argparse would take a prefix, so that a typo
+    such as ``--data.batch 4`` set --data.batch_size), and a suggestion for an unknown option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            hints = []
+            for arg in unknown.group(1).split():
+                name = arg.split("=", 1)[0]
+                if not name.startswith("--"):
+                    continue
+                # (an option that the typo begins, as argparse's prefixes had it, else the closest)
+                close = [o for o in options if o.startswith(name)][:3] or difflib.get_close_matches(
+                    name, options, n=3, cutoff=0.7)
+                if close:
+                    hints.append(f"{name}: did you mean {' or '.join(close)}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
 
 
 def output_file_problem(option: str, path: str) -> str | None:

@@ -21,3 +21,40 @@ def test_positive_int():
     for text, message in (("0", "must be >= 1"), ("-2", "must be >= 1"), ("x", "expected an integer")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             positive_int(text)
+
+
+@pytest.mark.parametrize("tool", ["train.run", "d3ssl.eval.oknn", "d3ssl.eval.report", "d3ssl.eval.compare",
+                                  "d3ssl.eval.export", "d3ssl.augment.show", "d3ssl.data.proposals"])
+def test_the_tools_take_whole_option_names_and_suggest_for_a_typo(tool, capsys):
+    """argparse takes a unique prefix of an option by default: a typo that is a prefix (as
+    --data.batch of --data.batch_size) would set the longer option. The tools refuse it, and
+    name the option meant."""
+    import importlib
+    main = importlib.import_module(tool).main
+    typo, meant, required = {
+        "train.run": ("--data.batch", "--data.batch_size", []),
+        "d3ssl.eval.oknn": ("--temperatur", "--temperature", ["--random-init", "--data", "d"]),
+        "d3ssl.eval.report": ("--pair", "--pairs", ["--data", "d", "--out", "o"]),
+        "d3ssl.eval.compare": ("--method", "--methods", ["--out", "o"]),
+        "d3ssl.eval.export": ("--forma", "--format", ["--ckpt", "c", "--format", "torchvision", "--out", "o"]),
+        "d3ssl.augment.show": ("--siz", "--size", ["image.png"]),
+        "d3ssl.data.proposals": ("--worker", "--workers", ["--images", "d"])}[tool]
+    with pytest.raises(SystemExit) as stop:
+        main(required + [typo, "4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"unrecognized arguments: {typo}" in err and f"did you mean {meant}" in err, err
+
+
+def test_a_typo_gets_the_closest_options_only(capsys):
+    from d3ssl.cli import ArgumentParser
+    p = ArgumentParser(prog="tool")
+    p.add_argument("--image-size")
+    p.add_argument("--batch-size")
+    p.add_argument("-v", action="store_true")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--image-sise", "3", "--zzz", "-w"])
+    err = capsys.readouterr().err
+    assert "(--image-sise: did you mean --image-size?)" in err and "--zzz:" not in err and "-w:" not in err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--image", "3"])     # a prefix, refused, and the option it begins named
+    assert "unrecognized arguments: --image 3 (--image: did you mean --image-size?)" in capsys.readouterr().err

@@ -58,8 +58,19 @@ def test_dataset_goes_through_the_data_pipeline(dataset, tmp_path, capsys):
 def test_image_file_gets_views_built_here(dataset, tmp_path, capsys):
     image = os.path.join(dataset, "train", sorted(os.listdir(os.path.join(dataset, "train")))[0])
     out = show.main([image, "--out", str(tmp_path / "one.png"), "--num", "2", "--size", "32"])
-    assert _png(tmp_path / "one.png") and "built here" in capsys.readouterr().out
+    assert _png(tmp_path / "one.png") and "(2 draws of the 1 image(s) of" in capsys.readouterr().out
     assert out.x3.shape == (2, 3, 32, 32) and torch.equal(out.valid_x3, out.valid)
+    assert not torch.equal(out.x2[0], out.x2[1])        # each draw its own views
+
+
+def test_a_path_that_is_no_image_is_an_error(tmp_path):
+    for path, match in ((tmp_path / "missing.jpg", r"^error: .*missing.jpg does not exist$"),
+                        (tmp_path, r"^error: no images \(.*\) in folder"),
+                        (tmp_path / "bad.jpg", r"^error: could not read image .*bad.jpg$")):
+        if path.name == "bad.jpg":
+            path.write_bytes(b"not an image")
+        with pytest.raises(SystemExit, match=match):
+            show.main([str(path), "--out", str(tmp_path / "x.png")])
 
 
 @pytest.mark.parametrize("item, match", [

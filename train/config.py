@@ -25,6 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from d3ssl.cli import ArgumentParser
 from d3ssl.augment.stage import RegionConfig, SocoAugConfig
 from d3ssl.data.colour import ColourConfig
 from d3ssl.data.views import ViewConfig
@@ -537,7 +538,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
     parse_args is given one)."""
     width = max(map(len, PRESETS))
     preset_lines = "\n".join(f"  {k:<{width}}  {PRESET_HELP.get(k, '')}" for k in PRESETS)
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m train.run",
         description="Train D3SSL (or the SoCo baseline). With no arguments: the main job on the "
                     "embedded synthetic set, then O-KNN of the trained and the randomly initialised "
@@ -585,7 +586,7 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
 def parse_args(argv=None, with_flags: bool = False):
     """Returns (preset or None, overrides {dotted: string or value}, resume or None), and with
     `with_flags` a fourth item: {"print_config": bool}."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = ArgumentParser(add_help=False)
     first.add_argument("--preset", nargs="?", default=None)   # errors are the full parser's to report
     known, _ = first.parse_known_args(argv)
     args = build_parser(known.preset if known.preset in PRESETS else "default").parse_args(argv)

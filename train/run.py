@@ -143,6 +143,8 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
             if rank == 0:
                 print("data: embedded synthetic set (generated on first use) ...", flush=True)
             root = cfg.data.ensure_synthetic()
+            if rank == 0:
+                print(f"data: {root}", flush=True)
         dataset = open_dataset(root, "train")
         store_path = cfg.data.proposals or default_store_path(dataset)
         if not os.path.isfile(store_path):
@@ -263,7 +265,8 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None, explicit: dict | None 
                                     "folder, or copy the file into <run folder>/checkpoints/")
             run_dir = os.path.dirname(parent)
         else:
-            raise TrainingError(f"--resume {resume!r}: expected `auto`, a run folder or a checkpoint file")
+            raise TrainingError(f"--resume {resume!r}: no such file or folder (give `auto`, a run folder or a "
+                                "checkpoint file)")
         return run_dir, path
     if resume == "auto":
         if cfg.run.name:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from ..cli import ArgumentParser
 from ..data.batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .stage import RegionConfig, region_stage
 
@@ -31,18 +32,19 @@ def list_images(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
         return files
     if os.path.isfile(path):
         return [path]
-    raise SystemExit(f"{path} is neither an image file nor a folder")
+    raise SystemExit(f"error: {path} does not exist" if not os.path.exists(path) else
+                     f"error: {path} is neither an image file nor a folder")
 
 
 def read_rgb(path):
     import cv2
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise SystemExit(f"could not read image {path}")
+        raise SystemExit(f"error: could not read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -182,12 +184,13 @@ def draw(views, out, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m d3ssl.augment.show", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m d3ssl.augment.show", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a dataset (COCO root or image folder) with its proposals store, an image "
                                "folder, or an image file")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
-    p.add_argument("--num", type=int, default=4, help="images to show (default 4)")
+    p.add_argument("--num", type=int, default=4, help="images to show (default 4); fewer image files are "
+                   "drawn again in turn, each time with other views and augmentations")
     p.add_argument("--seed", type=int, default=0, help="seed of views, proposals and augmentations (default 0)")
     p.add_argument("--size", type=int, default=224, help="view size S (default 224)")
     p.add_argument("--k", type=int, default=4, help="proposals per image (default 4)")
@@ -202,7 +205,7 @@ def main(argv=None):
     import d3ssl  # noqa: F401  (loads the operator library)
 
     batch = pipeline_batch(args.path, args.num, args.size, args.k, args.seed)
-    source = "the data pipeline"
+    source, files = "the data pipeline", ()
     if batch is None:
         files = list_images(args.path)
         rng = np.random.default_rng(args.seed)
@@ -214,7 +217,9 @@ def main(argv=None):
         source = "views and proposals built here"
     out = region_stage(batch, torch.Generator().manual_seed(args.seed), cfg)
     draw(out, args.out, args.path)
-    print(f"wrote {args.out} ({len(batch.image_id)} images from {args.path}; {source})")
+    drawn = len(batch.image_id)
+    print(f"wrote {args.out} ({drawn} images from {args.path}; {source})" if not files or len(files) >= drawn else
+          f"wrote {args.out} ({drawn} draws of the {len(files)} image(s) of {args.path}; {source})")
     return out
 
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..cli import check_output_file, positive_int
+from ..cli import ArgumentParser, check_output_file, positive_int
 
 MAGIC = b"D3SSLPS1"
 ALIGN = 64
@@ -429,8 +429,8 @@ def ensure_proposals(dataset, path: str | None = None, **generate_kw) -> Proposa
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m d3ssl.data.proposals",
-                                description="Selective-search proposals for a dataset (resumable).")
+    p = ArgumentParser(prog="python -m d3ssl.data.proposals",
+                       description="Selective-search proposals for a dataset (resumable).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="a folder of images (recursive)")
     src.add_argument("--coco", metavar="JSON", help="a COCO instances JSON")

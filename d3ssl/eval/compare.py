@@ -28,6 +28,8 @@ import os
 import subprocess
 import sys
 
+from d3ssl.cli import ArgumentParser
+
 METHODS = {"d3ssl": "compare-d3ssl", "soco": "compare-soco", "no_dp": "compare-no_dp"}
 
 
@@ -61,8 +63,8 @@ def eval_data_root(preset: str, overrides: list[str], data: str | None) -> str:
 def main(argv=None) -> int:
     from d3ssl.cli import check_device, check_image_size, positive_int
     first, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.compare", description=first,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+    p = ArgumentParser(prog="python -m d3ssl.eval.compare", description=first,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     p.add_argument("--out", required=True, help="folder for the runs (OUT/runs/<method>) and the report (OUT/report)")
     p.add_argument("--data", default=None, help="COCO-format dataset (default: the embedded synthetic set)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

@@ -39,6 +39,8 @@ import torch
 import torchvision
 from torch import nn
 
+from d3ssl.cli import ArgumentParser
+
 #: Architectures we export, and the torchvision constructor of each.
 ARCHS = ("resnet50", "resnet18")
 FORMATS = ("torchvision", "detectron2")
@@ -183,8 +185,8 @@ def load_backbone(ckpt: str, arch: str | None = None) -> tuple[nn.Module, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d3ssl.eval.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m d3ssl.eval.export", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True,
                         help="training checkpoint (train.run's format), or a run folder (its newest checkpoint)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",

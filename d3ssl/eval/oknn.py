@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d3ssl.cli import ArgumentParser
 from d3ssl import ops
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.data.cpu_loader import resize_square
@@ -443,8 +444,8 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     from d3ssl.cli import check_device, check_image_size, finite_or_none, number, positive_int
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "

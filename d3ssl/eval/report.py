@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from d3ssl.cli import finite_or_none, number
+from d3ssl.cli import ArgumentParser, finite_or_none, number
 
 from .coupling import coupling_rate
 from .disturbed import evaluate_disturbed_oknn
@@ -141,8 +141,8 @@ def plot(results: dict, key: str, ylabel: str, path: str, ideal: float = 1.0) ->
 
 def build_parser() -> argparse.ArgumentParser:
     from d3ssl.cli import DefaultsHelpFormatter, positive_int
-    p = argparse.ArgumentParser(prog="python -m d3ssl.eval.report", description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m d3ssl.eval.report", description=__doc__.split("\n\n")[0],
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[],
                    help="checkpoint file or run folder (repeatable; none: only the random-init network)")
     p.add_argument("--label", action="append", default=[],
