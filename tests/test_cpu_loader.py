@@ -387,7 +387,7 @@ def test_blur_sigma_scales_with_the_view_size():
 def _deferring_worker(wait):
     import time
 
-    from d3ssl.data.cpu_loader import defer_stop_signals
+    from d3ssl.data.stopping import defer_stop_signals
     defer_stop_signals(wait)
     time.sleep(60)
 
@@ -413,17 +413,23 @@ def _alive(pid):
 
 @pytest.mark.skipif(not os.path.isdir("/proc") or not hasattr(__import__("signal"), "SIGALRM"),
                     reason="POSIX signals, /proc")
-def test_a_signalled_worker_waits_for_a_stopping_training_process():
+def test_a_signalled_worker_waits_for_a_stopping_training_process(monkeypatch):
     """defer_stop_signals: a worker signalled with its training process (the whole process group)
-    goes on while that process finishes its step and saves, however long that takes, and ends on
-    the next signal; signalled alone (its loader ending it), it ends `wait` seconds later; it
-    ends when its parent is gone."""
+    goes on while that process finishes its step, however long that takes, and ends on the next
+    signal; signalled alone (its loader ending it), it ends `wait` seconds later, also when a flag
+    of another process with this pid (one left behind by a killed run) is up; it ends when its
+    parent is gone."""
     import multiprocessing
     import signal
     import time
 
-    from d3ssl.data import cpu_loader
+    from d3ssl.data import stopping
+    monkeypatch.delenv(stopping.STOP_FLAG_ENV, raising=False)
     fork = multiprocessing.get_context("fork")
+    stale = stopping.new_stop_flag()
+    stopping.announce_stop()                   # a flag left up by an earlier run of this pid
+    flag = stopping.new_stop_flag()            # this run's, not up
+    assert stale != flag and os.path.exists(stale) and not os.path.exists(flag)
     # alone: the parent says nothing
     worker = fork.Process(target=_deferring_worker, args=(1.5,))
     worker.start()
@@ -438,6 +444,7 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process():
         worker.join(timeout=10)
         assert worker.exitcode == -signal.SIGTERM and 1.2 < time.monotonic() - t0 < 4
     finally:
+        os.remove(stale)
         if worker.is_alive():
             worker.kill()
     # with the parent stopping too: it outlives the wait, and the next signal ends it at once
@@ -446,8 +453,8 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process():
     try:
         time.sleep(0.5)
         worker.terminate()
-        cpu_loader.announce_stop()
-        assert os.path.exists(cpu_loader.stop_flag_path(os.getpid()))
+        stopping.announce_stop()
+        assert os.path.exists(flag)
         time.sleep(2.5)
         assert worker.is_alive()
         t0 = time.monotonic()
@@ -455,10 +462,10 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process():
         worker.join(timeout=5)
         assert worker.exitcode == -signal.SIGTERM and time.monotonic() - t0 < 1
     finally:
-        cpu_loader.clear_stop()
+        stopping.clear_stop()
         if worker.is_alive():
             worker.kill()
-    assert not os.path.exists(cpu_loader.stop_flag_path(os.getpid()))
+    assert not os.path.exists(flag)
     # the parent gone: its worker ends (its new parent does not speak for it)
     pids = fork.Queue()
     parent = fork.Process(target=_parent_of_a_deferring_worker, args=(100.0, pids))
@@ -478,6 +485,61 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process():
     finally:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def _long_cpp_call(seconds):
+    """A callable that spends about `seconds` in one PyTorch operator (C++, the GIL released)."""
+    import time
+    a = torch.randn(1536, 1536)
+    torch.mm(a, a)
+    t0 = time.perf_counter()
+    torch.mm(a, a)
+    n = int(1536 * (seconds / (time.perf_counter() - t0)) ** (1 / 3))
+    b = torch.randn(n, n)
+    return lambda: torch.mm(b, b)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="POSIX signals")
+def test_the_watcher_raises_the_stop_flag_during_a_long_cpp_call(monkeypatch):
+    """Python runs a signal's handler only once the main thread is back in Python: a training
+    process inside one long C++ call (a CPU backward) would raise its workers' flag too late. The
+    SignalWatcher raises it at once."""
+    import signal
+    import threading
+    import time
+
+    from d3ssl.data import stopping
+    monkeypatch.delenv(stopping.STOP_FLAG_ENV, raising=False)
+    flag = stopping.new_stop_flag()
+    seen = {}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.setdefault("handler", time.monotonic()))
+    watcher = stopping.SignalWatcher()
+    call = _long_cpp_call(2.0)
+
+    def signal_then_look():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["flag"] = time.monotonic()
+
+    looker = threading.Thread(target=signal_then_look)
+    try:
+        looker.start()
+        t0 = time.monotonic()
+        call()
+        returned = time.monotonic()
+        looker.join()
+    finally:
+        watcher.close()
+        signal.signal(signal.SIGTERM, previous)
+        raised = os.path.exists(flag)
+        stopping.clear_stop()
+    if returned - t0 < 0.8:
+        pytest.skip(f"the operator took {returned - t0:.2f} s: too short to tell")
+    assert raised and seen["flag"] < returned - 0.2 and seen["handler"] > seen["flag"]
+    assert not watcher._thread.is_alive() and signal.set_wakeup_fd(-1) == -1   # closed, and undone
 
 
 def test_unreadable_images_are_warned_about_for_a_few_batches_then_counted():

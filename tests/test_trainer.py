@@ -379,15 +379,23 @@ def test_sigkill_then_resume_continues_the_same_losses(tiny_data, tmp_path):
             torch.testing.assert_close(final_got["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
 
-# The trainer with steps of 2 s, and loader workers that wait 0.5 s for it to say it is stopping.
+# The trainer with steps of 2 s spent in one C++ call (where Python runs no signal handler), and
+# loader workers that wait 0.5 s for it to say it is stopping.
 _SLOW_STEPS = """
 import sys, time
-import d3ssl.data.cpu_loader as loader
+import torch
+import d3ssl.data.stopping as stopping
 import train.step as step
-loader.STOP_WAIT_S = 0.5
+stopping.STOP_WAIT_S = 0.5
+a = torch.randn(1536, 1536)
+torch.mm(a, a)
+t0 = time.perf_counter()
+torch.mm(a, a)
+n = int(1536 * (2.0 / (time.perf_counter() - t0)) ** (1 / 3))
+b = torch.randn(n, n)
 call = step.TrainStep.__call__
 def slow(self, *args, **kwargs):
-    time.sleep(2.0)
+    torch.mm(b, b)
     return call(self, *args, **kwargs)
 step.TrainStep.__call__ = slow
 from train.run import main
@@ -790,6 +798,9 @@ def test_resume_auto_keeps_to_the_method_asked_for(tiny_data, tmp_path, capsys):
     assert f"--resume auto: resuming {runs['d3ssl']}, as the newer runs" in capsys.readouterr().err
     summary = trainer.main(base + ["--preset", "soco", "--resume", "auto", "--run.max_steps", "2"])
     assert summary["run_dir"] == runs["soco"] and summary["step"] == 2
+    # a preset of D3SSL names its method too, although it is the default one
+    summary = trainer.main(base + ["--preset", "no_dp", "--resume", "auto", "--run.max_steps", "3"])
+    assert summary["run_dir"] == runs["d3ssl"] and summary["step"] == 3
     config = (tmp_path / os.path.basename(runs["d3ssl"]) / "config.json").read_text()
     named = base + ["--name", os.path.basename(runs["d3ssl"]), "--resume", "auto", "--data.batch_size", "2"]
     with pytest.raises(SystemExit, match=r"--resume: .* is a run of model.method='d3ssl', model.arch='resnet18'; "

@@ -561,8 +561,9 @@ def build_parser(preset: str = "default") -> argparse.ArgumentParser:
                    help="alias of --run.compile true")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help=(
         "continue a run: `auto` = newest checkpoint of the run folder (--name, else the newest run "
-        "folder under --out; a fresh run if there is none), a run folder, or a checkpoint file in a run "
-        "folder's checkpoints/ (the run continues in that folder)"))
+        "folder under --out of the method that --preset or --model.method asks for, if either is given; "
+        "a fresh run if there is none), a run folder, or a checkpoint file in a run folder's "
+        "checkpoints/ (the run continues in that folder)"))
     p.add_argument("--set", action=_Override, metavar="NAME=VALUE",
                    help="override any config field by dotted name (repeatable)")
     p.add_argument("--print-config", action="store_true",

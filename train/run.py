@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d3ssl.cli import finite_or_none, number
+from d3ssl.data.stopping import SignalWatcher, announce_stop, clear_stop, new_stop_flag
 from train import checkpoint as ckpt
 from train.step import TrainStep, loader_options
 from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, ignored_fields,
@@ -414,6 +415,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     seed_everything(cfg.run.seed + rank)
 
     # --- data -------------------------------------------------------------------------------------
+    new_stop_flag()  # (before the loader starts its workers, which find the flag in their environment)
     # (before the run folder exists: a run that cannot start leaves no folder behind to block its
     # retry, or for --resume auto to pick up)
     try:
@@ -505,9 +507,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         ckpt.prune_checkpoints(run_dir, cfg.run.keep_ckpts)
 
     # SIGTERM/SIGINT: finish the current step, save, exit. A second SIGINT interrupts at once. The
-    # loader's workers, when signalled with this process, wait for it (announce_stop).
+    # loader's workers, when signalled with this process, wait for it (d3ssl/data/stopping.py).
     stop = {"signal": None}
-    from d3ssl.data.cpu_loader import announce_stop, clear_stop
 
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
@@ -515,6 +516,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    watcher = SignalWatcher()  # (raises the workers' flag also during one long C++ call)
 
     from d3ssl.data.datasets import UnreadableData
 
@@ -633,6 +635,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         data.close()
         if hasattr(loader, "close"):  # (both loaders have one; a wrapper around them may not)
             loader.close()
+        watcher.close()
         for s, h in previous.items():
             signal.signal(s, h)
     if bar is not None:
@@ -648,7 +651,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             print(f"\n{stop['signal']}: saved step {step} in {run_dir}; continue with "
                   f"`python -m train.run --resume {run_dir}`", flush=True)
         summary["stopped"] = stop["signal"]
-        clear_stop()  # (after the finally below closed the loader: its workers waited for it)
+        clear_stop()  # (the loader was closed above, while its workers still waited for this process)
         finish_distributed(world)
         return summary
 
@@ -748,7 +751,9 @@ def main(argv=None):
         print(f"note: --preset {cfg.preset} is meant for {PRESET_WANTS_DATA[cfg.preset]} (--data); without "
               "--data it trains on the embedded synthetic set", flush=True)
     # What this command line asks for explicitly; a resumed run applies only these to its saved config.
-    explicit = {**(PRESETS[preset] if preset else {}), **overrides}
+    # A preset names its method, also where that is the default one (d3ssl).
+    explicit = {**({"model.method": make_config(preset).model.method, **PRESETS[preset]} if preset else {}),
+                **overrides}
     t0 = time.time()
     try:
         summary = train(cfg, resume=resume, explicit=explicit, command_line=overrides)

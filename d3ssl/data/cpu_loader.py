@@ -14,13 +14,8 @@ skips (``loader.skipped``, ``loader.skipped_keys``). ``image_id`` reports the im
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
-import os
-import signal
-import tempfile
-import time
 import warnings
 
 import cv2
@@ -30,6 +25,7 @@ import torch
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, apply_colour, sample_colour
 from .datasets import ImageDecodeError, UnreadableData, decode_image
+from .stopping import defer_stop_signals
 from .views import ViewConfig, sample_seed, sample_views
 
 MAX_REPLACEMENTS = 16   # consecutive unreadable files before the loader gives up with an error
@@ -251,78 +247,10 @@ def warn_skipped(loader, keys: list[str]):
     batches = getattr(loader, "_skip_warnings", 0) + 1
     loader._skip_warnings = batches
     if batches <= WARNED_SKIPS:
-        more = (f"; further ones are counted (the loader's skipped_keys), not warned about"
+        more = ("; further ones are counted (the loader's skipped_keys), not warned about"
                 if batches == WARNED_SKIPS else "")
         warnings.warn(f"skipped {len(keys)} unreadable image(s): {keys[:3]} ({len(loader.skipped_keys)} so far "
                       f"this run); each was replaced by the next image{more}", RuntimeWarning, stacklevel=3)
-
-
-# A signalled loader worker waits this long for its training process to say that it is stopping too.
-STOP_WAIT_S = 5.0
-_POLL_S = 0.5
-
-
-def stop_flag_path(pid: int) -> str:
-    """The file by which the training process `pid` tells its loader workers that it is stopping."""
-    return os.path.join(tempfile.gettempdir(), f"d3ssl-stopping-{pid}")
-
-
-def announce_stop():
-    """Called by the training process on its stop signal: its loader workers, signalled with it (a
-    scheduler or Ctrl-C signals the whole process group), keep going until it shuts them down."""
-    path = stop_flag_path(os.getpid())
-    if not os.path.exists(path):
-        open(path, "w").close()
-        atexit.register(clear_stop)
-
-
-def clear_stop():
-    """Removes :func:`announce_stop`'s file (at the training process's exit; harmless when none)."""
-    try:
-        os.remove(stop_flag_path(os.getpid()))
-    except FileNotFoundError:
-        pass
-
-
-def defer_stop_signals(wait: float | None = None):
-    """For a loader's worker process: SIGTERM and SIGINT are the training process's to act on. A
-    scheduler (Slurm's scancel) or a Ctrl-C signals the whole process group, and a worker that died
-    of it would make the training process fail before it could finish its step and save, however
-    long that step is. So a signalled worker asks its parent, every half second:
-
-    - the parent announced that it is stopping too (:func:`announce_stop`): the worker goes on, and
-      the next signal (the parent's own shutdown of its workers, or a second Ctrl-C) ends it;
-    - the parent is gone: the worker ends;
-    - the parent said nothing within `wait` seconds: the signal was meant for this worker (the
-      loader ending its workers, on an error or at exit), which ends.
-
-    A worker ends by the signal it got, as it would have without this. `wait` None: STOP_WAIT_S."""
-    wait = STOP_WAIT_S if wait is None else wait
-    parent = os.getppid()
-    flag = stop_flag_path(parent)
-    state = {"signal": None, "since": 0.0}
-
-    def die():
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(state["signal"], signal.SIG_DFL)
-        os.kill(os.getpid(), state["signal"])
-
-    def on_stop(signum, frame):
-        if state["signal"] is None:
-            state["signal"], state["since"] = signum, time.monotonic()
-            signal.setitimer(signal.ITIMER_REAL, _POLL_S, _POLL_S)
-        elif os.path.exists(flag):
-            die()
-
-    def poll(signum, frame):
-        if os.getppid() != parent:
-            die()
-        if not os.path.exists(flag) and time.monotonic() - state["since"] >= wait:
-            die()
-
-    signal.signal(signal.SIGALRM, poll)
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
 
 
 def _init_worker(_):

@@ -71,8 +71,9 @@ import torch
 
 from .batch import IMAGENET_MEAN, IMAGENET_STD, Batch
 from .colour import ColourConfig, ColourParams, sample_colour
-from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, defer_stop_signals, warn_skipped
+from .cpu_loader import MAX_REPLACEMENTS, EpochBatchSampler, warn_skipped
 from .datasets import UnreadableData
+from .stopping import defer_stop_signals
 from .views import ViewConfig, sample_seed, sample_views
 
 try:

@@ -27,7 +27,6 @@ Reading (:class:`ProposalStore`) memory-maps the arrays; ``boxes(i)`` is O(1).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing as mp

@@ -25,7 +25,6 @@ import re
 import warnings
 from collections import Counter
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
