@@ -189,6 +189,40 @@ print(len(store), before == cv2.getNumThreads())
     assert done.stdout.split() == ["7", "True"]
 
 
+def test_ctrl_c_ends_the_generation_in_one_line_and_keeps_its_chunks(tmp_path):
+    """Ctrl-C reaches the whole process group: the pool's workers leave it to the tool, which
+    ends in one line (no worker tracebacks) with status 130, and the same command goes on from the
+    chunks kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):   # noise: slow for selective search, so the run is still going when signalled
+        cv2.imwrite(str(folder / f"{i:02d}.png"), rng.integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    out = tmp_path / "p.bin"
+    cmd = [sys.executable, "-m", "d3ssl.data.proposals", "--images", str(folder), "--out", str(out),
+           "--workers", "2", "--chunk-size", "2", "--max-side", "200"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    partial = tmp_path / "p.bin.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.is_dir() and len(os.listdir(partial)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the generation ended before the signal")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"interrupted: the chunks done so far are kept in {out}.partial/" in err
+    kept = len(os.listdir(partial))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and len(ProposalStore(str(out))) == 48 and kept >= 2
+
+
 def test_an_opencv_without_selective_search_is_a_clear_error(images, tmp_path, monkeypatch, capsys):
     """Without OpenCV's contrib modules every image failed and the store was written with
     whole-image boxes, under warnings only; now nothing is written and the error says what to do."""

@@ -398,8 +398,8 @@ def slow(self, *args, **kwargs):
     torch.mm(b, b)
     return call(self, *args, **kwargs)
 step.TrainStep.__call__ = slow
-from train.run import main
-sys.exit(0 if main(sys.argv[1:]) else 1)
+from train.run import exit_status, main
+sys.exit(exit_status(main(sys.argv[1:])))
 """
 
 
@@ -407,8 +407,8 @@ sys.exit(0 if main(sys.argv[1:]) else 1)
 @pytest.mark.parametrize("to", ["process", "group", "group, steps longer than the workers' wait"])
 def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path, to):
     """SIGTERM to the training process, or to its whole process group with loader workers in it
-    (Slurm's scancel, Ctrl-C): the run saves and exits 0, however long its step still takes (the
-    workers, signalled too, wait for the training process to shut them down)."""
+    (Slurm's scancel, Ctrl-C): the run saves and exits with 128 + 15, however long its step still
+    takes (the workers, signalled too, wait for the training process to shut them down)."""
     log_path = tmp_path / "term" / "log.jsonl"
     workers = "0" if to == "process" else "2"
     args = tiny_args(tiny_data, tmp_path, "term", "--data.batch_size", "2", "--run.epochs", "50",
@@ -426,7 +426,8 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path, to):
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 0, (tmp_path / "term.out").read_text()
+        # (saved, then the status of a process that SIGTERM ended, so that a script can tell)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, (tmp_path / "term.out").read_text()
     text = (tmp_path / "term.out").read_text()
     assert "SIGTERM: saved step" in text and "--resume" in text
     last = read_log(str(log_path))[-1]["step"]
@@ -807,3 +808,26 @@ def test_resume_auto_keeps_to_the_method_asked_for(tiny_data, tmp_path, capsys):
                                          r"this command line changes model.method 'd3ssl' -> 'soco' \(an option"):
         trainer.main(named + ["--model.method", "soco"])
     assert (tmp_path / os.path.basename(runs["d3ssl"]) / "config.json").read_text() == config
+
+
+def test_an_unhandled_ctrl_c_is_one_line_naming_the_newest_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C where the trainer handles none (its setup, the final O-KNN) or a second one (during
+    the save): no traceback, status 130, and the checkpoint to resume from."""
+    trainer.main(tiny_args(tiny_data, tmp_path, "r", "--run.max_steps", "2"))
+    capsys.readouterr()
+
+    def interrupted(cfg, **kwargs):
+        trainer._CURRENT["run_dir"] = str(tmp_path / "r")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "train", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(tiny_args(tiny_data, tmp_path, "r", "--resume", "auto"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "Traceback" not in err
+    assert (f"interrupted: nothing more was saved; the run's newest checkpoint is "
+            f"{tmp_path / 'r' / 'checkpoints' / 'step_00000002.pt'}, which `python -m train.run --resume "
+            f"{tmp_path / 'r'}` continues") in err
+    assert trainer.exit_status({"stopped": "SIGINT"}) == 130 and trainer.exit_status({"step": 3}) == 0
+    assert trainer.exit_status({"stopped": "SIGTERM (another rank)"}) == 143
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")   # torchrun: a stop is no failure
+    assert trainer.exit_status({"stopped": "SIGTERM"}) == 0

@@ -353,6 +353,9 @@ def state_checksum(model) -> dict:
 
 # ----------------------------------------------------------------------------- the main job
 
+_CURRENT = {"run_dir": None}  # the run folder of the run in progress (for main's message on Ctrl-C)
+
+
 def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = None,
           command_line: dict | None = None) -> dict:
     """Runs training (and O-KNN) for `cfg`; returns a summary dict. `explicit` are the command-line
@@ -369,6 +372,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         shared = [run_dir, resume_path]
         dist.broadcast_object_list(shared, src=0)
         run_dir, resume_path = shared
+    _CURRENT["run_dir"] = run_dir
     saved_shape = None  # (processes, images per step) of the run that wrote the checkpoint
     changed = []        # "field saved -> given" for the saved config's fields this command line changes
     if resume_path is not None or (resume and os.path.isfile(os.path.join(run_dir, "config.json"))):
@@ -755,14 +759,34 @@ def main(argv=None):
     explicit = {**({"model.method": make_config(preset).model.method, **PRESETS[preset]} if preset else {}),
                 **overrides}
     t0 = time.time()
+    _CURRENT["run_dir"] = None
     try:
         summary = train(cfg, resume=resume, explicit=explicit, command_line=overrides)
     except TrainingError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a Ctrl-C where none is handled, or a second one: no traceback
+        run_dir = _CURRENT["run_dir"]
+        newest = ckpt.latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
+        print("\ninterrupted: nothing more was saved; " + (
+            f"the run's newest checkpoint is {newest}, which `python -m train.run --resume {run_dir}` "
+            "continues" if newest else "the run has no checkpoint yet"), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {summary['step']} steps in {time.time() - t0:.0f} s; run folder {summary['run_dir']}")
     return summary
 
 
+def exit_status(summary: dict) -> int:
+    """The process's exit status for a run's summary: 0 when it ran to its end; 128 + the signal's
+    number when a stop signal ended it after saving (as a shell reports a process that the signal
+    ended), so that a script can tell it from a finished run. Under torchrun always 0: it would take
+    any other status of a worker for a failure, and restart the workers where it may."""
+    stopped = summary.get("stopped")
+    if not stopped or "TORCHELASTIC_RUN_ID" in os.environ:
+        return 0
+    name = stopped.split()[0]
+    return 128 + (signal.Signals[name].value if name in signal.Signals.__members__ else signal.SIGTERM)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

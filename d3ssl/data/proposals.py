@@ -32,6 +32,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -269,6 +270,14 @@ def _serial_opencv():
     cv2.setNumThreads in a forked child whose parent had started OpenCV's thread pool can hang."""
     import cv2
     cv2.setNumThreads(1)
+    _leave_ctrl_c_to_the_parent()
+
+
+def _leave_ctrl_c_to_the_parent():
+    """A pool worker ignores SIGINT: a Ctrl-C reaches the whole process group, and the parent, which
+    ends the pool and says what was kept, is the one to act on it (each worker would otherwise print
+    its own KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_chunk(job):
@@ -380,7 +389,7 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
         else:
             spawn = sys.platform == "darwin"
             pool = mp.get_context("spawn" if spawn else "fork").Pool(
-                workers, initializer=_serial_opencv if spawn else None)
+                workers, initializer=_serial_opencv if spawn else _leave_ctrl_c_to_the_parent)
             results = pool.imap_unordered(_run_chunk, jobs)
         for _c, count, fails in results:
             bar.update(count)
@@ -452,6 +461,7 @@ def main(argv=None):
     check_output_file(p, "--out", args.out)
     from .datasets import CocoDataset, ImageFolder, open_dataset
     t0 = time.time()
+    out = args.out
     try:
         if args.images:
             dataset = ImageFolder(args.images)
@@ -465,6 +475,10 @@ def main(argv=None):
                                    chunk_size=args.chunk_size, cfg=cfg)
     except (ValueError, OSError, ImportError) as e:  # the data or the OpenCV build: one line
         p.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        kept = f"{out}.partial/" if out else "the store's .partial/ folder"
+        p.exit(130, f"\ninterrupted: the chunks done so far are kept in {kept}; the same command goes on "
+                    "from them\n")
     print(f"wrote {out}: {len(store)} images, {store.num_boxes} boxes "
           f"({store.num_boxes / len(store):.1f} per image) in {time.time() - t0:.1f} s")
 
