@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,7 +33,28 @@ class ArgumentParser(argparse.ArgumentParser):
                     hints.append(f"{name}: did you mean {' or '.join(close)}?")
             if hints:
                 message += " (" + "; ".join(hints) + ")"
-        super().error(message)
+        usage = self.format_usage()
+        if usage.count("\n") > 4:  # (train.run's lists ~200 options: the error would scroll away)
+            usage = f"usage: {self.prog} [options]   (`{self.prog} --help` explains every option)\n"
+        self._print_message(usage, sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def torch_load_problem(path: str, error: Exception) -> str:
+    """Why torch.load(path, weights_only=True) failed, in words for the user: a file that is no
+    PyTorch file at all, or a damaged or foreign one (without torch's advice to load it with
+    weights_only=False, which would run whatever code the file holds)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if head not in (b"PK", b"\x80\x02"):   # torch.save's zip archive, or its older pickle format
+        return "not a PyTorch checkpoint"
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "a PyTorch file with objects other than tensors and plain containers: not a checkpoint of this project"
+    return f"a damaged PyTorch file ({type(error).__name__}: {text.splitlines()[0][:200] if text else ''})"
 
 
 def output_file_problem(option: str, path: str) -> str | None:
@@ -42,8 +64,22 @@ def output_file_problem(option: str, path: str) -> str | None:
         return f"{option} {path!r} is a folder; give the path of a file to write"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        return f"{option} {path!r}: the folder {folder!r} does not exist"
+        blocker = file_in_the_way(folder)
+        return (f"{option} {path!r}: {blocker!r} is a file, not a folder" if blocker else
+                f"{option} {path!r}: the folder {folder!r} does not exist")
     return None
+
+
+def file_in_the_way(folder: str) -> str | None:
+    """The file (not a folder) that stands where `folder` or one of the folders above it should be,
+    or None."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return None if os.path.isdir(folder) else folder
 
 
 def check_output_file(parser: argparse.ArgumentParser, option: str, path: str | None):

@@ -73,11 +73,11 @@ def test_load_errors_are_clear(tmp_path):
         ckpt.load_checkpoint(str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="could not load checkpoint"):
+    with pytest.raises(RuntimeError, match="could not load checkpoint .*bad.pt': not a PyTorch checkpoint$"):
         ckpt.load_checkpoint(str(bad))
     # An arbitrary pickled object is refused by weights_only loading.
     torch.save({"x": _Custom()}, tmp_path / "obj.pt")
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(RuntimeError, match="objects other than tensors and plain containers"):
         ckpt.load_checkpoint(str(tmp_path / "obj.pt"))
 
 

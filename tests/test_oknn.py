@@ -259,6 +259,9 @@ def test_cli_refuses_bad_input_before_any_work(tiny_coco, tmp_path, capsys):
         (["--ckpt", str(text)], "not a PyTorch checkpoint"),
         (["--ckpt", str(tmp_path / "missing")], "neither a checkpoint file nor a run folder"),
         (["--random-init", "--val-split", "test"], "no COCO-format split 'test'"),
+        (["--random-init", "--data", str(tiny_coco / "annotations" / "instances_val.json")],
+         f"instances_val.json' is a file: give the COCO-format folder that holds both splits' annotations/ "
+         f"and images (here perhaps {str(tiny_coco)!r})"),
         (["--random-init", "--k", "0"], "--k: must be >= 1"),
         (["--random-init", "--image-size", "8"], "--image-size must be >= 32"),
         (["--random-init", "--temperature", "0"], "--temperature must be > 0"),

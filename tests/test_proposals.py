@@ -163,6 +163,10 @@ def test_corrupt_image_gets_whole_image_box(images, tmp_path):
     assert store.params["unreadable"] >= 1
     others = [k for k in range(len(ds)) if ds.key(k) not in ("broken.jpg", "truncated.jpg")]
     assert all(store.status(k) == 0 for k in others)
+    # the file fixed afterwards: the store's whole-image box for it is stale, and it says so
+    assert store.readable_again(ds) == ([], store.params["unreadable"])
+    (root / "broken.jpg").write_bytes(buf.tobytes())
+    assert store.readable_again(ds) == (["broken.jpg"], store.params["unreadable"])
 
 
 def test_a_pool_after_opencv_work_in_this_process_does_not_hang(images, tmp_path):

@@ -42,7 +42,7 @@ def _png(path):
 
 def test_dataset_goes_through_the_data_pipeline(dataset, tmp_path, capsys):
     out = show.main([dataset, "--out", str(tmp_path / "g.png"), "--num", "3", "--size", "64", "--k", "2",
-                     "--set", "dp_boxes=1", "--set", "prm=false", "--set", "rbj=false"])
+                     "--set", "dp_boxes=1", "--set", "region.prm=false", "--set", "rbj=false"])
     assert _png(tmp_path / "g.png") and "the data pipeline" in capsys.readouterr().out
     assert out.x1.shape == (3, 3, 64, 64)
     # colour augmentation off and PRM off: x̂1 differs from x1 only inside the proposals (PRC)
@@ -82,3 +82,15 @@ def test_a_path_that_is_no_image_is_an_error(tmp_path):
 def test_bad_settings_are_refused(dataset, tmp_path, item, match):
     with pytest.raises(SystemExit, match=match):
         show.main([dataset, "--out", str(tmp_path / "x.png"), "--set", item])
+
+
+def test_an_instances_json_is_a_dataset_as_for_training(dataset, tmp_path, capsys):
+    import glob
+    json_file = glob.glob(os.path.join(dataset, "annotations", "instances_train*.json"))[0]
+    show.main([json_file, "--out", str(tmp_path / "j.png"), "--num", "2", "--size", "32"])
+    assert _png(tmp_path / "j.png") and "the data pipeline" in capsys.readouterr().out
+    os.makedirs(tmp_path / "c" / "annotations")
+    other = tmp_path / "c" / "annotations" / "instances_train.json"
+    other.write_text(open(json_file).read())
+    with pytest.raises(SystemExit, match=r"^error: .*instances_train.json: "):
+        show.main([str(other), "--out", str(tmp_path / "k.png")])

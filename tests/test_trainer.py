@@ -304,6 +304,10 @@ def test_bad_input_errors(tiny_data, tmp_path):
         trainer.main(tiny_args(tiny_data, tmp_path, "y", "--resume", "/no/such.pt"))
     with pytest.raises(SystemExit, match="--proposals .* is a folder"):
         trainer.main(tiny_args(tiny_data, tmp_path, "p", "--proposals", str(tmp_path)))
+    for name in ("a/../../escape", ".."):
+        with pytest.raises(SystemExit, match=r"--name .*: give a folder name \(no path\)"):
+            trainer.main(tiny_args(tiny_data, tmp_path, name))
+    assert not (tmp_path.parent / "escape").exists()
     loose = tmp_path / "loose.pt"    # not in a run folder's checkpoints/: where would the run go?
     loose.write_bytes(b"")
     with pytest.raises(SystemExit, match="must sit in a run folder's checkpoints/"):
@@ -709,8 +713,9 @@ def test_unreadable_images_stop_the_first_step_with_a_clear_error_and_no_run_fol
 def test_an_unwritable_out_is_refused_before_the_data_are_prepared(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder would go")
-    with pytest.raises(SystemExit, match=r"^error: --out: cannot create"):
-        trainer.main(["--data", str(tmp_path / "does-not-matter"), "--out", str(blocker / "runs")])
+    for out in (blocker, blocker / "runs"):
+        with pytest.raises(SystemExit, match=rf"^error: --out: {blocker} is a file, not a folder$"):
+            trainer.main(["--data", str(tmp_path / "does-not-matter"), "--out", str(out)])
 
 
 def test_other_errors_while_fetching_keep_their_type_and_the_run_folder(tiny_data, tmp_path, monkeypatch):
@@ -831,3 +836,40 @@ def test_an_unhandled_ctrl_c_is_one_line_naming_the_newest_checkpoint(tiny_data,
     assert trainer.exit_status({"stopped": "SIGTERM (another rank)"}) == 143
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")   # torchrun: a stop is no failure
     assert trainer.exit_status({"stopped": "SIGTERM"}) == 0
+
+
+def test_a_store_made_while_an_image_was_unreadable_is_named_once_the_image_reads(tiny_data, tmp_path, capsys):
+    """Proposals generated while a file was broken give it the whole-image box; once the file is
+    fixed the store still has that box, so the trainer says to delete the store."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    image = sorted((data / "train").iterdir())[0]
+    good = image.read_bytes()
+    image.write_bytes(b"broken for now")
+    os.remove(f"{data / 'train'}.proposals")            # (made with the images readable)
+    trainer.main(tiny_args(str(data), tmp_path / "runs", "r1", "--run.max_steps", "1"))
+    assert "unreadable when" not in capsys.readouterr().err
+    image.write_bytes(good)
+    trainer.main(tiny_args(str(data), tmp_path / "runs", "r2", "--run.max_steps", "1"))
+    store = f"{data / 'train'}.proposals"
+    assert (f"warning: 1 of the 1 image(s) that were unreadable when {store} was made read now (e.g. "
+            f"'{image.name}'), but have the whole-image box there instead of proposals: delete {store}"
+            in capsys.readouterr().err)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_data, tmp_path, capsys):
+    args = tiny_args(tiny_data, tmp_path, "r", "--run.max_steps", "2")
+    trainer.main(args)
+    capsys.readouterr()
+    assert trainer.main(args + ["--resume", "auto"])["step"] == 2
+    assert "note: the run is at its last step already (2: run.epochs 1, run.max_steps 2): nothing to train" in (
+        capsys.readouterr().out)
+
+
+def test_dali_without_a_gpu_says_it_runs_on_the_cpu(tiny_data, tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: DALI runs there")
+    trainer.main(tiny_args(tiny_data, tmp_path, "d", "--dali", "--run.max_steps", "1"))
+    assert "note: --dali without a GPU runs DALI's CPU operators" in capsys.readouterr().err

@@ -125,8 +125,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises several types for torn or foreign files)
-        raise RuntimeError(f"could not load checkpoint {path!r}: not a PyTorch checkpoint, or a damaged one "
-                           f"(torch.load with weights_only=True said {type(e).__name__}: {str(e)[:300]})") from e
+        from d3ssl.cli import torch_load_problem
+        raise RuntimeError(f"could not load checkpoint {path!r}: {torch_load_problem(path, e)}") from e
 
 
 # ----------------------------------------------------------------------------- RNG state

@@ -162,6 +162,12 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     if rank != 0:
         root, dataset, store_path = make()  # everything exists now: only opens
     store = ProposalStore(store_path)
+    if rank == 0 and len(store) == len(dataset):   # (a mismatch is the loader's error to report)
+        again, unreadable = store.readable_again(dataset)
+        if again:
+            print(f"warning: {len(again)} of the {unreadable} image(s) that were unreadable when {store_path} "
+                  f"was made read now (e.g. {again[0]!r}), but have the whole-image box there instead of "
+                  f"proposals: delete {store_path} to make the store again", file=sys.stderr, flush=True)
     return dataset, store, oknn_root(root)
 
 
@@ -188,6 +194,9 @@ def make_data_loader(cfg: TrainConfig, dataset, store, rank, world, device):
             raise TrainingError("--dali: NVIDIA DALI is not installed. Install it with "
                                 "`pip install -e .[dali]` (or nvidia-dali-cuda130), or drop --dali to "
                                 "use the CPU loader.") from None
+        if device.type != "cuda" and rank == 0:
+            print("note: --dali without a GPU runs DALI's CPU operators, slower here than the CPU loader "
+                  "(README, Status)", file=sys.stderr, flush=True)
     try:
         return make_loader(dataset, store, backend=cfg.data.backend, batch_size=cfg.data.batch_size,
                            workers=cfg.data.workers, view_cfg=cfg.view, colour_cfg=cfg.colour,
@@ -251,6 +260,9 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None, explicit: dict | None 
     `--resume auto` without a name takes the newest run of the output folder, of the method that
     `explicit` (the command line's options with its preset's) asks for, if it asks for one."""
     out = cfg.run.out
+    name = cfg.run.name
+    if name is not None and (not name or name in (".", "..") or "/" in name or os.sep in name):
+        raise TrainingError(f"--name {name!r}: give a folder name (no path): the run goes to --out/NAME")
     if resume and resume != "auto":
         if os.path.isdir(resume):
             run_dir = resume
@@ -299,6 +311,10 @@ def check_writable(run_dir: str):
     parent is created if missing (the run folder itself only once the run starts)."""
     parent = os.path.dirname(os.path.abspath(run_dir))
     target = run_dir if os.path.isdir(run_dir) else parent
+    from d3ssl.cli import file_in_the_way
+    blocker = file_in_the_way(run_dir)
+    if blocker:
+        raise TrainingError(f"--out: {blocker} is a file, not a folder")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
@@ -484,6 +500,10 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         overflows_in_a_row = state["stats"].get("overflows_in_a_row", 0)
         if master:
             print(f"resumed from {resume_path} at step {step}", flush=True)
+            if step >= last_step:
+                print(f"note: the run is at its last step already ({last_step}: run.epochs {cfg.run.epochs:g}"
+                      f"{f', run.max_steps {cfg.run.max_steps}' if cfg.run.max_steps else ''}): nothing to "
+                      "train; a larger run.epochs or run.max_steps goes on", flush=True)
             folder, later = ckpt.set_aside_later(run_dir, step)
             if later:
                 print(f"the run's checkpoints of later steps ({', '.join(map(str, later))}) were moved to "

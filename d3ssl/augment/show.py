@@ -2,8 +2,9 @@
 
   python -m d3ssl.augment.show IMAGE_OR_DATASET --out grid.png [--num 4] [--seed 0] [--size 224]
   python -m d3ssl.augment.show DATASET --set dp_boxes=1 --set prm=false      # region stage settings
+                                                                             (region.prm=false too)
 
-A dataset (a COCO root or an image folder) whose proposals store exists at its default place
+A dataset (a COCO root, its instances JSON, or an image folder) whose proposals store exists at its default place
 (``<images>.proposals``, as training leaves it) goes through the training data pipeline: the CPU
 loader's views and proposals, colour augmentation off so that only the region stage changes pixels.
 Anything else (an image file, a folder without a store) is shown with views built here in the Batch
@@ -109,6 +110,7 @@ def region_config(items) -> RegionConfig:
     names = [f.name for f in dataclasses.fields(RegionConfig)]
     for item in items:
         name, sep, text = (s.strip() for s in item.partition("="))
+        name = name.removeprefix("region.")   # (the trainer's name for the same field)
         if not sep or name not in names:
             raise SystemExit(f"error: --set expects NAME=VALUE with NAME one of {', '.join(names)}, got {item!r}")
         try:
@@ -129,14 +131,20 @@ def pipeline_batch(path, num, size, k, seed):
     from ..data.loader import make_loader
     from ..data.proposals import default_store_path
     from ..data.views import ViewConfig
-    if not os.path.isdir(path):
+    annotations = os.path.isfile(path) and path.lower().endswith(".json")  # (COCO instances, as --data takes)
+    if not os.path.isdir(path) and not annotations:
         return None
     try:
         dataset = open_dataset(path)
         store = default_store_path(dataset)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if annotations:
+            raise SystemExit(f"error: {path}: {e}") from None
         return None
     if not os.path.isfile(store) or len(dataset) == 0:
+        if annotations:
+            raise SystemExit(f"error: {path}: " + (f"its proposals store {store} does not exist (`python -m "
+                             f"d3ssl.data.proposals --coco {path}` makes it)" if len(dataset) else "no images"))
         return None
     loader = make_loader(dataset, store, backend="cpu", batch_size=min(num, len(dataset)), workers=0,
                          view_cfg=ViewConfig(size=size, num_boxes=k), colour_cfg=ColourConfig(enabled=False),

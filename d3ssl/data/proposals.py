@@ -165,6 +165,21 @@ class ProposalStore:
                                  f"{dataset.key(i)!r} in the dataset but {self.keys[i]!r} in the store; "
                                  "regenerate the store for this dataset")
 
+    def readable_again(self, dataset, limit: int = 256) -> tuple[list[str], int]:
+        """(keys, n): the images (of the first `limit` checked) that were unreadable when the store
+        was made, so have the whole-image box in it, but decode now; n: how many were unreadable.
+        Such a store should be made again: its boxes for them are not proposals."""
+        from .datasets import ImageDecodeError, decode_image
+        unreadable = np.flatnonzero(np.asarray(self._status) == STATUS_UNREADABLE)
+        again = []
+        for i in unreadable[:limit]:
+            try:
+                decode_image(dataset.read_bytes(int(i)))
+            except (ImageDecodeError, OSError):
+                continue
+            again.append(self.keys[int(i)])
+        return again, len(unreadable)
+
     def __repr__(self):
         return f"ProposalStore({self.path!r}, {len(self)} images, {self.num_boxes} boxes)"
 
@@ -421,7 +436,8 @@ def generate_proposals(dataset, out_path: str, max_side: int = ProposalConfig.ma
         warnings.warn(f"{len(failures) - LISTED_FAILURES} more unreadable image(s) (not listed one by one) "
                       "got the whole-image box")
     if failures and progress:
-        print(f"{len(failures)} unreadable image(s) got the whole-image box", file=sys.stderr)
+        print(f"{len(failures)} unreadable image(s) got the whole-image box (fixed, they get proposals "
+              f"once {out_path} is deleted and made again)", file=sys.stderr)
     return ProposalStore(out_path)
 
 

@@ -49,6 +49,10 @@ def resolve_split(data_root: str, split: str) -> tuple[str, str]:
     set, custom sets) and COCO 2017's names (split "train" also finds instances_train2017.json and
     train2017/), mixed as the training loader accepts them (datasets.open_dataset), or images/<name>/.
     """
+    if os.path.isfile(data_root):  # (an instances JSON, which training takes, names one split only)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(data_root)))
+        raise FileNotFoundError(f"{data_root!r} is a file: give the COCO-format folder that holds both splits' "
+                                f"annotations/ and images (here perhaps {root!r})")
     names = [split] + ([split + "2017"] if not split.endswith("2017") else [])
     for name in names:
         ann = os.path.join(data_root, "annotations", f"instances_{name}.json")
@@ -414,8 +418,8 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many types for foreign or torn files)
-        raise ValueError(f"{path} is not a PyTorch checkpoint, or a damaged one (torch.load said "
-                         f"{type(e).__name__}: {str(e)[:200]})") from None
+        from d3ssl.cli import torch_load_problem
+        raise ValueError(f"{path}: {torch_load_problem(path, e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a d3ssl training checkpoint (no 'model' entry)")
     model_cfg = (state.get("config") or {}).get("model") or {}
