@@ -539,8 +539,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         announce_stop()
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    watcher = SignalWatcher()  # (raises the workers' flag also during one long C++ call)
 
     from d3ssl.data.datasets import UnreadableData
 
@@ -577,6 +575,8 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
     # all-reduced flag says some rank was signalled (a signal that lands after this rank's
     # all-reduce is passed on in the next step's). A single process stops on its own signal.
     stopping, first_step = False, step
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    watcher = SignalWatcher()  # (raises the workers' flag also during one long C++ call)
     try:
         while step < last_step and not stopping:
             lr = lr_schedule(step, total_steps, warmup_steps, base_lr, cfg.optim.final_lr,
