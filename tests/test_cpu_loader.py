@@ -402,6 +402,15 @@ def _parent_of_a_deferring_worker(wait, pids):
     time.sleep(60)
 
 
+def _ends_at_the_next_signal(worker):
+    import signal
+    import time
+    t0 = time.monotonic()
+    worker.terminate()
+    worker.join(timeout=5)
+    assert worker.exitcode == -signal.SIGTERM and time.monotonic() - t0 < 1
+
+
 def _alive(pid):
     """Whether process `pid` runs (a zombie, which no one may reap here, does not)."""
     try:
@@ -437,14 +446,24 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process(monkeypatch):
         time.sleep(0.5)
         t0 = time.monotonic()
         worker.terminate()                       # SIGTERM
-        time.sleep(0.3)
-        worker.terminate()                       # a repeat does not end it while the parent is silent
-        time.sleep(0.3)
+        time.sleep(0.6)
         assert worker.is_alive()
         worker.join(timeout=10)
         assert worker.exitcode == -signal.SIGTERM and 1.2 < time.monotonic() - t0 < 4
     finally:
         os.remove(stale)
+        if worker.is_alive():
+            worker.kill()
+    # alone, and signalled again (its loader's shutdown, then multiprocessing's at exit): it ends at once
+    worker = fork.Process(target=_deferring_worker, args=(30.0,))
+    worker.start()
+    try:
+        time.sleep(0.5)
+        worker.terminate()
+        time.sleep(0.3)
+        assert worker.is_alive()
+        _ends_at_the_next_signal(worker)
+    finally:
         if worker.is_alive():
             worker.kill()
     # with the parent stopping too: it outlives the wait, and the next signal ends it at once
@@ -457,10 +476,7 @@ def test_a_signalled_worker_waits_for_a_stopping_training_process(monkeypatch):
         assert os.path.exists(flag)
         time.sleep(2.5)
         assert worker.is_alive()
-        t0 = time.monotonic()
-        worker.terminate()
-        worker.join(timeout=5)
-        assert worker.exitcode == -signal.SIGTERM and time.monotonic() - t0 < 1
+        _ends_at_the_next_signal(worker)
     finally:
         stopping.clear_stop()
         if worker.is_alive():
@@ -540,6 +556,66 @@ def test_the_watcher_raises_the_stop_flag_during_a_long_cpp_call(monkeypatch):
         pytest.skip(f"the operator took {returned - t0:.2f} s: too short to tell")
     assert raised and seen["flag"] < returned - 0.2 and seen["handler"] > seen["flag"]
     assert not watcher._thread.is_alive() and signal.set_wakeup_fd(-1) == -1   # closed, and undone
+
+
+def _report_signal_state(queue):
+    import signal
+    queue.put((signal.set_wakeup_fd(-1), signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="POSIX signals")
+def test_a_process_forked_while_the_watcher_is_on_has_neither_its_pipe_nor_its_handlers(monkeypatch):
+    """A DALI source worker is forked during training: with the watcher's pipe and the trainer's
+    stop handler it would raise the trainer's flag on a signal meant for itself."""
+    import multiprocessing
+    import signal
+
+    from d3ssl.data import stopping
+    monkeypatch.delenv(stopping.STOP_FLAG_ENV, raising=False)
+    flag = stopping.new_stop_flag()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.announce_stop())
+    watcher = stopping.SignalWatcher()
+    try:
+        fork = multiprocessing.get_context("fork")
+        queue = fork.Queue()
+        child = fork.Process(target=_report_signal_state, args=(queue,))
+        child.start()
+        assert queue.get(timeout=20) == (-1, True)     # no wakeup fd, SIGTERM's default action
+        child.join(timeout=20)
+        child = fork.Process(target=__import__("time").sleep, args=(30,))
+        child.start()
+        __import__("time").sleep(0.5)                  # (settled: forked, at-fork handlers run)
+        child.terminate()                              # a signal for the child alone
+        child.join(timeout=20)
+        assert child.exitcode == -signal.SIGTERM and not os.path.exists(flag)
+    finally:
+        watcher.close()
+        signal.signal(signal.SIGTERM, previous)
+        stopping.clear_stop()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGALRM"), reason="POSIX signals")
+def test_the_watcher_counts_a_second_ctrl_c():
+    import signal
+    import time
+
+    from d3ssl.data import stopping
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    watcher = stopping.SignalWatcher()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        assert not stopping.interrupted_twice()
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while not stopping.interrupted_twice() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stopping.interrupted_twice()
+    finally:
+        watcher.close()
+        signal.signal(signal.SIGINT, previous)
+        stopping.reset_interrupts()
+    assert not stopping.interrupted_twice()
 
 
 def test_unreadable_images_are_warned_about_for_a_few_batches_then_counted():

@@ -610,6 +610,24 @@ def test_compare_reports_on_the_data_the_runs_trained_on(tmp_path):
     assert eval_data_root("compare-d3ssl", sets, "/some/coco") == "/some/coco"
 
 
+def test_compare_waits_for_an_interrupted_training_to_save(tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches compare and its training alike: compare ignores it while the training
+    finishes its step and saves (subprocess.call would SIGKILL it), then stops with its status."""
+    import signal
+
+    from d3ssl.eval import compare
+    seen = []
+
+    def training(cmd):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return 128 + signal.SIGINT
+    monkeypatch.setattr(compare.subprocess, "call", training)
+    before = signal.getsignal(signal.SIGINT)
+    assert compare.main(["--out", str(tmp_path), "--methods", "d3ssl,soco"]) == 130
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is before   # one training, then put back
+    assert "interrupted while training d3ssl: it saved its step; the same command goes on" in capsys.readouterr().err
+
+
 def test_report_and_compare_refuse_bad_arguments_before_any_work(tmp_path, capsys):
     from d3ssl.eval import compare, report
     with pytest.raises(SystemExit, match="--skip-train: no trained run for d3ssl"):

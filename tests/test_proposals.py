@@ -164,9 +164,11 @@ def test_corrupt_image_gets_whole_image_box(images, tmp_path):
     others = [k for k in range(len(ds)) if ds.key(k) not in ("broken.jpg", "truncated.jpg")]
     assert all(store.status(k) == 0 for k in others)
     # the file fixed afterwards: the store's whole-image box for it is stale, and it says so
-    assert store.readable_again(ds) == ([], store.params["unreadable"])
+    n = store.params["unreadable"]
+    assert store.readable_again(ds) == (None, n, n)
     (root / "broken.jpg").write_bytes(buf.tobytes())
-    assert store.readable_again(ds) == (["broken.jpg"], store.params["unreadable"])
+    assert store.readable_again(ds)[0] == "broken.jpg"
+    assert store.readable_again(ds, budget_s=0.0)[1] == 1          # (a time budget: one checked at least)
 
 
 def test_a_pool_after_opencv_work_in_this_process_does_not_hang(images, tmp_path):

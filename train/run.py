@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d3ssl.cli import finite_or_none, number
-from d3ssl.data.stopping import SignalWatcher, announce_stop, clear_stop, new_stop_flag
+from d3ssl.data.stopping import (SignalWatcher, announce_stop, clear_stop, interrupted_twice, new_stop_flag,
+                                 reset_interrupts)
 from train import checkpoint as ckpt
 from train.step import TrainStep, loader_options
 from train.config import (PRESET_WANTS_DATA, PRESETS, TrainConfig, from_dict, get_field, ignored_fields,
@@ -162,11 +163,11 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     if rank != 0:
         root, dataset, store_path = make()  # everything exists now: only opens
     store = ProposalStore(store_path)
-    if rank == 0 and len(store) == len(dataset):   # (a mismatch is the loader's error to report)
-        again, unreadable = store.readable_again(dataset)
+    if rank == 0 and store.keys == [dataset.key(i) for i in range(len(dataset))]:  # (else the loader's error)
+        again, checked, unreadable = store.readable_again(dataset)
         if again:
-            print(f"warning: {len(again)} of the {unreadable} image(s) that were unreadable when {store_path} "
-                  f"was made read now (e.g. {again[0]!r}), but have the whole-image box there instead of "
+            print(f"warning: {again!r} (one of the {unreadable} image(s) that were unreadable when "
+                  f"{store_path} was made) reads now, but has the whole-image box there instead of "
                   f"proposals: delete {store_path} to make the store again", file=sys.stderr, flush=True)
     return dataset, store, oknn_root(root)
 
@@ -369,7 +370,7 @@ def state_checksum(model) -> dict:
 
 # ----------------------------------------------------------------------------- the main job
 
-_CURRENT = {"run_dir": None}  # the run folder of the run in progress (for main's message on Ctrl-C)
+_CURRENT = {"run_dir": None, "phase": None}  # the run in progress (for main's message on Ctrl-C)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = None,
@@ -659,6 +660,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         data.close()
         if hasattr(loader, "close"):  # (both loaders have one; a wrapper around them may not)
             loader.close()
+        clear_stop()   # (no worker is left to wait for it)
         watcher.close()
         for s, h in previous.items():
             signal.signal(s, h)
@@ -675,7 +677,6 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
             print(f"\n{stop['signal']}: saved step {step} in {run_dir}; continue with "
                   f"`python -m train.run --resume {run_dir}`", flush=True)
         summary["stopped"] = stop["signal"]
-        clear_stop()  # (the loader was closed above, while its workers still waited for this process)
         finish_distributed(world)
         return summary
 
@@ -697,6 +698,7 @@ def train(cfg: TrainConfig, resume: str | None = None, explicit: dict | None = N
         plot_loss_lr(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "loss_lr.png"))
         eval_root, why_not = oknn_data
         if cfg.run.oknn and eval_root is not None:
+            _CURRENT["phase"] = "oknn"
             try:
                 summary["oknn"] = evaluate_trained_vs_random(cfg, raw, eval_root, len(dataset), device, logger,
                                                              step, run_dir)
@@ -779,21 +781,55 @@ def main(argv=None):
     explicit = {**({"model.method": make_config(preset).model.method, **PRESETS[preset]} if preset else {}),
                 **overrides}
     t0 = time.time()
-    _CURRENT["run_dir"] = None
+    _CURRENT.update(run_dir=None, phase=None)
+    reset_interrupts()
     try:
         summary = train(cfg, resume=resume, explicit=explicit, command_line=overrides)
     except TrainingError as e:
-        raise SystemExit(f"error: {e}") from None
+        if not interrupted_twice():
+            raise SystemExit(f"error: {e}") from None
+        _interrupted()
     except KeyboardInterrupt:  # a Ctrl-C where none is handled, or a second one: no traceback
-        run_dir = _CURRENT["run_dir"]
-        newest = ckpt.latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
-        print("\ninterrupted: nothing more was saved; " + (
-            f"the run's newest checkpoint is {newest}, which `python -m train.run --resume {run_dir}` "
-            "continues" if newest else "the run has no checkpoint yet"), file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        _interrupted()
+    except Exception as e:
+        if not (interrupted_twice() or _by_an_interrupt(e)):
+            raise
+        _interrupted()  # (the loader's workers ended, or the save was cut short, by that second Ctrl-C)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {summary['step']} steps in {time.time() - t0:.0f} s; run folder {summary['run_dir']}")
     return summary
+
+
+def _by_an_interrupt(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt was handled (torch.save turns one into
+    a RuntimeError of its zip writer)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _interrupted():
+    """Ends the process after a Ctrl-C that the trainer did not handle, in one line: status 130."""
+    # (no further Ctrl-C, nor the DataLoader's news of its workers' end, while this is said)
+    previous = {s: signal.signal(s, quiet) for s, quiet in ((signal.SIGINT, signal.SIG_IGN),
+                                                            (signal.SIGCHLD, signal.SIG_DFL))}
+    run_dir = _CURRENT["run_dir"]
+    newest = ckpt.latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
+    if _CURRENT["phase"] == "oknn":
+        text = (f"interrupted during the final O-KNN: the training is complete and saved ({newest}); "
+                f"`python -m train.run --resume {run_dir}` evaluates it again")
+    else:
+        text = "interrupted: nothing more was saved; " + (
+            f"the run's newest checkpoint is {newest}, which `python -m train.run --resume {run_dir}` "
+            "continues" if newest else "the run has no checkpoint yet")
+    print(f"\n{text}", file=sys.stderr, flush=True)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    raise SystemExit(128 + signal.SIGINT) from None
 
 
 def exit_status(summary: dict) -> int:

@@ -165,20 +165,24 @@ class ProposalStore:
                                  f"{dataset.key(i)!r} in the dataset but {self.keys[i]!r} in the store; "
                                  "regenerate the store for this dataset")
 
-    def readable_again(self, dataset, limit: int = 256) -> tuple[list[str], int]:
-        """(keys, n): the images (of the first `limit` checked) that were unreadable when the store
-        was made, so have the whole-image box in it, but decode now; n: how many were unreadable.
-        Such a store should be made again: its boxes for them are not proposals."""
+    def readable_again(self, dataset, budget_s: float = 2.0) -> tuple[str | None, int, int]:
+        """(key, checked, unreadable): an image that was unreadable when the store was made, so has
+        the whole-image box in it, but decodes now (None: none found), how many such images were
+        checked, in order, for at most about `budget_s` seconds, and how many there are. A store with
+        one should be made again: its boxes for them are not proposals."""
         from .datasets import ImageDecodeError, decode_image
         unreadable = np.flatnonzero(np.asarray(self._status) == STATUS_UNREADABLE)
-        again = []
-        for i in unreadable[:limit]:
+        t0, checked = time.perf_counter(), 0
+        for i in unreadable:
+            if checked and time.perf_counter() - t0 > budget_s:
+                break
+            checked += 1
             try:
                 decode_image(dataset.read_bytes(int(i)))
             except (ImageDecodeError, OSError):
                 continue
-            again.append(self.keys[int(i)])
-        return again, len(unreadable)
+            return self.keys[int(i)], checked, len(unreadable)
+        return None, checked, len(unreadable)
 
     def __repr__(self):
         return f"ProposalStore({self.path!r}, {len(self)} images, {self.num_boxes} boxes)"

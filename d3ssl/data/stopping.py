@@ -13,7 +13,11 @@ SIGCHLD), and without a checkpoint. So:
 - a signalled worker (:func:`defer_stop_signals`) goes on while the flag is up, until the next
   signal (the loader shutting it down once the step is done, or a second Ctrl-C); it ends when its
   parent is gone, or STOP_WAIT_S after the signal when the flag never went up (the signal was for
-  the worker alone: its loader ending it).
+  the worker alone: its loader ending it);
+- a second Ctrl-C interrupts the training process at once: its handler raises KeyboardInterrupt,
+  and its workers end. Whatever error the training process then meets (its workers gone, a save
+  cut short) is that interrupt's doing (:func:`interrupted_twice`, which also counts two that came
+  during one C++ call, where Python runs the handler once).
 
 The flag is a file with a random name, so that one left behind by a killed run never speaks for a
 later process that happens to get the same pid.
@@ -51,17 +55,60 @@ def announce_stop():
             open(path, "w").close()
         except OSError:  # (an unwritable temp folder: the workers then end STOP_WAIT_S after the signal)
             return
-        atexit.register(clear_stop)
+        atexit.register(_remove, path)
 
 
 def clear_stop():
     """Lowers this process's stop flag (harmless when it is not up)."""
-    path = os.environ.get(STOP_FLAG_ENV)
+    _remove(os.environ.get(STOP_FLAG_ENV))
+
+
+def _remove(path: str | None):
     if path:
         try:
             os.remove(path)
         except OSError:
             pass
+
+
+#: SIGINTs the active SignalWatcher has seen (a second one means: interrupt at once)
+_interrupts = {"count": 0}
+_watching = {"watcher": None}
+
+
+def reset_interrupts():
+    """Forgets the SIGINTs counted so far (a new run in this process)."""
+    _interrupts["count"] = 0
+
+
+def interrupted_twice() -> bool:
+    """Whether a second SIGINT came while a SignalWatcher was on: whatever error the process then
+    meets (its workers ending, a save cut short) is that interrupt's doing."""
+    return _interrupts["count"] >= 2
+
+
+def _forked_child():
+    """In a process forked while a SignalWatcher is on (a DALI source worker, any helper): the
+    watcher's pipe and the training process's stop handlers are not the child's."""
+    watcher = _watching["watcher"]
+    if watcher is None:
+        return
+    _watching["watcher"] = None
+    try:
+        signal.set_wakeup_fd(-1)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+    except ValueError:  # (forked from another thread than the main one: not settable there)
+        pass
+    for fd in (watcher._read, watcher._write):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 class SignalWatcher:
@@ -74,6 +121,8 @@ class SignalWatcher:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        _interrupts["count"] = 0
+        _watching["watcher"] = self
         self._thread = threading.Thread(target=self._watch, name="d3ssl-stop-watcher", daemon=True)
         self._thread.start()
 
@@ -83,10 +132,12 @@ class SignalWatcher:
             data = os.read(self._read, 64)
             if stops.intersection(data):
                 announce_stop()
+            _interrupts["count"] += data.count(int(signal.SIGINT))
             if not data or 0 in data:   # (0: close() asks the thread to end)
                 return
 
     def close(self):
+        _watching["watcher"] = None
         signal.set_wakeup_fd(self._previous)
         try:
             os.write(self._write, b"\0")
@@ -102,9 +153,10 @@ def defer_stop_signals(wait: float | None = None):
     """For a loader's worker process: SIGTERM and SIGINT are the training process's to act on (see
     the module's text). A signalled worker looks every half second:
 
-    - its parent raised the stop flag: it goes on, and the next signal ends it;
+    - its parent raised the stop flag: it goes on;
     - its parent is gone: it ends;
-    - `wait` seconds (None: STOP_WAIT_S) passed without the flag: it ends.
+    - `wait` seconds (None: STOP_WAIT_S) passed without the flag: it ends;
+    - a second signal ends it (the loader shutting it down, a second Ctrl-C).
 
     A worker ends by the signal it got, as it would have without this."""
     wait = STOP_WAIT_S if wait is None else wait
@@ -128,7 +180,7 @@ def defer_stop_signals(wait: float | None = None):
         if state["signal"] is None:
             state["signal"], state["since"] = signum, time.monotonic()
             signal.setitimer(signal.ITIMER_REAL, _POLL_S, _POLL_S)
-        elif raised():
+        else:  # the loader shutting the worker down, or a second Ctrl-C
             die()
 
     def poll(signum, frame):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -110,7 +111,17 @@ def main(argv=None) -> int:
             continue
         cmd = train_command(METHODS[name], runs, name, a.set, a.data)
         print("+ " + " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd)
+        # A Ctrl-C reaches the training too, which finishes its step, saves and ends: wait for it
+        # (subprocess.call would kill it at once on the KeyboardInterrupt)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            rc = subprocess.call(cmd)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            print(f"interrupted while training {name}: it saved its step; the same command goes on from it",
+                  file=sys.stderr)
+            return rc
         if rc != 0:
             raise SystemExit(f"error: training {name} failed (exit status {rc})")
     data = eval_data_root(METHODS["d3ssl"], a.set, a.data)
