@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from d3ssl.cli import finite_or_none, number
+from d3ssl.cli import file_in_the_way, finite_or_none, number
 from d3ssl.data.stopping import (SignalWatcher, announce_stop, clear_stop, interrupted_twice, new_stop_flag,
                                  reset_interrupts)
 from train import checkpoint as ckpt
@@ -163,8 +163,12 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     if rank != 0:
         root, dataset, store_path = make()  # everything exists now: only opens
     store = ProposalStore(store_path)
-    if rank == 0 and store.keys == [dataset.key(i) for i in range(len(dataset))]:  # (else the loader's error)
-        again, checked, unreadable = store.readable_again(dataset)
+    if rank == 0:
+        try:
+            store.check_matches(dataset)
+            again, _, unreadable = store.readable_again(dataset)
+        except ValueError:  # (a store of other images: the loader's error to report)
+            again = None
         if again:
             print(f"warning: {again!r} (one of the {unreadable} image(s) that were unreadable when "
                   f"{store_path} was made) reads now, but has the whole-image box there instead of "
@@ -287,14 +291,12 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None, explicit: dict | None 
             run_dir = os.path.join(out, cfg.run.name)
         else:
             candidates = [os.path.join(out, d) for d in os.listdir(out)] if os.path.isdir(out) else []
-            candidates = [d for d in candidates if os.path.isfile(os.path.join(d, "config.json"))]
+            runs = [d for d in candidates if os.path.isfile(os.path.join(d, "config.json"))]
             method = (explicit or {}).get("model.method")
-            if method is not None:  # (a run keeps its method: a run of another one is no candidate)
-                others = [d for d in candidates if _saved_method(d) not in (method, None)]
-                candidates = [d for d in candidates if d not in others]
+            # (a run keeps its method: a run of another one is no candidate)
+            candidates = [d for d in runs if method is None or _saved_method(d) in (method, None)]
             run_dir = max(candidates, key=os.path.getmtime) if candidates else None
-            if method is not None and others and max(map(os.path.getmtime, others)) > (
-                    os.path.getmtime(run_dir) if run_dir else 0):
+            if runs and run_dir != max(runs, key=os.path.getmtime):
                 print(f"--resume auto: {'resuming ' + run_dir if run_dir else 'a new run'}, as the newer "
                       f"runs in {out} are not of model.method={method}", file=sys.stderr, flush=True)
             if run_dir is None:
@@ -312,7 +314,6 @@ def check_writable(run_dir: str):
     parent is created if missing (the run folder itself only once the run starts)."""
     parent = os.path.dirname(os.path.abspath(run_dir))
     target = run_dir if os.path.isdir(run_dir) else parent
-    from d3ssl.cli import file_in_the_way
     blocker = file_in_the_way(run_dir)
     if blocker:
         raise TrainingError(f"--out: {blocker} is a file, not a folder")
@@ -785,16 +786,14 @@ def main(argv=None):
     reset_interrupts()
     try:
         summary = train(cfg, resume=resume, explicit=explicit, command_line=overrides)
-    except TrainingError as e:
-        if not interrupted_twice():
-            raise SystemExit(f"error: {e}") from None
-        _interrupted()
     except KeyboardInterrupt:  # a Ctrl-C where none is handled, or a second one: no traceback
         _interrupted()
     except Exception as e:
-        if not (interrupted_twice() or _by_an_interrupt(e)):
-            raise
-        _interrupted()  # (the loader's workers ended, or the save was cut short, by that second Ctrl-C)
+        if interrupted_twice() or _by_an_interrupt(e):
+            _interrupted()  # (the loader's workers ended, or the save was cut short, by that second Ctrl-C)
+        if isinstance(e, TrainingError):
+            raise SystemExit(f"error: {e}") from None
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {summary['step']} steps in {time.time() - t0:.0f} s; run folder {summary['run_dir']}")
     return summary

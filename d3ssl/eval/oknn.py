@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d3ssl.cli import ArgumentParser
 from d3ssl import ops
+from d3ssl.cli import (ArgumentParser, check_device, check_image_size, finite_or_none, number, positive_int,
+                       torch_load_problem)
 from d3ssl.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from d3ssl.data.cpu_loader import resize_square
 
@@ -418,7 +419,6 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many types for foreign or torn files)
-        from d3ssl.cli import torch_load_problem
         raise ValueError(f"{path}: {torch_load_problem(path, e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a d3ssl training checkpoint (no 'model' entry)")
@@ -449,7 +449,6 @@ def load_backbone(ckpt: str | None, arch: str | None = None, map_location="cpu")
 def main(argv=None):
     p = ArgumentParser(prog="python -m d3ssl.eval.oknn", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from d3ssl.cli import check_device, check_image_size, finite_or_none, number, positive_int
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="training checkpoint file, or a run folder "
                                     "(its latest checkpoints/step_<N>.pt)")
